@@ -1,0 +1,1 @@
+//! Celery's `redis://` result backend.

@@ -1,0 +1,119 @@
+//! Brokers: where task messages come from and where replies go.
+//!
+//! The worker runtime speaks only to these traits; [`amqp`] (RabbitMQ via lapin) and [`redis`] (kombu's
+//! virtual-transport layout) implement them. The contract that keeps tasks from being lost:
+//! * [`Consumer::next`] returns within about a second (`Ok(None)` when idle) so the caller can stop
+//!   between calls instead of dropping a half-received message; it is never cancelled mid-flight.
+//! * A [`Delivery`] stays the broker's until [`Acker::ack`] or [`Acker::reject`]; a worker that dies
+//!   before either gets it redelivered (RabbitMQ) or restored after `visibility_timeout` (Redis).
+//! * The consumer fetches a new message only when asked, so "prefetch follows free slots" holds on
+//!   Redis exactly and on RabbitMQ through the per-consumer QoS window.
+
+pub mod amqp;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use crate::message::{Properties, RawMessage};
+
+/// A task queue as Celery and Dagster declare it: a direct exchange of the same name, routing key =
+/// queue name, durable, with `x-max-priority` (Dagster forces 10; RabbitMQ answers 406 to a mismatch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub max_priority: Option<u8>,
+}
+
+impl QueueSpec {
+    /// A queue exactly as `dagster_celery` declares it.
+    pub fn dagster(name: &str) -> Self {
+        Self { name: name.into(), max_priority: Some(10) }
+    }
+}
+
+/// A message to publish (results over `rpc://`, re-published tasks, replies).
+#[derive(Debug, Clone, Default)]
+pub struct OutgoingMessage {
+    pub body: Vec<u8>,
+    pub content_type: String,
+    pub content_encoding: String,
+    pub headers: Map<String, Value>,
+    pub properties: Properties,
+}
+
+impl OutgoingMessage {
+    /// A JSON message, as kombu sends every Celery message by default.
+    pub fn json(body: String) -> Self {
+        Self {
+            body: body.into_bytes(),
+            content_type: "application/json".into(),
+            content_encoding: "utf-8".into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Errors of any broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to broker {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("broker connection lost: {0}")]
+    ConnectionLost(String),
+    #[error("broker refused {operation}: {reason}")]
+    Refused { operation: String, reason: String },
+    #[error("malformed message from broker: {0}")]
+    Malformed(String),
+}
+
+/// One message handed to the worker, with the handle that settles it.
+pub struct Delivery {
+    pub message: RawMessage,
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("message", &self.message).finish_non_exhaustive()
+    }
+}
+
+/// Settles one delivery. Calling more than one settling method is a no-op after the first.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    async fn ack(&self) -> Result<(), BrokerError>;
+    /// `requeue = true` puts the message back (Redis: the front, as kombu's restore does, so it runs next).
+    async fn reject(&self, requeue: bool) -> Result<(), BrokerError>;
+    /// Marks the message as still being worked on. Redis refreshes its `unacked_index` score so the
+    /// visibility-timeout sweep of any worker leaves a long-running step alone; RabbitMQ needs nothing.
+    async fn keep_alive(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}
+
+/// Receives deliveries from one queue.
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next delivery, or `Ok(None)` after about a second without one.
+    async fn next(&mut self) -> Result<Option<Delivery>, BrokerError>;
+    /// Stops the subscription; messages already delivered but not settled go back to the broker.
+    async fn cancel(&mut self) -> Result<(), BrokerError>;
+}
+
+/// A broker connection (or pool of them).
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Declares the queue like Celery does and subscribes with at most `prefetch` unsettled deliveries.
+    async fn consume(&self, queue: &QueueSpec, prefetch: u16) -> Result<Box<dyn Consumer>, BrokerError>;
+    /// Publishes to `exchange` (`""` = default exchange: routing key names the queue).
+    async fn publish(&self, exchange: &str, routing_key: &str, message: OutgoingMessage) -> Result<(), BrokerError>;
+    /// How often [`Acker::keep_alive`] must be called while a message is held, if at all.
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// Short name for logs and metrics: `amqp` or `redis`.
+    fn transport(&self) -> &'static str;
+}

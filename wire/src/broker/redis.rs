@@ -1,0 +1,1 @@
+//! Redis broker with kombu's virtual-transport layout.

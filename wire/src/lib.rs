@@ -1,0 +1,12 @@
+//! The Celery wire layer shared by every celeriac component.
+//!
+//! Layers, bottom up: [`json`] (kombu's JSON dialect) → [`message`] (task messages, protocol v1/v2) and
+//! [`result`] (result documents) → [`broker`] (RabbitMQ, Redis) and [`backend`] (rpc://, redis://).
+//! [`url`] turns Celery/Dagster URLs into the right implementation.
+
+pub mod backend;
+pub mod broker;
+pub mod json;
+pub mod message;
+pub mod result;
+pub mod url;
