@@ -1,1 +1,3 @@
-pub fn placeholder() {}
+//! The celeriac worker.
+
+pub mod tasks;
