@@ -1,3 +1,11 @@
-//! The celeriac worker.
+//! The celeriac worker: consumes Dagster step tasks from RabbitMQ or Redis, runs each step, and reports
+//! the result to the run coordinator over the Celery result backend.
+//!
+//! Modules: [`config`] (settings), [`runtime`] (consumers, request handling, shutdown), [`tasks`] (what
+//! can run), [`dagster`] (the Dagster side of a step), [`launcher`] (where a step's process runs),
+//! [`connect`] (brokers and backends from URLs).
 
+pub mod config;
+// pub mod connect; (enabled once the brokers land)
+pub mod runtime;
 pub mod tasks;

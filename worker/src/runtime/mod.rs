@@ -1,0 +1,109 @@
+//! The worker runtime: consumers per queue, request handlers, warm shutdown.
+//!
+//! Layout follows Celery's own split: [`consumer`] (fetch under a concurrency limit), [`request`]
+//! (one delivery from decode to ack), [`state`] (what runs now). Shutdown is two-phase: stop consuming
+//! and let running steps finish within `shutdown_grace`; past it, terminate them and hand their
+//! messages back to the broker so no task is lost.
+
+mod consumer;
+mod request;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_wire::backend::ResultBackend;
+use celeriac_wire::broker::Broker;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::WorkerConfig;
+use crate::tasks::Registry;
+use state::WorkerState;
+
+/// Everything the consumers and handlers share.
+pub(crate) struct Shared {
+    pub config: WorkerConfig,
+    pub broker: Arc<dyn Broker>,
+    pub backend: Arc<dyn ResultBackend>,
+    pub registry: Registry,
+    pub state: Arc<WorkerState>,
+    /// Fired when the worker starts shutting down: no new messages are taken.
+    pub stop_consuming: CancellationToken,
+    /// Fired when the grace period is over: running tasks are terminated and handed back.
+    pub force_stop: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// A running worker.
+pub struct Worker {
+    shared: Arc<Shared>,
+    consumers: TaskTracker,
+}
+
+impl Worker {
+    /// Starts one consumer per configured queue.
+    pub fn start(
+        config: WorkerConfig,
+        registry: Registry,
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+    ) -> Worker {
+        let shared = Arc::new(Shared {
+            config,
+            broker,
+            backend,
+            registry,
+            state: Arc::new(WorkerState::default()),
+            stop_consuming: CancellationToken::new(),
+            force_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        let consumers = TaskTracker::new();
+        for queue in shared.config.queues.clone() {
+            consumers.spawn(consumer::run(shared.clone(), queue));
+        }
+        consumers.close();
+        info!(
+            hostname = %shared.config.hostname,
+            transport = shared.broker.transport(),
+            backend = shared.backend.scheme(),
+            queues = %shared.config.queues.iter().map(|q| format!("{}(concurrency={}, ack={:?})", q.name, q.concurrency, q.ack)).collect::<Vec<_>>().join(", "),
+            tasks = %shared.registry.names().join(", "),
+            "celeriac worker ready"
+        );
+        Worker { shared, consumers }
+    }
+
+    /// The worker's live state (running requests, counters).
+    pub fn state(&self) -> Arc<WorkerState> {
+        self.shared.state.clone()
+    }
+
+    /// Runs until `shutdown` resolves, then shuts down warmly (see the module docs).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        self.shutdown().await;
+    }
+
+    /// Warm shutdown: stop consuming, wait up to the grace period, then hand running steps back.
+    pub async fn shutdown(self) {
+        let grace = self.shared.config.shutdown_grace;
+        let running = self.shared.state.active().len();
+        info!(running, ?grace, "warm shutdown: no new tasks; waiting for running tasks");
+        self.shared.stop_consuming.cancel();
+        self.consumers.wait().await;
+        self.shared.tracker.close();
+        if tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_err() {
+            let left = self.shared.state.active().len();
+            warn!(left, "grace period over: terminating running tasks and returning their messages to the broker");
+            self.shared.force_stop.cancel();
+            if tokio::time::timeout(Duration::from_secs(60), self.shared.tracker.wait()).await.is_err() {
+                warn!("tasks did not stop within 60 s of termination; exiting anyway (their messages stay unacknowledged)");
+            }
+        }
+        info!(processed = self.shared.state.processed(), "worker stopped");
+    }
+}
