@@ -111,11 +111,32 @@ impl WorkerArgs {
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let config = args.settings()?.resolve().context("invalid worker configuration")?;
-    let broker = celeriac_worker::connect::broker(&config).await?;
-    let backend = celeriac_worker::connect::backend(&config, broker.clone()).await?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    // An unreachable broker or backend at start-up is retried (with a clear log line each time), like
+    // Celery's `broker_connection_retry_on_startup`, so a worker started before its broker just waits.
+    let (broker, backend) = {
+        let mut delay = std::time::Duration::from_secs(1);
+        loop {
+            let attempt = async {
+                let broker = celeriac_worker::connect::broker(&config).await?;
+                let backend = celeriac_worker::connect::backend(&config, broker.clone()).await?;
+                anyhow::Ok((broker, backend))
+            };
+            match attempt.await {
+                Ok(pair) => break pair,
+                Err(e) => tracing::error!("{e:#}; retrying in {delay:?}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut shutdown => return Ok(()),
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(30));
+        }
+    };
     let registry = celeriac_worker::tasks::default_registry(&config).context("setting up tasks")?;
     let worker = Worker::start(config, registry, broker, backend);
-    worker.run_until(shutdown_signal()).await;
+    worker.run_until(shutdown).await;
     Ok(())
 }
 

@@ -1,1 +1,243 @@
-//! Shared harness for the integration tests.
+//! Shared harness for the integration tests: real services, the real `celeriac` binary, the real Python
+//! peers (celery, dagster) from the project virtualenv. Nothing here stands in for a peer.
+//!
+//! Every test isolates itself with unique queue names, Redis database numbers and Postgres databases so
+//! tests can run side by side against the same services.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Directory for logs and other artefacts a person may want to read after a failure.
+pub fn artifacts_dir() -> PathBuf {
+    let dir = repo_root().join("tests").join("artifacts");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// Starts RabbitMQ, Redis and PostgreSQL if they are down (once per test binary).
+pub fn ensure_services() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let status = Command::new("bash")
+            .arg(repo_root().join("scripts/services.sh"))
+            .status()
+            .expect("running scripts/services.sh");
+        assert!(status.success(), "scripts/services.sh could not start the services");
+    });
+}
+
+/// The project virtualenv's python, created on first use.
+pub fn python() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/python-peers.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/python-peers.sh");
+        assert!(out.status.success(), "scripts/python-peers.sh failed");
+        let venv = String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default().to_string();
+        PathBuf::from(venv).join("bin").join("python")
+    })
+    .clone()
+}
+
+/// The venv's `bin` directory (for `dagster`, `celery` on PATH).
+pub fn venv_bin() -> PathBuf {
+    python().parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// PATH with the venv first, so step processes find `dagster`.
+pub fn path_with_venv() -> String {
+    format!("{}:{}", venv_bin().display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// The built `celeriac` binary (scripts/test.sh builds it before the tests run).
+pub fn celeriac_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> → target/<profile>/celeriac
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let bin = profile_dir.join("celeriac");
+    assert!(bin.exists(), "{} missing: run `cargo build --bin celeriac` first (scripts/test.sh does)", bin.display());
+    bin
+}
+
+/// A unique, broker-safe name.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &id[..10])
+}
+
+/// A fixture script under tests/peers.
+pub fn peer(script: &str) -> PathBuf {
+    repo_root().join("tests").join("peers").join(script)
+}
+
+/// Runs the venv python with `args`; fails with its stderr when it exits non-zero. Returns stdout.
+pub fn run_python(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Result<String> {
+    let mut cmd = Command::new(python());
+    cmd.args(args).env("PATH", path_with_venv());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = run_with_timeout(cmd, timeout).with_context(|| format!("python {args:?}"))?;
+    Ok(out)
+}
+
+/// Runs a command to completion within `timeout`, returning stdout; errors carry stderr.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<String> {
+    let dir = artifacts_dir();
+    let tag = unique("cmd");
+    let out_path = dir.join(format!("{tag}.out"));
+    let err_path = dir.join(format!("{tag}.err"));
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()
+        .context("spawning")?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("timed out after {timeout:?}; stderr:\n{}", tail(&err_path, 60));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    if !status.success() {
+        bail!("exited with {status}; stdout:\n{}\nstderr:\n{}", stdout, tail(&err_path, 80));
+    }
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    Ok(stdout)
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A running `celeriac worker` process.
+pub struct WorkerProcess {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub hostname: String,
+}
+
+impl WorkerProcess {
+    /// Starts `celeriac worker <args>` and waits until it logs that it is ready.
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Result<WorkerProcess> {
+        let hostname = format!("{}@localhost", unique("celeriac"));
+        let log = artifacts_dir().join(format!("{}.log", hostname.replace('@', "_")));
+        let mut cmd = Command::new(celeriac_bin());
+        cmd.arg("worker").args(["-n", &hostname]).args(args);
+        cmd.env("PATH", path_with_venv()).env("RUST_LOG", "info,celeriac=debug");
+        cmd.env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let file = std::fs::File::create(&log)?;
+        cmd.stdout(file.try_clone()?).stderr(file);
+        let child = cmd.spawn().context("spawning celeriac worker")?;
+        let mut worker = WorkerProcess { child: Some(child), log, hostname };
+        worker.wait_for_log("celeriac worker ready", Duration::from_secs(30))?;
+        // Consumers subscribe right after "ready"; give them a moment to declare and start.
+        worker.wait_for_log("consuming", Duration::from_secs(30))?;
+        Ok(worker)
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("worker exited ({status}) before logging {needle:?}:\n{}", tail(&self.log, 60));
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("worker did not log {needle:?} within {timeout:?}:\n{}", tail(&self.log, 60));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Sends SIGTERM (warm shutdown) and waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)?;
+        self.wait(timeout)
+    }
+
+    /// SIGKILL: the worker dies without any clean-up, like an OOM kill or node loss.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        if let Some(pid) = self.pid() {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)?;
+        }
+        Ok(())
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        let Some(child) = self.child.as_mut() else { bail!("worker already reaped") };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                bail!("worker did not exit within {timeout:?}:\n{}", tail(&self.log, 40));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Reads a child's stdout lines as they come (for long-running Python clients).
+pub fn lines_of(child: &mut Child) -> impl Iterator<Item = String> + '_ {
+    let out = child.stdout.take().expect("child stdout piped");
+    BufReader::new(out).lines().map_while(|l| l.ok())
+}

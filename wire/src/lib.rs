@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod broker;
+pub mod events;
 pub mod json;
 pub mod message;
 pub mod result;
