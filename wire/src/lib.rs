@@ -9,5 +9,6 @@ pub mod broker;
 pub mod events;
 pub mod json;
 pub mod message;
+pub mod pidbox;
 pub mod result;
 pub mod url;

@@ -1,0 +1,192 @@
+//! Remote control ("pidbox", `kombu/pidbox.py`): request parsing, node matching, reply building.
+//!
+//! A request is broadcast to every worker; each decides from `destination` (a list of node names) or
+//! `pattern` + `matcher` (`glob` default, or `pcre`) whether it is addressed, runs the command, and
+//! replies `{<nodename>: <reply>}` to `reply_to` with headers `ticket` and `clock` — only when the
+//! request carries `reply_to`.
+
+use serde_json::{json, Map, Value};
+
+use crate::broker::OutgoingMessage;
+use crate::json::to_python_string;
+
+/// Exchange of the requests (fanout).
+pub const EXCHANGE: &str = "celery.pidbox";
+/// Exchange of the replies (direct, routing key = the client's oid).
+pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
+
+/// A parsed control request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlRequest {
+    pub method: String,
+    pub arguments: Map<String, Value>,
+    pub destination: Option<Vec<String>>,
+    pub pattern: Option<String>,
+    pub matcher: Option<String>,
+    pub ticket: Option<String>,
+    /// `(exchange, routing_key)` to reply to.
+    pub reply_to: Option<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid control message: {0}")]
+pub struct ControlError(String);
+
+impl ControlRequest {
+    pub fn parse(body: &Value) -> Result<ControlRequest, ControlError> {
+        let obj = body.as_object().ok_or_else(|| ControlError("body is not an object".into()))?;
+        let method = obj
+            .get("method")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ControlError("no method".into()))?
+            .to_string();
+        let arguments = match obj.get("arguments") {
+            Some(Value::Object(a)) => a.clone(),
+            None | Some(Value::Null) => Map::new(),
+            Some(_) => return Err(ControlError("arguments is not an object".into())),
+        };
+        let destination = match obj.get("destination") {
+            Some(Value::Array(d)) => Some(d.iter().filter_map(Value::as_str).map(str::to_owned).collect()),
+            Some(Value::String(s)) => Some(vec![s.clone()]),
+            _ => None,
+        };
+        let reply_to = obj.get("reply_to").and_then(|r| {
+            Some((
+                r.get("exchange")?.as_str()?.to_string(),
+                r.get("routing_key")?.as_str()?.to_string(),
+            ))
+        });
+        Ok(ControlRequest {
+            method,
+            arguments,
+            destination,
+            pattern: obj.get("pattern").and_then(Value::as_str).map(str::to_owned),
+            matcher: obj.get("matcher").and_then(Value::as_str).map(str::to_owned),
+            ticket: obj.get("ticket").and_then(Value::as_str).map(str::to_owned),
+            reply_to,
+        })
+    }
+
+    /// Whether the node `hostname` must handle this request.
+    pub fn addressed_to(&self, hostname: &str) -> bool {
+        if let Some(dest) = &self.destination {
+            if !dest.is_empty() {
+                return dest.iter().any(|d| d == hostname);
+            }
+        }
+        match (&self.pattern, self.matcher.as_deref()) {
+            (Some(p), Some("pcre")) => simple_regex_match(p, hostname),
+            (Some(p), _) => glob_match(p, hostname),
+            (None, _) => true,
+        }
+    }
+
+    /// The reply message (`{hostname: reply}`, headers `ticket` + `clock`), if a reply is expected.
+    pub fn reply(&self, hostname: &str, reply: Value, clock: u64) -> Option<(String, String, OutgoingMessage)> {
+        let (exchange, routing_key) = self.reply_to.clone()?;
+        let mut body = Map::new();
+        body.insert(hostname.to_string(), reply);
+        let mut msg = OutgoingMessage::json(to_python_string(&Value::Object(body), false));
+        msg.headers.insert("ticket".into(), json!(self.ticket.clone().unwrap_or_default()));
+        msg.headers.insert("clock".into(), json!(clock));
+        msg.properties.delivery_mode = Some(1);
+        msg.properties.priority = Some(0);
+        Some((exchange, routing_key, msg))
+    }
+}
+
+/// fnmatch-style glob: `*`, `?`, `[...]` (no escapes), as kombu's default `glob` matcher.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    fn rec(p: &[char], t: &[char]) -> bool {
+        match p.first() {
+            None => t.is_empty(),
+            Some('*') => (0..=t.len()).any(|i| rec(&p[1..], &t[i..])),
+            Some('?') => !t.is_empty() && rec(&p[1..], &t[1..]),
+            Some('[') => {
+                let Some(end) = p.iter().position(|&c| c == ']') else {
+                    return t.first() == Some(&'[') && rec(&p[1..], &t[1..]);
+                };
+                let Some(&c) = t.first() else { return false };
+                let (negate, set) = match p.get(1) {
+                    Some('!') => (true, &p[2..end]),
+                    _ => (false, &p[1..end]),
+                };
+                let mut hit = false;
+                let mut i = 0;
+                while i < set.len() {
+                    if i + 2 < set.len() && set[i + 1] == '-' {
+                        hit |= set[i] <= c && c <= set[i + 2];
+                        i += 3;
+                    } else {
+                        hit |= set[i] == c;
+                        i += 1;
+                    }
+                }
+                hit != negate && rec(&p[end + 1..], &t[1..])
+            }
+            Some(&ch) => t.first() == Some(&ch) && rec(&p[1..], &t[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    rec(&p, &t)
+}
+
+/// `pcre` matcher (`re.match`: anchored at the start). Supports the subset people use for node names:
+/// literals, `.`, `.*`, `.+`, `^`, `$`; anything richer falls back to a prefix/literal comparison.
+fn simple_regex_match(pattern: &str, text: &str) -> bool {
+    let p = pattern.strip_prefix('^').unwrap_or(pattern);
+    let (p, anchored_end) = match p.strip_suffix('$') {
+        Some(s) => (s, true),
+        None => (p, false),
+    };
+    let glob = p.replace(".*", "\u{1}").replace(".+", "?\u{1}").replace('.', "?").replace('\u{1}', "*");
+    if anchored_end {
+        glob_match(&glob, text)
+    } else {
+        glob_match(&format!("{glob}*"), text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_captured_ping() {
+        let body = json!({"method": "ping", "arguments": {}, "destination": null, "pattern": null, "matcher": null,
+            "ticket": "fe3d90ad-7243-41ce-a140-fd4990f3151a",
+            "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": "2374602a-44d0-3afa-adaf-b31500a9929a"}});
+        let req = ControlRequest::parse(&body).expect("parses");
+        assert!(req.addressed_to("anyone@host"));
+        let (ex, rk, msg) = req.reply("w@h", json!({"ok": "pong"}), 7).expect("reply expected");
+        assert_eq!(ex, REPLY_EXCHANGE);
+        assert_eq!(rk, "2374602a-44d0-3afa-adaf-b31500a9929a");
+        assert_eq!(String::from_utf8_lossy(&msg.body), r#"{"w@h": {"ok": "pong"}}"#);
+        assert_eq!(msg.headers["ticket"], "fe3d90ad-7243-41ce-a140-fd4990f3151a");
+        assert_eq!(msg.headers["clock"], 7);
+    }
+
+    #[test]
+    fn destination_and_patterns() {
+        let mut req = ControlRequest::parse(&json!({"method": "ping", "destination": ["a@x"]})).expect("parses");
+        assert!(req.addressed_to("a@x"));
+        assert!(!req.addressed_to("b@x"));
+        req.destination = None;
+        req.pattern = Some("research_*@vm".into());
+        assert!(req.addressed_to("research_w1@vm"));
+        assert!(!req.addressed_to("other@vm"));
+        req.matcher = Some("pcre".into());
+        req.pattern = Some("research_.*".into());
+        assert!(req.addressed_to("research_w1@vm"));
+        assert!(!req.addressed_to("x_research@vm"));
+        assert!(ControlRequest::parse(&json!({"method": "revoke"})).expect("no reply_to").reply("w", json!(null), 1).is_none());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("w[0-9]@*", "w3@host"));
+        assert!(!glob_match("w[!0-9]@*", "w3@host"));
+        assert!(glob_match("?@h", "a@h"));
+    }
+}
