@@ -52,6 +52,9 @@ pub struct WorkerArgs {
     /// Store STARTED results (Celery's `task_track_started`).
     #[arg(long = "track-started")]
     track_started: bool,
+    /// Address of the HTTP port serving /metrics, /healthz and /readyz (port 0 picks a free one).
+    #[arg(long = "http-addr", env = "CELERIAC_HTTP_ADDR", default_value = "0.0.0.0:9808")]
+    http_addr: std::net::SocketAddr,
 }
 
 fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
@@ -135,10 +138,18 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
     };
     let registry = celeriac_worker::tasks::default_registry(&config).context("setting up tasks")?;
+    let queues = config.queues.len();
     let worker = Worker::start(config, registry, broker, backend);
+    let http_stop = celeriac_worker::CancellationToken::new();
+    let bound = celeriac_worker::http::serve(args.http_addr, worker.metrics(), worker.state(), queues, http_stop.clone())
+        .await
+        .with_context(|| format!("binding the HTTP port {}", args.http_addr))?;
+    tracing::info!(%bound, "HTTP listening: /metrics /healthz /readyz");
     worker.run_until(shutdown).await;
+    http_stop.cancel();
     Ok(())
 }
+
 
 /// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {

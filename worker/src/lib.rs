@@ -6,6 +6,11 @@
 //! [`connect`] (brokers and backends from URLs).
 
 pub mod config;
+pub mod http;
+pub mod metrics;
 // pub mod connect; (enabled once the brokers land)
 pub mod runtime;
 pub mod tasks;
+
+/// Re-exported so binaries share the exact cancellation type the worker uses.
+pub use tokio_util::sync::CancellationToken;

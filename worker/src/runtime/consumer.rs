@@ -24,6 +24,10 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig) {
         let mut consumer = match shared.broker.consume(&spec, prefetch).await {
             Ok(c) => {
                 info!(queue = %queue.name, concurrency = queue.concurrency, ack = ?queue.ack, "consuming");
+                shared.state.set_consuming(&queue.name, true);
+                if shared.state.consuming_queues() == shared.config.queues.len() {
+                    shared.metrics.set_up(true);
+                }
                 backoff = Duration::from_millis(500);
                 c
             }
@@ -56,6 +60,9 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig) {
                     Ok(None) => continue,
                     Err(e) => {
                         warn!(queue = %queue.name, "consumer failed: {e}; reconnecting");
+                        shared.state.set_consuming(&queue.name, false);
+                        shared.metrics.set_up(false);
+                        shared.metrics.reconnected(&queue.name);
                         drop(slot);
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
@@ -73,9 +80,10 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig) {
                 }
                 break;
             }
-            let handler = request::handle(shared.clone(), queue.clone(), delivery, slot);
+            let handler = request::handle(shared.clone(), queue.clone(), delivery, slot, slots.clone());
             shared.tracker.spawn(handler);
         }
+        shared.state.set_consuming(&queue.name, false);
         if let Err(e) = consumer.cancel().await {
             warn!(queue = %queue.name, "cancelling consumer: {e}");
         }

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::WorkerConfig;
+use crate::metrics::Metrics;
 use crate::tasks::Registry;
 use state::WorkerState;
 
@@ -30,6 +31,7 @@ pub(crate) struct Shared {
     pub backend: Arc<dyn ResultBackend>,
     pub registry: Registry,
     pub state: Arc<WorkerState>,
+    pub metrics: Arc<Metrics>,
     /// Fired when the worker starts shutting down: no new messages are taken.
     pub stop_consuming: CancellationToken,
     /// Fired when the grace period is over: running tasks are terminated and handed back.
@@ -52,11 +54,12 @@ impl Worker {
         backend: Arc<dyn ResultBackend>,
     ) -> Worker {
         let shared = Arc::new(Shared {
-            config,
+            config: config.clone(),
             broker,
             backend,
             registry,
             state: Arc::new(WorkerState::default()),
+            metrics: Arc::new(Metrics::new(&config.hostname)),
             stop_consuming: CancellationToken::new(),
             force_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -82,6 +85,10 @@ impl Worker {
         self.shared.state.clone()
     }
 
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
     /// Runs until `shutdown` resolves, then shuts down warmly (see the module docs).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         shutdown.await;
@@ -95,6 +102,7 @@ impl Worker {
         info!(running, ?grace, "warm shutdown: no new tasks; waiting for running tasks");
         self.shared.stop_consuming.cancel();
         self.consumers.wait().await;
+        self.shared.metrics.set_up(false);
         self.shared.tracker.close();
         if tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_err() {
             let left = self.shared.state.active().len();

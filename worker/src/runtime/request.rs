@@ -15,7 +15,7 @@ use celeriac_wire::broker::{Acker, Delivery, OutgoingMessage};
 use celeriac_wire::message::{self, DecodeError, Disposition, RawMessage, TaskRequest};
 use celeriac_wire::result::{ExceptionInfo, ResultMeta};
 use futures::FutureExt;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info, warn};
 
 use super::state::ActiveRequest;
@@ -27,26 +27,52 @@ use crate::tasks::{TaskContext, TaskOutcome};
 const STORE_ATTEMPTS: u32 = 8;
 
 /// Processes one delivery to completion. Holding `_slot` keeps the queue's concurrency accounting right.
-pub(crate) async fn handle(shared: Arc<Shared>, queue: QueueConfig, delivery: Delivery, _slot: OwnedSemaphorePermit) {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    queue: QueueConfig,
+    delivery: Delivery,
+    slot: OwnedSemaphorePermit,
+    slots: Arc<Semaphore>,
+) {
+    let report_slots = |shared: &Shared| {
+        let free = slots.available_permits();
+        shared.metrics.slots(&queue.name, queue.concurrency.saturating_sub(free), free);
+    };
+    report_slots(&shared);
+    handle_inner(&shared, &queue, delivery).await;
+    drop(slot);
+    report_slots(&shared);
+}
+
+async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Delivery) {
+    let shared = shared.clone();
+    let queue = queue.clone();
     let Delivery { message, acker } = delivery;
     let request = match message::decode(&message, &shared.config.accept_content, Some(shared.config.max_message_bytes)) {
         Ok(r) => r,
-        Err(e) => return refuse(&shared, &queue, &message, acker.as_ref(), e).await,
+        Err(e) => {
+            let task = message.headers.get("task").and_then(|t| t.as_str()).unwrap_or("<unknown>");
+            shared.metrics.rejected(task, &queue.name);
+            return refuse(&shared, &queue, &message, acker.as_ref(), e).await;
+        }
     };
     let Some(task) = shared.registry.get(&request.task) else {
         error!(
             task_id = %request.id, queue = %queue.name,
             "Received unregistered task of type '{}'. The message has been ignored and discarded.", request.task
         );
+        shared.metrics.rejected(&request.task, &queue.name);
         store(&shared, &request, &ResultMeta::failure(&request.id, &ExceptionInfo::not_registered(&request.task), None)).await;
         settle(acker.as_ref(), &request.id, Settle::Reject).await;
         return;
     };
+    shared.metrics.received(&request.task, &queue.name);
     info!(task_id = %request.id, queue = %queue.name, priority = request.priority,
           redelivered = request.delivery_info.redelivered, "Task {}[{}] received", request.name, request.id);
 
     if let Some(reason) = discard_reason(&shared, &request) {
         info!(task_id = %request.id, reason, "Discarding revoked task: {}[{}]", request.name, request.id);
+        shared.metrics.revoked(&request.task, &queue.name);
         store(&shared, &request, &ResultMeta::revoked(&request.id, reason)).await;
         settle(acker.as_ref(), &request.id, Settle::Ack).await;
         return;
@@ -64,6 +90,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, queue: QueueConfig, delivery: De
                 }
             }
             if let Some(reason) = discard_reason(&shared, &request) {
+                shared.metrics.revoked(&request.task, &queue.name);
                 store(&shared, &request, &ResultMeta::revoked(&request.id, reason)).await;
                 settle(acker.as_ref(), &request.id, Settle::Ack).await;
                 return;
@@ -86,6 +113,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, queue: QueueConfig, delivery: De
         store(&shared, &request, &ResultMeta::started(&request.id, std::process::id(), &shared.config.hostname)).await;
     }
 
+    shared.metrics.started(&request.task, &queue.name);
     let ctx = TaskContext { hostname: shared.config.hostname.clone(), terminate };
     let began = Instant::now();
     let run = AssertUnwindSafe(task.run(ctx, &request)).catch_unwind();
@@ -102,11 +130,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, queue: QueueConfig, delivery: De
         }
     });
     let runtime = began.elapsed().as_secs_f64();
+    shared.metrics.ended(&request.task, &queue.name, runtime);
 
     match outcome {
         TaskOutcome::Terminated if shared.force_stop.is_cancelled() => {
             // Shutdown past its grace period: the step goes back to the broker for another worker.
             warn!(task_id = %request.id, "Task {}[{}] interrupted by shutdown; handing it back to the broker", request.name, request.id);
+            shared.metrics.retried(&request.task, &queue.name);
             match queue.ack {
                 AckPolicy::Late => settle(acker.as_ref(), &request.id, Settle::Requeue).await,
                 AckPolicy::Early => republish(&shared, &queue, &message, &request.id).await,
@@ -114,16 +144,19 @@ pub(crate) async fn handle(shared: Arc<Shared>, queue: QueueConfig, delivery: De
         }
         TaskOutcome::Terminated => {
             info!(task_id = %request.id, "Task {}[{}] terminated", request.name, request.id);
+            shared.metrics.revoked(&request.task, &queue.name);
             store(&shared, &request, &ResultMeta::revoked(&request.id, "revoked")).await;
             finish_late(&queue, acker.as_ref(), &request.id, true).await;
         }
         TaskOutcome::Success(value) => {
             info!(task_id = %request.id, "Task {}[{}] succeeded in {runtime:.3}s", request.name, request.id);
+            shared.metrics.succeeded(&request.task, &queue.name);
             let stored = store(&shared, &request, &ResultMeta::success(&request.id, value).with_lineage(request.parent_id.clone(), request.group.clone())).await;
             finish_late(&queue, acker.as_ref(), &request.id, stored).await;
         }
         TaskOutcome::Failure { exc, traceback } => {
             error!(task_id = %request.id, "Task {}[{}] raised unexpected: {}", request.name, request.id, exc.repr());
+            shared.metrics.failed(&request.task, &queue.name, &exc.exc_type);
             let stored = store(&shared, &request, &ResultMeta::failure(&request.id, &exc, traceback).with_lineage(request.parent_id.clone(), request.group.clone())).await;
             finish_late(&queue, acker.as_ref(), &request.id, stored).await;
         }
@@ -204,9 +237,13 @@ async fn store(shared: &Shared, request: &TaskRequest, meta: &ResultMeta) -> boo
 
 async fn store_to(shared: &Shared, target: &ReplyTarget, meta: &ResultMeta) -> bool {
     let mut delay = std::time::Duration::from_millis(250);
+    let began = Instant::now();
     for attempt in 1..=STORE_ATTEMPTS {
         match shared.backend.store(target, meta).await {
-            Ok(()) => return true,
+            Ok(()) => {
+                shared.metrics.result_stored(shared.backend.scheme(), began.elapsed().as_secs_f64());
+                return true;
+            }
             Err(e @ BackendError::NoReplyTo(_)) => {
                 warn!(task_id = %target.task_id, "{e}");
                 return true; // nothing to retry: the publisher asked for no reply queue

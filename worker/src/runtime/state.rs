@@ -28,6 +28,8 @@ pub struct WorkerState {
     /// Per queue: (running now, highest ever seen).
     in_flight: Mutex<BTreeMap<String, (usize, usize)>>,
     processed: AtomicU64,
+    /// Queues with a live broker subscription.
+    consuming: Mutex<HashSet<String>>,
 }
 
 impl WorkerState {
@@ -59,6 +61,20 @@ impl WorkerState {
 
     pub fn processed(&self) -> u64 {
         self.processed.load(Ordering::Relaxed)
+    }
+
+    /// Records whether `queue` currently has a live subscription.
+    pub fn set_consuming(&self, queue: &str, on: bool) {
+        let mut c = lock(&self.consuming);
+        if on {
+            c.insert(queue.to_string());
+        } else {
+            c.remove(queue);
+        }
+    }
+
+    pub fn consuming_queues(&self) -> usize {
+        lock(&self.consuming).len()
     }
 
     pub fn revoke(&self, id: &str) {
