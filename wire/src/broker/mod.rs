@@ -34,6 +34,53 @@ impl QueueSpec {
     }
 }
 
+/// Exchange types Celery uses besides the default exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    Direct,
+    Fanout,
+    Topic,
+}
+
+/// An exchange as Celery declares it (`celeryev`: topic, durable; `celery.pidbox`: fanout, transient;
+/// `reply.celery.pidbox`: direct, transient).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeSpec {
+    pub name: String,
+    pub kind: ExchangeKind,
+    pub durable: bool,
+}
+
+impl ExchangeSpec {
+    /// `celeryev`, where events go.
+    pub fn events() -> Self {
+        Self { name: "celeryev".into(), kind: ExchangeKind::Topic, durable: true }
+    }
+    /// `celery.pidbox`, where remote-control requests are broadcast.
+    pub fn pidbox() -> Self {
+        Self { name: "celery.pidbox".into(), kind: ExchangeKind::Fanout, durable: false }
+    }
+    /// `reply.celery.pidbox`, where remote-control replies go.
+    pub fn pidbox_reply() -> Self {
+        Self { name: "reply.celery.pidbox".into(), kind: ExchangeKind::Direct, durable: false }
+    }
+}
+
+/// A subscription to a broadcast exchange: on AMQP a transient queue bound with `binding_key`; on Redis a
+/// pub/sub pattern subscription (`/<db>.<exchange>/...`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    pub exchange: ExchangeSpec,
+    /// AMQP queue name (`<node>.celery.pidbox`, `celeryev.<uuid>`); on Redis the binding's queue name.
+    pub queue: String,
+    pub binding_key: String,
+    pub exclusive: bool,
+    /// `x-message-ttl` in ms.
+    pub message_ttl_ms: Option<u32>,
+    /// `x-expires` in ms.
+    pub expires_ms: Option<u32>,
+}
+
 /// A message to publish (results over `rpc://`, re-published tasks, replies).
 #[derive(Debug, Clone, Default)]
 pub struct OutgoingMessage {
@@ -110,6 +157,23 @@ pub trait Broker: Send + Sync {
     async fn consume(&self, queue: &QueueSpec, prefetch: u16) -> Result<Box<dyn Consumer>, BrokerError>;
     /// Publishes to `exchange` (`""` = default exchange: routing key names the queue).
     async fn publish(&self, exchange: &str, routing_key: &str, message: OutgoingMessage) -> Result<(), BrokerError>;
+    /// Publishes to a declared exchange (events to `celeryev`, control to `celery.pidbox`, replies to
+    /// `reply.celery.pidbox`). AMQP declares the exchange first as Celery does; Redis routes fanout/topic
+    /// through `PUBLISH /<db>.<exchange>/<routing_key>` and direct through its binding table.
+    async fn broadcast(&self, exchange: &ExchangeSpec, routing_key: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
+        let _ = (exchange, routing_key, message);
+        Err(BrokerError::Refused { operation: "broadcast".into(), reason: format!("not supported by the {} transport", self.transport()) })
+    }
+    /// Subscribes to a broadcast exchange; deliveries need no acknowledgement (acks are no-ops).
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Consumer>, BrokerError> {
+        let _ = subscription;
+        Err(BrokerError::Refused { operation: "subscribe".into(), reason: format!("not supported by the {} transport", self.transport()) })
+    }
+    /// Messages ready in `queue` (Redis: summed over its priority lists).
+    async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError> {
+        let _ = queue;
+        Err(BrokerError::Refused { operation: "queue_length".into(), reason: format!("not supported by the {} transport", self.transport()) })
+    }
     /// How often [`Acker::keep_alive`] must be called while a message is held, if at all.
     fn keep_alive_interval(&self) -> Option<Duration> {
         None
