@@ -241,3 +241,50 @@ pub fn lines_of(child: &mut Child) -> impl Iterator<Item = String> + '_ {
     let out = child.stdout.take().expect("child stdout piped");
     BufReader::new(out).lines().map_while(|l| l.ok())
 }
+
+pub mod dagster;
+
+/// Messages waiting in `queue` on `broker` (Redis: all priority lists; AMQP: ready messages), and on Redis
+/// the number of unacknowledged deliveries in kombu's `unacked` hash.
+pub async fn broker_backlog(broker: &str, queue: &str) -> Result<(u64, u64)> {
+    if broker.starts_with("redis") {
+        let client = redis::Client::open(broker)?;
+        let mut con = client.get_multiplexed_async_connection().await?;
+        let mut ready = 0u64;
+        for suffix in ["", "\x06\x163", "\x06\x166", "\x06\x169"] {
+            let n: u64 = redis::cmd("LLEN").arg(format!("{queue}{suffix}")).query_async(&mut con).await?;
+            ready += n;
+        }
+        let unacked: u64 = redis::cmd("HLEN").arg("unacked").query_async(&mut con).await?;
+        Ok((ready, unacked))
+    } else {
+        let conn = lapin::Connection::connect(
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            lapin::ConnectionProperties::default(),
+        )
+        .await?;
+        let channel = conn.create_channel().await?;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        let ready = u64::from(q.message_count());
+        let _ = conn.close(200, "bye".into()).await;
+        Ok((ready, 0))
+    }
+}
+
+/// The task ids a worker log says it received (`Task <name>[<id>] received`).
+pub fn received_ids(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("] received"))
+        .filter_map(|l| {
+            let start = l.find("execute_step_k8s_job[")? + "execute_step_k8s_job[".len();
+            let end = l[start..].find(']')? + start;
+            Some(l[start..end].to_string())
+        })
+        .collect()
+}

@@ -1,0 +1,88 @@
+//! Real Dagster runs: a Postgres-backed instance whose jobs use `celery_k8s_job_executor`, driven by the
+//! fixtures in `tests/peers` (see its README).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::{artifacts_dir, peer, run_python, unique};
+
+/// A Dagster instance home with its own Postgres database.
+pub struct DagsterHome {
+    pub dir: PathBuf,
+    pub db: String,
+    pub broker: String,
+    pub backend: String,
+}
+
+/// What `run_job.py` reports about a finished (or timed-out) run.
+#[derive(Debug, Deserialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub status: String,
+    pub step_events: Vec<StepEvent>,
+    #[serde(default)]
+    pub engine_messages: Vec<String>,
+    #[serde(default)]
+    pub failure_messages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StepEvent {
+    pub step_key: Option<String>,
+    pub event_type: String,
+    pub timestamp: f64,
+}
+
+impl RunSummary {
+    /// Step keys that have an event of `event_type`.
+    pub fn steps_with(&self, event_type: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .step_events
+            .iter()
+            .filter(|e| e.event_type == event_type)
+            .filter_map(|e| e.step_key.clone())
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    pub fn count(&self, event_type: &str, step: &str) -> usize {
+        self.step_events.iter().filter(|e| e.event_type == event_type && e.step_key.as_deref() == Some(step)).count()
+    }
+}
+
+impl DagsterHome {
+    /// Creates an instance (database, dagster.yaml, run config) for `broker`/`backend`.
+    pub fn create(broker: &str, backend: &str) -> Result<DagsterHome> {
+        let db = unique("celeriac_t").to_lowercase();
+        let dir = artifacts_dir().join(&db);
+        std::fs::create_dir_all(&dir)?;
+        let dir_s = dir.display().to_string();
+        run_python(
+            &[&peer("make_instance.py").display().to_string(), &dir_s, "--db", &db, "--broker", broker, "--backend", backend],
+            &[("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")],
+            Duration::from_secs(120),
+        )
+        .context("make_instance.py")?;
+        Ok(DagsterHome { dir, db, broker: broker.into(), backend: backend.into() })
+    }
+
+    /// Runs `job` with the celery_k8s executor and reports the outcome. `envs` reach the job definitions
+    /// (queue names, sleep lengths).
+    pub fn run_job(&self, job: &str, timeout: Duration, envs: &[(&str, &str)]) -> Result<RunSummary> {
+        let mut all: Vec<(&str, &str)> = vec![("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")];
+        all.extend_from_slice(envs);
+        let timeout_s = timeout.as_secs().to_string();
+        let out = run_python(
+            &[&peer("run_job.py").display().to_string(), "--home", &self.dir.display().to_string(), "--job", job, "--timeout", &timeout_s],
+            &all,
+            timeout + Duration::from_secs(120),
+        )
+        .with_context(|| format!("run_job.py --job {job}"))?;
+        let line = out.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or_default();
+        serde_json::from_str(line).with_context(|| format!("parsing run_job.py output: {out}"))
+    }
+}
