@@ -2,6 +2,7 @@
 //!
 //! * `celeriac worker …` — the Celery worker that runs Dagster steps.
 
+mod dagster_celery;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,11 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
+    if program == "dagster-celery" {
+        return dagster_celery_main(&argv[1..]);
+    }
     let cli = Cli::parse();
     init_tracing(&cli.loglevel, &cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -45,6 +51,38 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("celeriac: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `dagster-celery …` as the Dagster Helm chart invokes it (see [`dagster_celery`]).
+fn dagster_celery_main(args: &[String]) -> std::process::ExitCode {
+    init_tracing("info", "text");
+    let command = match dagster_celery::parse(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dagster-celery: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            dagster_celery::DagsterCelery::Worker(args) => worker::run(*args).await,
+            dagster_celery::DagsterCelery::Status { config, timeout } => worker::status(config, timeout).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dagster-celery: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -7,54 +7,55 @@ use celeriac_worker::config::{AckPolicy, RedisPriorityOrder, Settings};
 use celeriac_worker::runtime::Worker;
 use clap::Args;
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, PartialEq)]
 pub struct WorkerArgs {
     /// celeriac config file (YAML, TOML or JSON) with Celery setting names.
     #[arg(long = "config", env = "CELERIAC_CONFIG")]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Dagster's celery config YAML (`execution.celery.{broker,backend,config_source}`), as the Dagster
     /// Helm chart mounts it.
     #[arg(short = 'y', long = "dagster-celery-config")]
-    dagster_celery_config: Option<PathBuf>,
+    pub(crate) dagster_celery_config: Option<PathBuf>,
     /// Broker URL (amqp://, pyamqp://, redis://, …).
     #[arg(short = 'b', long = "broker")]
-    broker: Option<String>,
+    pub(crate) broker: Option<String>,
     /// Result backend URL (rpc://, redis://).
     #[arg(long = "result-backend")]
-    result_backend: Option<String>,
+    pub(crate) result_backend: Option<String>,
     /// Queues to consume, comma-separated or repeated.
     #[arg(short = 'Q', long = "queues", value_delimiter = ',')]
-    queues: Vec<String>,
+    pub(crate) queues: Vec<String>,
     /// Default maximum of steps running at once per queue.
     #[arg(short = 'c', long = "concurrency")]
-    concurrency: Option<usize>,
+    pub(crate) concurrency: Option<usize>,
     /// Per-queue limit, `queue=N` (repeatable).
     #[arg(long = "queue-concurrency", value_parser = parse_pair::<usize>)]
-    queue_concurrency: Vec<(String, usize)>,
+    pub(crate) queue_concurrency: Vec<(String, usize)>,
     /// When messages are acknowledged by default: `late` (after the result is stored) or `early`.
     #[arg(long = "ack", value_parser = parse_ack)]
-    ack: Option<AckPolicy>,
+    pub(crate) ack: Option<AckPolicy>,
     /// Per-queue ack policy, `queue=late|early` (repeatable).
     #[arg(long = "queue-ack", value_parser = parse_pair::<String>)]
-    queue_ack: Vec<(String, String)>,
+    pub(crate) queue_ack: Vec<(String, String)>,
     /// Node name; `%h` expands to the host name. Default `celeriac-<6 hex>@<host>`.
     #[arg(short = 'n', long = "hostname")]
-    hostname: Option<String>,
+    pub(crate) hostname: Option<String>,
     /// Redis only: which priority bucket is served first, `kombu` (0 first) or `dagster` (9 first).
     #[arg(long = "redis-priority-order", value_parser = parse_order)]
-    redis_priority_order: Option<RedisPriorityOrder>,
+    pub(crate) redis_priority_order: Option<RedisPriorityOrder>,
     /// Redis only: seconds before an unacknowledged message of a dead worker is restored.
     #[arg(long = "visibility-timeout")]
-    visibility_timeout: Option<f64>,
+    pub(crate) visibility_timeout: Option<f64>,
     /// Seconds a warm shutdown waits for running steps before handing them back to the broker.
     #[arg(long = "shutdown-grace")]
-    shutdown_grace: Option<f64>,
+    pub(crate) shutdown_grace: Option<f64>,
     /// Store STARTED results (Celery's `task_track_started`).
     #[arg(long = "track-started")]
-    track_started: bool,
+    pub(crate) track_started: bool,
     /// Address of the HTTP port serving /metrics, /healthz and /readyz (port 0 picks a free one).
-    #[arg(long = "http-addr", env = "CELERIAC_HTTP_ADDR", default_value = "0.0.0.0:9808")]
-    http_addr: std::net::SocketAddr,
+    /// Default `0.0.0.0:9808`.
+    #[arg(long = "http-addr", env = "CELERIAC_HTTP_ADDR")]
+    pub(crate) http_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
@@ -141,9 +142,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let queues = config.queues.len();
     let worker = Worker::start(config, registry, broker, backend);
     let http_stop = celeriac_worker::CancellationToken::new();
-    let bound = celeriac_worker::http::serve(args.http_addr, worker.metrics(), worker.state(), queues, http_stop.clone())
+    let http_addr = args.http_addr.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 9808)));
+    let bound = celeriac_worker::http::serve(http_addr, worker.metrics(), worker.state(), queues, http_stop.clone())
         .await
-        .with_context(|| format!("binding the HTTP port {}", args.http_addr))?;
+        .with_context(|| format!("binding the HTTP port {http_addr}"))?;
     tracing::info!(%bound, "HTTP listening: /metrics /healthz /readyz");
     worker.run_until(shutdown).await;
     http_stop.cancel();
@@ -166,4 +168,29 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// `dagster-celery status`: pings every worker on the configured broker and prints `->  <node>: OK`
+/// per reply (the format the Helm chart's liveness probe greps); fails when nobody answers.
+pub async fn status(config: Option<PathBuf>, timeout: f64) -> anyhow::Result<()> {
+    let args = WorkerArgs { dagster_celery_config: config, ..Default::default() };
+    let config = args.settings()?.resolve().context("invalid configuration")?;
+    let broker = celeriac_worker::connect::broker(&config).await?;
+    let replies = celeriac_wire::pidbox::client::call(
+        broker.as_ref(),
+        "ping",
+        serde_json::json!({}),
+        None,
+        std::time::Duration::from_secs_f64(timeout.max(0.1)),
+    )
+    .await
+    .context("broadcasting ping")?;
+    if replies.is_empty() {
+        anyhow::bail!("No nodes replied within time constraint.");
+    }
+    for (node, _) in &replies {
+        println!("->  {node}: OK");
+    }
+    println!("\n{} node{} online.", replies.len(), if replies.len() == 1 { "" } else { "s" });
+    Ok(())
 }

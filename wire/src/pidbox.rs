@@ -190,3 +190,71 @@ mod tests {
         assert!(glob_match("?@h", "a@h"));
     }
 }
+
+/// Client side of remote control (`celery inspect` / `celery status`): broadcasts `method` and collects
+/// `{node: reply}` answers until `timeout` or, with a destination, until every addressed node answered.
+pub mod client {
+    use std::time::Duration;
+
+    use serde_json::{json, Map, Value};
+
+    use super::{EXCHANGE, REPLY_EXCHANGE};
+    use crate::broker::{Broker, BrokerError, ExchangeSpec, OutgoingMessage, Subscription};
+    use crate::json::{parse_lenient, to_python_string};
+
+    pub async fn call(
+        broker: &dyn Broker,
+        method: &str,
+        arguments: Value,
+        destination: Option<Vec<String>>,
+        timeout: Duration,
+    ) -> Result<Vec<(String, Value)>, BrokerError> {
+        let oid = uuid::Uuid::new_v4().to_string();
+        let ticket = uuid::Uuid::new_v4().to_string();
+        // Subscribe to our reply queue before asking, so no early reply is missed.
+        let mut replies = broker
+            .subscribe(&Subscription {
+                exchange: ExchangeSpec::pidbox_reply(),
+                queue: format!("{oid}.{REPLY_EXCHANGE}"),
+                binding_key: oid.clone(),
+                exclusive: true,
+                message_ttl_ms: Some(300_000),
+                expires_ms: Some(10_000),
+            })
+            .await?;
+        let body = json!({
+            "method": method, "arguments": arguments, "destination": destination, "pattern": null, "matcher": null,
+            "ticket": ticket, "reply_to": {"exchange": REPLY_EXCHANGE, "routing_key": oid},
+        });
+        let mut msg = OutgoingMessage::json(to_python_string(&body, false));
+        let expires = crate::events::now_epoch() + timeout.as_secs_f64();
+        msg.headers.insert("clock".into(), json!(1));
+        msg.headers.insert("expires".into(), json!(expires));
+        msg.properties.delivery_mode = Some(2);
+        msg.properties.priority = Some(0);
+        broker.broadcast(&ExchangeSpec::pidbox(), "", msg).await?;
+        debug_assert_eq!(ExchangeSpec::pidbox().name, EXCHANGE);
+
+        let limit = destination.as_ref().map(Vec::len);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        while tokio::time::Instant::now() < deadline && limit.is_none_or(|l| out.len() < l) {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let next = match tokio::time::timeout(remaining, replies.next()).await {
+                Ok(r) => r?,
+                Err(_) => break,
+            };
+            let Some(delivery) = next else { continue };
+            let _ = delivery.acker.ack().await;
+            if delivery.message.headers.get("ticket").and_then(Value::as_str) != Some(ticket.as_str()) {
+                continue; // someone else's reply
+            }
+            if let Ok(Value::Object(m)) = parse_lenient(&delivery.message.body) {
+                let m: Map<String, Value> = m;
+                out.extend(m.into_iter());
+            }
+        }
+        let _ = replies.cancel().await;
+        Ok(out)
+    }
+}
