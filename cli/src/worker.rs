@@ -139,11 +139,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
     };
     let registry = celeriac_worker::tasks::default_registry(&config).context("setting up tasks")?;
-    let queues = config.queues.len();
     let worker = Worker::start(config, registry, broker, backend);
     let http_stop = celeriac_worker::CancellationToken::new();
     let http_addr = args.http_addr.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 9808)));
-    let bound = celeriac_worker::http::serve(http_addr, worker.metrics(), worker.state(), queues, http_stop.clone())
+    let bound = celeriac_worker::http::serve(http_addr, worker.metrics(), worker.state(), http_stop.clone())
         .await
         .with_context(|| format!("binding the HTTP port {http_addr}"))?;
     tracing::info!(%bound, "HTTP listening: /metrics /healthz /readyz");

@@ -18,7 +18,6 @@ use crate::runtime::state::WorkerState;
 struct AppState {
     metrics: Arc<Metrics>,
     state: Arc<WorkerState>,
-    queues: usize,
 }
 
 /// Binds `addr` and serves until `stop` fires. Returns the bound address (port 0 picks a free one).
@@ -26,7 +25,6 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     state: Arc<WorkerState>,
-    queues: usize,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -35,7 +33,7 @@ pub async fn serve(
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready_handler))
-        .with_state(AppState { metrics, state, queues });
+        .with_state(AppState { metrics, state });
     tokio::spawn(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
         if let Err(e) = server.await {
@@ -51,9 +49,9 @@ async fn metrics_handler(State(app): State<AppState>) -> impl IntoResponse {
 
 async fn ready_handler(State(app): State<AppState>) -> impl IntoResponse {
     let consuming = app.state.consuming_queues();
-    if consuming >= app.queues {
+    if app.state.is_ready() {
         (StatusCode::OK, format!("ready: consuming {consuming} queue(s)\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: consuming {consuming} of {} queue(s)\n", app.queues))
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: consuming {consuming} queue(s)\n"))
     }
 }

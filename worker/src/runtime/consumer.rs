@@ -8,24 +8,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_wire::broker::QueueSpec;
-use tokio::sync::Semaphore;
 use tracing::{error, info, warn};
 
+use super::queues::QueueHandle;
 use super::{request, Shared};
-use crate::config::QueueConfig;
 
-/// Consumes `queue` until `shared.stop_consuming` fires, spawning a handler per delivery.
-pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig) {
-    let slots = Arc::new(Semaphore::new(queue.concurrency));
+/// Consumes the queue until the worker stops or the queue is cancelled, spawning a handler per delivery.
+pub(crate) async fn run(shared: Arc<Shared>, handle: Arc<QueueHandle>) {
+    let queue = handle.config.clone();
+    let slots = handle.slots.clone();
+    let stop = handle.stop.clone();
     let spec = QueueSpec::dagster(&queue.name);
     let prefetch = u16::try_from(queue.concurrency).unwrap_or(u16::MAX);
     let mut backoff = Duration::from_millis(500);
-    'connect: while !shared.stop_consuming.is_cancelled() {
+    'connect: while !stop.is_cancelled() {
         let mut consumer = match shared.broker.consume(&spec, prefetch).await {
             Ok(c) => {
                 info!(queue = %queue.name, concurrency = queue.concurrency, ack = ?queue.ack, "consuming");
                 shared.state.set_consuming(&queue.name, true);
-                if shared.state.consuming_queues() == shared.config.queues.len() {
+                if shared.state.is_ready() {
                     shared.metrics.set_up(true);
                 }
                 backoff = Duration::from_millis(500);
@@ -35,7 +36,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig) {
                 error!(queue = %queue.name, "cannot consume: {e}; retrying in {backoff:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shared.stop_consuming.cancelled() => break 'connect,
+                    _ = stop.cancelled() => break 'connect,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
@@ -47,12 +48,12 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig) {
                     Ok(s) => s,
                     Err(_) => break 'connect, // semaphore closed: never happens while we own it
                 },
-                _ = shared.stop_consuming.cancelled() => break,
+                _ = stop.cancelled() => break,
             };
             // Poll until a message arrives; `next()` returns within ~1 s so a stop is noticed promptly,
             // and it is never cancelled half-way, so no popped message can be dropped on the floor.
             let delivery = loop {
-                if shared.stop_consuming.is_cancelled() {
+                if stop.is_cancelled() {
                     break None;
                 }
                 match consumer.next().await {
@@ -66,21 +67,21 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig) {
                         drop(slot);
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
-                            _ = shared.stop_consuming.cancelled() => {}
+                            _ = stop.cancelled() => {}
                         }
                         continue 'connect;
                     }
                 }
             };
             let Some(delivery) = delivery else { break };
-            if shared.stop_consuming.is_cancelled() {
+            if stop.is_cancelled() {
                 // Arrived while stopping: give it straight back.
                 if let Err(e) = delivery.acker.reject(true).await {
                     warn!(queue = %queue.name, "cannot hand back a message received during shutdown: {e}");
                 }
                 break;
             }
-            let handler = request::handle(shared.clone(), queue.clone(), delivery, slot, slots.clone());
+            let handler = request::handle(shared.clone(), handle.clone(), delivery, slot);
             shared.tracker.spawn(handler);
         }
         shared.state.set_consuming(&queue.name, false);

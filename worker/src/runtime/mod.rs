@@ -6,6 +6,7 @@
 //! messages back to the broker so no task is lost.
 
 mod consumer;
+pub mod queues;
 mod request;
 pub mod state;
 
@@ -19,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::WorkerConfig;
+use crate::config::{QueueConfig, WorkerConfig};
 use crate::metrics::Metrics;
 use crate::tasks::Registry;
+use queues::QueueSet;
 use state::WorkerState;
 
 /// Everything the consumers and handlers share.
@@ -37,12 +39,30 @@ pub(crate) struct Shared {
     /// Fired when the grace period is over: running tasks are terminated and handed back.
     pub force_stop: CancellationToken,
     pub tracker: TaskTracker,
+    pub queues: QueueSet,
+    /// Fired by remote control `shutdown`: the worker shuts down warmly, as on SIGTERM.
+    pub shutdown_requested: CancellationToken,
+}
+
+impl Shared {
+    /// Starts consuming `queue`; false if it is consumed already.
+    pub fn add_queue(self: &Arc<Self>, queue: QueueConfig) -> bool {
+        let Some(handle) = self.queues.insert(queue, &self.stop_consuming) else { return false };
+        self.state.set_expected(&handle.config.name, true);
+        self.queues.consumers.spawn(consumer::run(self.clone(), handle));
+        true
+    }
+
+    /// Stops consuming `queue`; false if it was not consumed.
+    pub fn cancel_queue(&self, queue: &str) -> bool {
+        self.state.set_expected(queue, false);
+        self.queues.remove(queue).is_some()
+    }
 }
 
 /// A running worker.
 pub struct Worker {
     shared: Arc<Shared>,
-    consumers: TaskTracker,
 }
 
 impl Worker {
@@ -63,12 +83,12 @@ impl Worker {
             stop_consuming: CancellationToken::new(),
             force_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            queues: QueueSet::default(),
+            shutdown_requested: CancellationToken::new(),
         });
-        let consumers = TaskTracker::new();
         for queue in shared.config.queues.clone() {
-            consumers.spawn(consumer::run(shared.clone(), queue));
+            shared.add_queue(queue);
         }
-        consumers.close();
         info!(
             hostname = %shared.config.hostname,
             transport = shared.broker.transport(),
@@ -77,7 +97,7 @@ impl Worker {
             tasks = %shared.registry.names().join(", "),
             "celeriac worker ready"
         );
-        Worker { shared, consumers }
+        Worker { shared }
     }
 
     /// The worker's live state (running requests, counters).
@@ -91,7 +111,10 @@ impl Worker {
 
     /// Runs until `shutdown` resolves, then shuts down warmly (see the module docs).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = self.shared.shutdown_requested.cancelled() => info!("shutdown requested by remote control"),
+        }
         self.shutdown().await;
     }
 
@@ -101,7 +124,8 @@ impl Worker {
         let running = self.shared.state.active().len();
         info!(running, ?grace, "warm shutdown: no new tasks; waiting for running tasks");
         self.shared.stop_consuming.cancel();
-        self.consumers.wait().await;
+        self.shared.queues.consumers.close();
+        self.shared.queues.consumers.wait().await;
         self.shared.metrics.set_up(false);
         self.shared.tracker.close();
         if tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_err() {

@@ -15,9 +15,10 @@ use celeriac_wire::broker::{Acker, Delivery, OutgoingMessage};
 use celeriac_wire::message::{self, DecodeError, Disposition, RawMessage, TaskRequest};
 use celeriac_wire::result::{ExceptionInfo, ResultMeta};
 use futures::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, info, warn};
 
+use super::queues::QueueHandle;
 use super::state::ActiveRequest;
 use super::Shared;
 use crate::config::{AckPolicy, QueueConfig};
@@ -29,17 +30,16 @@ const STORE_ATTEMPTS: u32 = 8;
 /// Processes one delivery to completion. Holding `_slot` keeps the queue's concurrency accounting right.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
-    queue: QueueConfig,
+    queue: Arc<QueueHandle>,
     delivery: Delivery,
     slot: OwnedSemaphorePermit,
-    slots: Arc<Semaphore>,
 ) {
     let report_slots = |shared: &Shared| {
-        let free = slots.available_permits();
-        shared.metrics.slots(&queue.name, queue.concurrency.saturating_sub(free), free);
+        let free = queue.slots.available_permits();
+        shared.metrics.slots(&queue.config.name, queue.limit().saturating_sub(free), free);
     };
     report_slots(&shared);
-    handle_inner(&shared, &queue, delivery).await;
+    handle_inner(&shared, &queue.config, delivery).await;
     drop(slot);
     report_slots(&shared);
 }

@@ -30,6 +30,8 @@ pub struct WorkerState {
     processed: AtomicU64,
     /// Queues with a live broker subscription.
     consuming: Mutex<HashSet<String>>,
+    /// Queues the worker is configured (or was told by remote control) to consume.
+    expected: Mutex<HashSet<String>>,
 }
 
 impl WorkerState {
@@ -75,6 +77,22 @@ impl WorkerState {
 
     pub fn consuming_queues(&self) -> usize {
         lock(&self.consuming).len()
+    }
+
+    pub fn set_expected(&self, queue: &str, on: bool) {
+        let mut e = lock(&self.expected);
+        if on {
+            e.insert(queue.to_string());
+        } else {
+            e.remove(queue);
+        }
+    }
+
+    /// Ready = every expected queue has a live subscription.
+    pub fn is_ready(&self) -> bool {
+        let expected = lock(&self.expected).clone();
+        let consuming = lock(&self.consuming);
+        !expected.is_empty() && expected.iter().all(|q| consuming.contains(q))
     }
 
     pub fn revoke(&self, id: &str) {

@@ -1,0 +1,91 @@
+//! The set of consumed queues, changeable at run time by remote control (`add_consumer`,
+//! `cancel_consumer`, `pool_grow`, `pool_shrink`, `autoscale`).
+//!
+//! Each queue owns a slot semaphore whose size is the queue's concurrency limit; growing adds permits,
+//! shrinking takes permits away as running steps give them back (a running step is never interrupted).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::QueueConfig;
+
+/// One consumed queue.
+pub struct QueueHandle {
+    pub config: QueueConfig,
+    pub slots: Arc<Semaphore>,
+    /// Current limit (the configured concurrency after grow/shrink).
+    pub limit: AtomicUsize,
+    /// Cancelled by `cancel_consumer` (a child of the worker's stop token).
+    pub stop: CancellationToken,
+}
+
+impl QueueHandle {
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::SeqCst)
+    }
+}
+
+/// The queues this worker consumes.
+#[derive(Default)]
+pub struct QueueSet {
+    queues: Mutex<BTreeMap<String, Arc<QueueHandle>>>,
+    pub consumers: TaskTracker,
+}
+
+impl QueueSet {
+    /// Registers a queue; `None` if it is already consumed.
+    pub fn insert(&self, config: QueueConfig, parent: &CancellationToken) -> Option<Arc<QueueHandle>> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if queues.contains_key(&config.name) {
+            return None;
+        }
+        let handle = Arc::new(QueueHandle {
+            slots: Arc::new(Semaphore::new(config.concurrency)),
+            limit: AtomicUsize::new(config.concurrency),
+            stop: parent.child_token(),
+            config,
+        });
+        queues.insert(handle.config.name.clone(), handle.clone());
+        Some(handle)
+    }
+
+    /// Stops consuming `name`; running steps of it finish normally.
+    pub fn remove(&self, name: &str) -> Option<Arc<QueueHandle>> {
+        let handle = self.queues.lock().unwrap_or_else(|p| p.into_inner()).remove(name)?;
+        handle.stop.cancel();
+        Some(handle)
+    }
+
+    pub fn all(&self) -> Vec<Arc<QueueHandle>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Changes every queue's limit by `delta` (never below 1). Returns the new limits.
+    pub fn resize(&self, delta: i64) -> Vec<(String, usize)> {
+        self.all()
+            .into_iter()
+            .map(|q| {
+                let old = q.limit();
+                let new = (old as i64 + delta).max(1) as usize;
+                q.limit.store(new, Ordering::SeqCst);
+                if new > old {
+                    q.slots.add_permits(new - old);
+                } else if new < old {
+                    let (slots, take) = (q.slots.clone(), (old - new) as u32);
+                    // Take the permits as running steps release them.
+                    tokio::spawn(async move {
+                        if let Ok(p) = slots.acquire_many_owned(take).await {
+                            p.forget();
+                        }
+                    });
+                }
+                (q.config.name.clone(), new)
+            })
+            .collect()
+    }
+}
