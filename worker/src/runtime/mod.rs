@@ -124,8 +124,6 @@ impl Worker {
         let running = self.shared.state.active().len();
         info!(running, ?grace, "warm shutdown: no new tasks; waiting for running tasks");
         self.shared.stop_consuming.cancel();
-        self.shared.queues.consumers.close();
-        self.shared.queues.consumers.wait().await;
         self.shared.metrics.set_up(false);
         self.shared.tracker.close();
         if tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_err() {
@@ -135,6 +133,11 @@ impl Worker {
             if tokio::time::timeout(Duration::from_secs(60), self.shared.tracker.wait()).await.is_err() {
                 warn!("tasks did not stop within 60 s of termination; exiting anyway (their messages stay unacknowledged)");
             }
+        }
+        // Subscriptions close last: running steps needed them to settle their messages.
+        self.shared.queues.consumers.close();
+        if tokio::time::timeout(Duration::from_secs(30), self.shared.queues.consumers.wait()).await.is_err() {
+            warn!("consumers did not close within 30 s; exiting (the broker returns their messages)");
         }
         info!(processed = self.shared.state.processed(), "worker stopped");
     }
