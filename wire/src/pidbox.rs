@@ -196,7 +196,7 @@ mod tests {
 pub mod client {
     use std::time::Duration;
 
-    use serde_json::{json, Map, Value};
+    use serde_json::{json, Value};
 
     use super::{EXCHANGE, REPLY_EXCHANGE};
     use crate::broker::{Broker, BrokerError, ExchangeSpec, OutgoingMessage, Subscription};
@@ -250,8 +250,7 @@ pub mod client {
                 continue; // someone else's reply
             }
             if let Ok(Value::Object(m)) = parse_lenient(&delivery.message.body) {
-                let m: Map<String, Value> = m;
-                out.extend(m.into_iter());
+                out.extend(m);
             }
         }
         let _ = replies.cancel().await;
