@@ -71,7 +71,8 @@ fn parse_worker_start(args: &[String]) -> Result<WorkerArgs, String> {
             "-y" | "--config-yaml" => w.dagster_celery_config = Some(PathBuf::from(value(a)?)),
             "-q" | "--queue" => w.queues.push(value(a)?),
             "-d" | "--background" => return Err("--background is not supported: run celeriac in the foreground".into()),
-            "-E" | "--task-events" | "--without-gossip" | "--without-mingle" | "--without-heartbeat" => {}
+            "-E" | "--task-events" => w.task_events = true,
+            "--without-gossip" | "--without-mingle" | "--without-heartbeat" => {}
             other if other.starts_with("--prefetch-multiplier") || other.starts_with("--pool") => {
                 // Prefetch follows each queue's free slots; celeriac has no process pool.
                 if !other.contains('=') {

@@ -49,6 +49,9 @@ pub struct WorkerArgs {
     /// Seconds a warm shutdown waits for running steps before handing them back to the broker.
     #[arg(long = "shutdown-grace")]
     pub(crate) shutdown_grace: Option<f64>,
+    /// Send task events (Celery's `-E` / `worker_send_task_events`); worker events are always sent.
+    #[arg(short = 'E', long = "task-events")]
+    pub(crate) task_events: bool,
     /// Store STARTED results (Celery's `task_track_started`).
     #[arg(long = "track-started")]
     pub(crate) track_started: bool,
@@ -101,6 +104,7 @@ impl WorkerArgs {
             queue_concurrency: self.queue_concurrency.iter().cloned().collect(),
             task_acks_late: self.ack.map(|a| a == AckPolicy::Late),
             task_track_started: self.track_started.then_some(true),
+            worker_send_task_events: self.task_events.then_some(true),
             shutdown_grace_seconds: self.shutdown_grace,
             ..Default::default()
         };

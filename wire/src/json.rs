@@ -175,6 +175,54 @@ fn write_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Python's `repr()` of a JSON value (`['a', 1, None, {'k': True}]`), as Celery puts results and
+/// arguments into events.
+pub fn python_repr(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Number(_) => to_python_string(v, false),
+        Value::String(s) => {
+            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let mut out = String::with_capacity(s.len() + 2);
+            out.push(quote);
+            for ch in s.chars() {
+                match ch {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == quote => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                        let _ = write!(out, "\\x{:02x}", c as u32);
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.push(quote);
+            out
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(python_repr).collect::<Vec<_>>().join(", ")),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter().map(|(k, v)| format!("{}: {}", python_repr(&Value::String(k.clone())), python_repr(v))).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// Truncates a repr like Celery's `saferepr(maxlen=1024)`: cut and end with `...`.
+pub fn truncate_repr(s: String, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s;
+    }
+    let cut: String = s.chars().take(max.saturating_sub(3)).collect();
+    format!("{cut}...")
+}
+
 /// Python's `repr(float)`: the shortest round-tripping digits, fixed notation when the decimal exponent
 /// is in `-4 < exp <= 16`, otherwise `d.ddde±XX`.
 pub fn python_float_repr(f: f64) -> String {
@@ -264,6 +312,13 @@ mod tests {
             to_python_string(&v, false),
             r#"{"b": [1, 2.0, null, true], "a": "\u00e9\ud83d\ude00\"\n\u007f"}"#
         );
+    }
+
+    #[test]
+    fn python_reprs() {
+        assert_eq!(python_repr(&json!(["a", 1, null, {"k": true}])), "['a', 1, None, {'k': True}]");
+        assert_eq!(python_repr(&json!("it's")), "\"it's\"");
+        assert_eq!(truncate_repr("abcdef".into(), 5), "ab...");
     }
 
     #[test]

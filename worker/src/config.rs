@@ -27,6 +27,8 @@ pub struct WorkerConfig {
     pub accept_content: Vec<String>,
     pub max_message_bytes: usize,
     pub track_started: bool,
+    /// Send task events (Celery's `worker_send_task_events`, `-E`); worker events are always sent.
+    pub task_events: bool,
     pub result_expires: Duration,
     /// How long a warm shutdown waits for running steps before handing them back to the broker.
     pub shutdown_grace: Duration,
@@ -99,6 +101,7 @@ pub struct Settings {
     pub queue_ack: BTreeMap<String, AckPolicy>,
     pub accept_content: Option<Vec<String>>,
     pub task_track_started: Option<bool>,
+    pub worker_send_task_events: Option<bool>,
     pub result_expires: Option<f64>,
     pub max_message_bytes: Option<usize>,
     pub shutdown_grace_seconds: Option<f64>,
@@ -187,7 +190,7 @@ impl Settings {
         }
         take!(
             broker_url, result_backend, hostname, task_default_queue, worker_concurrency, task_acks_late,
-            accept_content, task_track_started, result_expires, max_message_bytes, shutdown_grace_seconds
+            accept_content, task_track_started, worker_send_task_events, result_expires, max_message_bytes, shutdown_grace_seconds
         );
         if !other.queues.is_empty() {
             self.queues = other.queues;
@@ -271,6 +274,7 @@ impl Settings {
             accept_content: self.accept_content.unwrap_or_else(|| vec!["json".into()]),
             max_message_bytes: self.max_message_bytes.unwrap_or(16 * 1024 * 1024),
             track_started: self.task_track_started.unwrap_or(false),
+            task_events: self.worker_send_task_events.unwrap_or(false),
             result_expires: secs(self.result_expires, 86400.0, "result_expires")?,
             shutdown_grace: secs(self.shutdown_grace_seconds, 60.0, "shutdown_grace_seconds")?,
             redis: RedisConfig {

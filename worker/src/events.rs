@@ -110,7 +110,7 @@ async fn publish_loop(
                         Err(_) => break,
                     }
                 }
-                publish_batch(&*broker, &exchange, batch).await;
+                publish_batch(&*broker, &exchange, &f.hostname, batch).await;
             }
         }
     }
@@ -120,17 +120,17 @@ async fn publish_loop(
         rest.push(e);
     }
     for chunk in rest.chunks(BATCH_LIMIT) {
-        publish_batch(&*broker, &exchange, chunk.to_vec()).await;
+        publish_batch(&*broker, &exchange, &f.hostname, chunk.to_vec()).await;
     }
     send(&*broker, &exchange, f.worker("worker-offline", HEARTBEAT_FREQ, 0, state.processed())).await;
 }
 
-async fn publish_batch(broker: &dyn Broker, exchange: &ExchangeSpec, batch: Vec<Value>) {
+async fn publish_batch(broker: &dyn Broker, exchange: &ExchangeSpec, hostname: &str, batch: Vec<Value>) {
     if batch.is_empty() {
         return;
     }
     let mut msg = OutgoingMessage::json(to_python_string(&Value::Array(batch), false));
-    decorate(&mut msg, broker_hostname(&msg));
+    decorate(&mut msg, hostname.to_string());
     if let Err(e) = broker.broadcast(exchange, "task.multi", msg).await {
         debug!("cannot publish task events: {e}");
     }
@@ -144,14 +144,6 @@ async fn send(broker: &dyn Broker, exchange: &ExchangeSpec, event: Value) {
     if let Err(e) = broker.broadcast(exchange, &rk, msg).await {
         debug!("cannot publish {rk}: {e}");
     }
-}
-
-/// The hostname of the first event in a batch body (for the `hostname` header).
-fn broker_hostname(msg: &OutgoingMessage) -> String {
-    serde_json::from_slice::<Value>(&msg.body)
-        .ok()
-        .and_then(|v| v.get(0).and_then(|e| e.get("hostname")).and_then(Value::as_str).map(str::to_owned))
-        .unwrap_or_default()
 }
 
 /// Event message properties as Celery's dispatcher sets them.

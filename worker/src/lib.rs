@@ -6,6 +6,7 @@
 //! [`connect`] (brokers and backends from URLs).
 
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod metrics;
 // pub mod connect; (enabled once the brokers land)

@@ -6,6 +6,7 @@
 //! messages back to the broker so no task is lost.
 
 mod consumer;
+mod control;
 pub mod queues;
 mod request;
 pub mod state;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{QueueConfig, WorkerConfig};
+use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::tasks::Registry;
 use queues::QueueSet;
@@ -42,6 +44,8 @@ pub(crate) struct Shared {
     pub queues: QueueSet,
     /// Fired by remote control `shutdown`: the worker shuts down warmly, as on SIGTERM.
     pub shutdown_requested: CancellationToken,
+    pub events: Arc<Events>,
+    pub started: std::time::Instant,
 }
 
 impl Shared {
@@ -63,6 +67,10 @@ impl Shared {
 /// A running worker.
 pub struct Worker {
     shared: Arc<Shared>,
+    /// Stops the remote-control mailbox and, last of all, the event publisher (`worker-offline`).
+    events_stop: CancellationToken,
+    events_task: tokio::task::JoinHandle<()>,
+    control_task: tokio::task::JoinHandle<()>,
 }
 
 impl Worker {
@@ -73,19 +81,26 @@ impl Worker {
         broker: Arc<dyn Broker>,
         backend: Arc<dyn ResultBackend>,
     ) -> Worker {
+        let state = Arc::new(WorkerState::default());
+        let events_stop = CancellationToken::new();
+        let (events, events_task) =
+            Events::start(broker.clone(), &config.hostname, config.task_events, state.clone(), events_stop.clone());
         let shared = Arc::new(Shared {
             config: config.clone(),
             broker,
             backend,
             registry,
-            state: Arc::new(WorkerState::default()),
+            state,
             metrics: Arc::new(Metrics::new(&config.hostname)),
             stop_consuming: CancellationToken::new(),
             force_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
             queues: QueueSet::default(),
             shutdown_requested: CancellationToken::new(),
+            events,
+            started: std::time::Instant::now(),
         });
+        let control_task = tokio::spawn(control::run(shared.clone(), events_stop.clone()));
         for queue in shared.config.queues.clone() {
             shared.add_queue(queue);
         }
@@ -97,7 +112,7 @@ impl Worker {
             tasks = %shared.registry.names().join(", "),
             "celeriac worker ready"
         );
-        Worker { shared }
+        Worker { shared, events_stop, events_task, control_task }
     }
 
     /// The worker's live state (running requests, counters).
@@ -138,6 +153,11 @@ impl Worker {
         self.shared.queues.consumers.close();
         if tokio::time::timeout(Duration::from_secs(30), self.shared.queues.consumers.wait()).await.is_err() {
             warn!("consumers did not close within 30 s; exiting (the broker returns their messages)");
+        }
+        self.events_stop.cancel();
+        let _ = self.control_task.await;
+        if tokio::time::timeout(Duration::from_secs(10), self.events_task).await.is_err() {
+            warn!("could not send worker-offline within 10 s");
         }
         info!(processed = self.shared.state.processed(), "worker stopped");
     }

@@ -70,22 +70,36 @@ impl QueueSet {
         self.all()
             .into_iter()
             .map(|q| {
-                let old = q.limit();
-                let new = (old as i64 + delta).max(1) as usize;
-                q.limit.store(new, Ordering::SeqCst);
-                if new > old {
-                    q.slots.add_permits(new - old);
-                } else if new < old {
-                    let (slots, take) = (q.slots.clone(), (old - new) as u32);
-                    // Take the permits as running steps release them.
-                    tokio::spawn(async move {
-                        if let Ok(p) = slots.acquire_many_owned(take).await {
-                            p.forget();
-                        }
-                    });
-                }
+                let new = (q.limit() as i64 + delta).max(1) as usize;
+                set_limit(&q, new);
                 (q.config.name.clone(), new)
             })
             .collect()
+    }
+
+    /// Sets one queue's limit (at least 1); false if the queue is not consumed.
+    pub fn resize_one(&self, name: &str, limit: usize) -> bool {
+        match self.all().into_iter().find(|q| q.config.name == name) {
+            Some(q) => {
+                set_limit(&q, limit.max(1));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn set_limit(q: &QueueHandle, new: usize) {
+    let old = q.limit.swap(new, Ordering::SeqCst);
+    if new > old {
+        q.slots.add_permits(new - old);
+    } else if new < old {
+        let (slots, take) = (q.slots.clone(), (old - new) as u32);
+        // Take the permits away as running steps release them; running steps are never interrupted.
+        tokio::spawn(async move {
+            if let Ok(p) = slots.acquire_many_owned(take).await {
+                p.forget();
+            }
+        });
     }
 }

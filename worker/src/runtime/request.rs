@@ -13,7 +13,9 @@ use std::time::{Instant, SystemTime};
 use celeriac_wire::backend::{BackendError, ReplyTarget};
 use celeriac_wire::broker::{Acker, Delivery, OutgoingMessage};
 use celeriac_wire::message::{self, DecodeError, Disposition, RawMessage, TaskRequest};
+use celeriac_wire::json::{python_repr, truncate_repr};
 use celeriac_wire::result::{ExceptionInfo, ResultMeta};
+use serde_json::{json, Value};
 use futures::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, info, warn};
@@ -62,17 +64,34 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
             "Received unregistered task of type '{}'. The message has been ignored and discarded.", request.task
         );
         shared.metrics.rejected(&request.task, &queue.name);
-        store(&shared, &request, &ResultMeta::failure(&request.id, &ExceptionInfo::not_registered(&request.task), None)).await;
+        let exc = ExceptionInfo::not_registered(&request.task);
+        shared.events.task("task-failed", vec![("uuid", json!(request.id)), ("exception", json!(exc.repr()))]);
+        store(&shared, &request, &ResultMeta::failure(&request.id, &exc, None)).await;
         settle(acker.as_ref(), &request.id, Settle::Reject).await;
         return;
     };
     shared.metrics.received(&request.task, &queue.name);
+    shared.events.task(
+        "task-received",
+        vec![
+            ("uuid", json!(request.id)),
+            ("name", json!(request.name)),
+            ("args", json!(request.argsrepr)),
+            ("kwargs", json!(request.kwargsrepr)),
+            ("root_id", json!(request.root_id)),
+            ("parent_id", json!(request.parent_id)),
+            ("retries", json!(request.retries)),
+            ("eta", json!(request.eta.map(|e| e.to_rfc3339()))),
+            ("expires", json!(request.expires.map(|e| e.to_rfc3339()))),
+        ],
+    );
     info!(task_id = %request.id, queue = %queue.name, priority = request.priority,
           redelivered = request.delivery_info.redelivered, "Task {}[{}] received", request.name, request.id);
 
     if let Some(reason) = discard_reason(&shared, &request) {
         info!(task_id = %request.id, reason, "Discarding revoked task: {}[{}]", request.name, request.id);
         shared.metrics.revoked(&request.task, &queue.name);
+        revoked_event(&shared, &request.id, false, reason == "expired");
         store(&shared, &request, &ResultMeta::revoked(&request.id, reason)).await;
         settle(acker.as_ref(), &request.id, Settle::Ack).await;
         return;
@@ -91,6 +110,7 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
             }
             if let Some(reason) = discard_reason(&shared, &request) {
                 shared.metrics.revoked(&request.task, &queue.name);
+                revoked_event(&shared, &request.id, false, reason == "expired");
                 store(&shared, &request, &ResultMeta::revoked(&request.id, reason)).await;
                 settle(acker.as_ref(), &request.id, Settle::Ack).await;
                 return;
@@ -104,9 +124,17 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
     let terminate = shared.force_stop.child_token();
     shared.state.start(ActiveRequest {
         id: request.id.clone(),
+        task: request.task.clone(),
         name: request.name.clone(),
         queue: queue.name.clone(),
         started: SystemTime::now(),
+        argsrepr: request.argsrepr.clone(),
+        kwargsrepr: request.kwargsrepr.clone(),
+        exchange: request.delivery_info.exchange.clone(),
+        routing_key: request.delivery_info.routing_key.clone(),
+        priority: request.priority,
+        redelivered: request.delivery_info.redelivered,
+        acknowledged: queue.ack == AckPolicy::Early,
         terminate: terminate.clone(),
     });
     if shared.config.track_started {
@@ -114,6 +142,7 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
     }
 
     shared.metrics.started(&request.task, &queue.name);
+    shared.events.task("task-started", vec![("uuid", json!(request.id))]);
     let ctx = TaskContext { hostname: shared.config.hostname.clone(), terminate };
     let began = Instant::now();
     let run = AssertUnwindSafe(task.run(ctx, &request)).catch_unwind();
@@ -137,6 +166,7 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
             // Shutdown past its grace period: the step goes back to the broker for another worker.
             warn!(task_id = %request.id, "Task {}[{}] interrupted by shutdown; handing it back to the broker", request.name, request.id);
             shared.metrics.retried(&request.task, &queue.name);
+            shared.events.task("task-rejected", vec![("uuid", json!(request.id)), ("requeue", json!(true))]);
             match queue.ack {
                 AckPolicy::Late => settle(acker.as_ref(), &request.id, Settle::Requeue).await,
                 AckPolicy::Early => republish(&shared, &queue, &message, &request.id).await,
@@ -145,23 +175,40 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
         TaskOutcome::Terminated => {
             info!(task_id = %request.id, "Task {}[{}] terminated", request.name, request.id);
             shared.metrics.revoked(&request.task, &queue.name);
+            revoked_event(&shared, &request.id, true, false);
             store(&shared, &request, &ResultMeta::revoked(&request.id, "revoked")).await;
             finish_late(&queue, acker.as_ref(), &request.id, true).await;
         }
         TaskOutcome::Success(value) => {
             info!(task_id = %request.id, "Task {}[{}] succeeded in {runtime:.3}s", request.name, request.id);
             shared.metrics.succeeded(&request.task, &queue.name);
+            shared.events.task(
+                "task-succeeded",
+                vec![("uuid", json!(request.id)), ("result", json!(truncate_repr(python_repr(&value), 1024))), ("runtime", json!(runtime))],
+            );
             let stored = store(&shared, &request, &ResultMeta::success(&request.id, value).with_lineage(request.parent_id.clone(), request.group.clone())).await;
             finish_late(&queue, acker.as_ref(), &request.id, stored).await;
         }
         TaskOutcome::Failure { exc, traceback } => {
             error!(task_id = %request.id, "Task {}[{}] raised unexpected: {}", request.name, request.id, exc.repr());
             shared.metrics.failed(&request.task, &queue.name, &exc.exc_type);
+            shared.events.task(
+                "task-failed",
+                vec![("uuid", json!(request.id)), ("exception", json!(exc.repr())), ("traceback", json!(traceback.clone().unwrap_or_default()))],
+            );
             let stored = store(&shared, &request, &ResultMeta::failure(&request.id, &exc, traceback).with_lineage(request.parent_id.clone(), request.group.clone())).await;
             finish_late(&queue, acker.as_ref(), &request.id, stored).await;
         }
     }
     shared.state.finish(&request.id);
+}
+
+fn revoked_event(shared: &Shared, id: &str, terminated: bool, expired: bool) {
+    let signum = if terminated { json!("SIGTERM") } else { Value::Null };
+    shared.events.task(
+        "task-revoked",
+        vec![("uuid", json!(id)), ("terminated", json!(terminated)), ("signum", signum), ("expired", json!(expired))],
+    );
 }
 
 /// Bad input: log it clearly with the task id, store a FAILURE where Celery would, and settle the message

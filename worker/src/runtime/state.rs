@@ -13,9 +13,19 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct ActiveRequest {
     pub id: String,
+    /// Registered task name (`headers.task`).
+    pub task: String,
+    /// Display name (shadow or task).
     pub name: String,
     pub queue: String,
     pub started: SystemTime,
+    pub argsrepr: String,
+    pub kwargsrepr: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub priority: u8,
+    pub redelivered: bool,
+    pub acknowledged: bool,
     /// Cancelled to terminate this task (`revoke(terminate=True)`).
     pub terminate: CancellationToken,
 }
@@ -28,6 +38,8 @@ pub struct WorkerState {
     /// Per queue: (running now, highest ever seen).
     in_flight: Mutex<BTreeMap<String, (usize, usize)>>,
     processed: AtomicU64,
+    /// Tasks finished per task name (`stats.total`).
+    totals: Mutex<BTreeMap<String, u64>>,
     /// Queues with a live broker subscription.
     consuming: Mutex<HashSet<String>>,
     /// Queues the worker is configured (or was told by remote control) to consume.
@@ -48,6 +60,7 @@ impl WorkerState {
             if let Some(entry) = lock(&self.in_flight).get_mut(&req.queue) {
                 entry.0 = entry.0.saturating_sub(1);
             }
+            *lock(&self.totals).entry(req.task).or_default() += 1;
             self.processed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -59,6 +72,16 @@ impl WorkerState {
     /// Running requests per queue and the peak since start.
     pub fn in_flight(&self) -> BTreeMap<String, (usize, usize)> {
         lock(&self.in_flight).clone()
+    }
+
+    pub fn totals(&self) -> BTreeMap<String, u64> {
+        lock(&self.totals).clone()
+    }
+
+    pub fn revoked_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&self.revoked).iter().cloned().collect();
+        ids.sort();
+        ids
     }
 
     pub fn processed(&self) -> u64 {
