@@ -146,7 +146,8 @@ impl WorkerProcess {
         let hostname = format!("{}@localhost", unique("celeriac"));
         let log = artifacts_dir().join(format!("{}.log", hostname.replace('@', "_")));
         let mut cmd = Command::new(celeriac_bin());
-        cmd.arg("worker").args(["-n", &hostname]).args(args);
+        // Port 0: parallel workers must not fight over the metrics port; `http_addr()` reads the real one.
+        cmd.arg("worker").args(["-n", &hostname, "--http-addr", "127.0.0.1:0"]).args(args);
         cmd.env("PATH", path_with_venv()).env("RUST_LOG", "info,celeriac=debug");
         cmd.env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
         for (k, v) in envs {
@@ -179,6 +180,14 @@ impl WorkerProcess {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The address of the worker's HTTP port (from its `HTTP listening` log line).
+    pub fn http_addr(&self) -> Option<String> {
+        let log = self.log_text();
+        let line = log.lines().find(|l| l.contains("HTTP listening"))?;
+        let start = line.find("bound=")? + "bound=".len();
+        Some(line[start..].split_whitespace().next()?.to_string())
     }
 
     pub fn log_text(&self) -> String {
