@@ -94,6 +94,19 @@ impl Metrics {
         m
     }
 
+    /// Creates the zero series of a (task, queue) pair so dashboards and alerts find every metric from
+    /// the start, not only after the first failure.
+    pub fn init_series(&self, name: &str, queue: &str) {
+        let labels = [name, self.hostname.as_str(), queue];
+        for c in [&self.task_received, &self.task_started, &self.task_succeeded, &self.task_rejected, &self.task_revoked, &self.task_retried] {
+            c.with_label_values(&labels);
+        }
+        self.task_failed.with_label_values(&[name, &self.hostname, "", queue]);
+        self.task_runtime.with_label_values(&labels);
+        self.queue_length.with_label_values(&[queue]);
+        self.slots(queue, 0, 0);
+    }
+
     pub fn set_up(&self, up: bool) {
         self.worker_up.with_label_values(&[&self.hostname]).set(i64::from(up));
     }

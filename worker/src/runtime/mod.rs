@@ -52,6 +52,9 @@ impl Shared {
     /// Starts consuming `queue`; false if it is consumed already.
     pub fn add_queue(self: &Arc<Self>, queue: QueueConfig) -> bool {
         let Some(handle) = self.queues.insert(queue, &self.stop_consuming) else { return false };
+        for task in self.registry.names() {
+            self.metrics.init_series(task, &handle.config.name);
+        }
         self.state.set_expected(&handle.config.name, true);
         self.queues.consumers.spawn(consumer::run(self.clone(), handle));
         true
@@ -61,6 +64,23 @@ impl Shared {
     pub fn cancel_queue(&self, queue: &str) -> bool {
         self.state.set_expected(queue, false);
         self.queues.remove(queue).is_some()
+    }
+}
+
+/// Exports `celery_queue_length` (ready messages; Redis: all priority lists) every 10 s.
+async fn poll_queue_lengths(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        for q in shared.queues.all() {
+            match shared.broker.queue_length(&q.config.name).await {
+                Ok(n) => shared.metrics.queue_length(&q.config.name, n),
+                Err(e) => tracing::debug!(queue = %q.config.name, "queue length unavailable: {e}"),
+            }
+        }
     }
 }
 
@@ -101,6 +121,7 @@ impl Worker {
             started: std::time::Instant::now(),
         });
         let control_task = tokio::spawn(control::run(shared.clone(), events_stop.clone()));
+        tokio::spawn(poll_queue_lengths(shared.clone(), events_stop.clone()));
         for queue in shared.config.queues.clone() {
             shared.add_queue(queue);
         }
