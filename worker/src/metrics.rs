@@ -96,7 +96,7 @@ impl Metrics {
 
     /// Creates the zero series of a (task, queue) pair so dashboards and alerts find every metric from
     /// the start, not only after the first failure.
-    pub fn init_series(&self, name: &str, queue: &str) {
+    pub fn init_series(&self, name: &str, queue: &str, limit: usize) {
         let labels = [name, self.hostname.as_str(), queue];
         for c in [&self.task_received, &self.task_started, &self.task_succeeded, &self.task_rejected, &self.task_revoked, &self.task_retried] {
             c.with_label_values(&labels);
@@ -104,7 +104,7 @@ impl Metrics {
         self.task_failed.with_label_values(&[name, &self.hostname, "", queue]);
         self.task_runtime.with_label_values(&labels);
         self.queue_length.with_label_values(&[queue]);
-        self.slots(queue, 0, 0);
+        self.slots(queue, 0, limit);
     }
 
     pub fn set_up(&self, up: bool) {

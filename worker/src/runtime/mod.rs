@@ -53,7 +53,7 @@ impl Shared {
     pub fn add_queue(self: &Arc<Self>, queue: QueueConfig) -> bool {
         let Some(handle) = self.queues.insert(queue, &self.stop_consuming) else { return false };
         for task in self.registry.names() {
-            self.metrics.init_series(task, &handle.config.name);
+            self.metrics.init_series(task, &handle.config.name, handle.limit());
         }
         self.state.set_expected(&handle.config.name, true);
         self.queues.consumers.spawn(consumer::run(self.clone(), handle));
