@@ -9,8 +9,11 @@ use anyhow::Result;
 use celeriac_tests::{broker_backlog, ensure_services, peer, run_python, unique, WorkerProcess};
 use serde_json::Value;
 
-/// (kind, log line the worker must write, expected stored state and exception type, if any).
-const CASES: &[(&str, &str, Option<(&str, &str)>)] = &[
+/// The stored state and exception type expected for a bad input, when Celery stores one.
+type Stored = Option<(&'static str, &'static str)>;
+
+/// (kind, log line the worker must write, expected result).
+const CASES: &[(&str, &str, Stored)] = &[
     ("malformed-json", "Can't decode message body", None),
     ("pickle", "Refusing to deserialize untrusted content", None),
     ("no-task-header", "Received and deleted unknown message", None),
