@@ -34,23 +34,27 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     init_tracing(&cli.loglevel, &cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("celeriac: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    block_on("celeriac", async {
         match cli.command {
             Command::Worker(args) => worker::run(args).await,
         }
-    });
-    match result {
+    })
+}
+
+/// Runs `fut` on a multi-threaded runtime and turns its outcome into an exit code with a clear message.
+fn block_on(program: &str, fut: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("celeriac: {e:#}");
+            eprintln!("{program}: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -66,26 +70,12 @@ fn dagster_celery_main(args: &[String]) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("dagster-celery: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    block_on("dagster-celery", async {
         match command {
             dagster_celery::DagsterCelery::Worker(args) => worker::run(*args).await,
             dagster_celery::DagsterCelery::Status { config, timeout } => worker::status(config, timeout).await,
         }
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dagster-celery: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 fn init_tracing(level: &str, format: &str) {

@@ -37,34 +37,29 @@ fn reply_of(stdout: &str, node: &str) -> Result<Value> {
     bail!("no reply from {node} in: {stdout}")
 }
 
-fn http_get(url: &str) -> Result<(u16, String)> {
+/// An HTTP request from Python's urllib (the tests carry no HTTP client of their own): (status, body).
+fn http(method: &str, url: &str) -> Result<(u16, String)> {
     let code = r#"
 import sys, urllib.request, urllib.error
-req = urllib.request.Request(sys.argv[1], method=sys.argv[2] if len(sys.argv) > 2 else "GET")
+method = sys.argv[2]
+req = urllib.request.Request(sys.argv[1], data=b"" if method == "POST" else None, method=method)
 try:
     with urllib.request.urlopen(req, timeout=10) as r:
         print(r.status); sys.stdout.write(r.read().decode())
 except urllib.error.HTTPError as e:
     print(e.code); sys.stdout.write(e.read().decode())
 "#;
-    let out = run_python(&["-c", code, url], &[], Duration::from_secs(30))?;
+    let out = run_python(&["-c", code, url, method], &[], Duration::from_secs(30))?;
     let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
     Ok((status.trim().parse()?, body.to_string()))
 }
 
+fn http_get(url: &str) -> Result<(u16, String)> {
+    http("GET", url)
+}
+
 fn http_post(url: &str) -> Result<(u16, String)> {
-    let code = r#"
-import sys, urllib.request, urllib.error
-req = urllib.request.Request(sys.argv[1], data=b"", method="POST")
-try:
-    with urllib.request.urlopen(req, timeout=10) as r:
-        print(r.status); sys.stdout.write(r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code); sys.stdout.write(e.read().decode())
-"#;
-    let out = run_python(&["-c", code, url], &[], Duration::from_secs(30))?;
-    let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
-    Ok((status.trim().parse()?, body.to_string()))
+    http("POST", url)
 }
 
 fn free_port() -> u16 {
