@@ -1,0 +1,95 @@
+"""Dagster jobs run through celeriac with `celery_k8s_job_executor` (see README.md in this folder)."""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dagster import Definitions, job, op  # noqa: E402
+from dagster_celery_k8s import celery_k8s_job_executor  # noqa: E402
+
+import settings  # noqa: E402
+
+S = settings.load()
+QUEUE = {"dagster-celery/queue": S["CELERIAC_QUEUE"]}
+SLEEP = float(S["SLEEP_SECONDS"])
+
+
+@op(tags=QUEUE)
+def start():
+    return 1
+
+
+@op(tags=QUEUE)
+def left(x):
+    return x + 1
+
+
+@op(tags=QUEUE)
+def middle(x):
+    return x * 10
+
+
+@op(tags=QUEUE, name="middle")
+def middle_exploding(x):
+    raise Exception("celeriac test failure: middle exploded")
+
+
+@op(tags=QUEUE)
+def right(x):
+    return x + 100
+
+
+@op(tags=QUEUE)
+def join(a, b, c):
+    return a + b + c
+
+
+@op(tags=QUEUE)
+def finish(total):
+    return total
+
+
+@job(executor_def=celery_k8s_job_executor)
+def diamond():
+    s = start()
+    finish(join(left(s), middle(s), right(s)))
+
+
+@job(executor_def=celery_k8s_job_executor)
+def diamond_failing():
+    s = start()
+    finish(join(left(s), middle_exploding(s), right(s)))
+
+
+def _sleeper(name, queue):
+    @op(name=name, tags={"dagster-celery/queue": queue})
+    def _sleep():
+        time.sleep(SLEEP)
+        return name
+
+    return _sleep
+
+
+A_OPS = [_sleeper(f"a_{i}", S["CELERIAC_QUEUE_A"]) for i in range(8)]
+B_OPS = [_sleeper(f"b_{i}", S["CELERIAC_QUEUE_B"]) for i in range(8)]
+
+
+@job(executor_def=celery_k8s_job_executor)
+def two_queues():
+    for o in A_OPS + B_OPS:
+        o()
+
+
+@op(tags=QUEUE)
+def sleepy_op():
+    time.sleep(SLEEP)
+    return SLEEP
+
+
+@job(executor_def=celery_k8s_job_executor)
+def sleepy():
+    sleepy_op()
+
+
+defs = Definitions(jobs=[diamond, diamond_failing, two_queues, sleepy])

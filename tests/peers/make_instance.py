@@ -1,0 +1,76 @@
+"""Creates a Postgres-backed Dagster instance home for celery_k8s_job_executor runs.
+
+usage: make_instance.py <dir> --db <dbname> --broker URL --backend URL
+"""
+import argparse
+import os
+
+import psycopg2
+import yaml
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("dir")
+    p.add_argument("--db", required=True)
+    p.add_argument("--broker", required=True)
+    p.add_argument("--backend", required=True)
+    a = p.parse_args()
+    home = os.path.abspath(a.dir)
+    os.makedirs(home, exist_ok=True)
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (a.db,))
+        if cur.fetchone() is None:
+            cur.execute(f'CREATE DATABASE "{a.db}"')
+    conn.close()
+
+    kubeconfig = os.path.join(home, "kubeconfig.yaml")
+    with open(kubeconfig, "w") as f:
+        yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "never-contacted",
+            "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1", "insecure-skip-tls-verify": True}}],
+            "users": [{"name": "none", "user": {"token": "unused"}}],
+            "contexts": [{"name": "never-contacted", "context": {"cluster": "none", "user": "none"}}],
+        }, f)
+
+    pg = {"username": "postgres", "password": {"env": "DAGSTER_PG_PASSWORD"}, "hostname": "127.0.0.1",
+          "db_name": a.db, "port": 5432}
+    instance = {
+        "storage": {"postgres": {"postgres_db": pg}},
+        "run_launcher": {
+            "module": "dagster_celery_k8s",
+            "class": "CeleryK8sRunLauncher",
+            "config": {
+                "instance_config_map": "dagster-instance",
+                "dagster_home": home,
+                "postgres_password_secret": "dagster-postgresql-secret",
+                "load_incluster_config": False,
+                "kubeconfig_file": kubeconfig,
+                "broker": a.broker,
+                "backend": a.backend,
+            },
+        },
+        "telemetry": {"enabled": False},
+    }
+    with open(os.path.join(home, "dagster.yaml"), "w") as f:
+        yaml.safe_dump(instance, f)
+
+    run_config = {"execution": {"config": {
+        "job_image": "celeriac/local-step:dev",
+        "job_namespace": "default",
+        "load_incluster_config": False,
+        "kubeconfig_file": kubeconfig,
+        "job_wait_timeout": 600.0,
+        "broker": a.broker,
+        "backend": a.backend,
+    }}}
+    with open(os.path.join(home, "run_config.yaml"), "w") as f:
+        yaml.safe_dump(run_config, f)
+    print(home)
+
+
+if __name__ == "__main__":
+    main()
