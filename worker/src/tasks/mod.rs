@@ -72,5 +72,7 @@ impl Registry {
 pub fn default_registry(_config: &crate::config::WorkerConfig) -> anyhow::Result<Registry> {
     let mut registry = Registry::default();
     registry.register(Arc::new(ping::Ping));
+    let launcher = Arc::new(crate::launcher::process::ProcessLauncher::default());
+    registry.register(Arc::new(step::ExecuteStepK8sJob::new(launcher)));
     Ok(registry)
 }

@@ -1,0 +1,186 @@
+//! Dagster events as serdes JSON: the engine events the Python worker reports, the synthesised
+//! STEP_FAILURE of a crashed step, and extraction of the step process's own events from its logs.
+//!
+//! Shapes are those of `captures/db_event_log_rows.json` (Dagster 1.13 still writes the legacy
+//! `metadata_entries` / `EventMetadataEntry` form), serialized like `serialize_value`: sorted keys.
+
+use celeriac_wire::json::to_python_string;
+use serde_json::{json, Value};
+
+/// The `CeleryK8sJobExecutor` prefix every engine event message of the step task carries.
+const PREFIX: &str = "[CeleryK8sJobExecutor] ";
+/// `marker_end` of the "Executing step" event (Dagster's `DELEGATE_MARKER`).
+pub const DELEGATE_MARKER: &str = "celery_queue_wait";
+
+/// A metadata value of an engine event.
+#[derive(Debug, Clone)]
+pub enum Meta {
+    Text(String),
+    Null,
+}
+
+/// An error as Dagster's `SerializableErrorInfo`.
+#[derive(Debug, Clone)]
+pub struct ErrorInfo {
+    pub message: String,
+    pub cls_name: String,
+}
+
+impl ErrorInfo {
+    fn to_value(&self) -> Value {
+        json!({"__class__": "SerializableErrorInfo", "cause": null, "cls_name": self.cls_name, "context": null,
+               "message": self.message, "stack": []})
+    }
+}
+
+/// Identifies the run and step an event belongs to.
+#[derive(Debug, Clone)]
+pub struct StepRef<'a> {
+    pub run_id: &'a str,
+    pub job_name: &'a str,
+    pub step_key: &'a str,
+}
+
+/// A Dagster event ready to store (`EventLogEntry`) and to return to the run worker (`DagsterEvent`).
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub event_type: &'static str,
+    pub dagster_event: Value,
+    pub entry: Value,
+}
+
+impl Event {
+    /// The `DagsterEvent` as serdes JSON: an element of the Celery result list.
+    pub fn dagster_event_json(&self) -> String {
+        to_python_string(&self.dagster_event, true)
+    }
+
+    /// The `EventLogEntry` as serdes JSON: the `event` column of `event_logs`.
+    pub fn entry_json(&self) -> String {
+        to_python_string(&self.entry, true)
+    }
+
+    pub fn timestamp(&self) -> f64 {
+        self.entry.get("timestamp").and_then(Value::as_f64).unwrap_or_default()
+    }
+}
+
+fn dagster_event(step: &StepRef, event_type: &str, data: Value, message: Value) -> Value {
+    json!({
+        "__class__": "DagsterEvent", "event_specific_data": data, "event_type_value": event_type,
+        "logging_tags": {}, "message": message, "pid": null, "pipeline_name": step.job_name,
+        "solid_handle": null, "step_handle": null, "step_key": step.step_key, "step_kind_value": null,
+    })
+}
+
+fn entry(step: &StepRef, event: &Value, level: u8, user_message: &str) -> Value {
+    json!({
+        "__class__": "EventLogEntry", "dagster_event": event, "error_info": null, "level": level, "message": "",
+        "pipeline_name": step.job_name, "run_id": step.run_id, "step_key": step.step_key,
+        "timestamp": celeriac_wire::events::now_epoch(), "user_message": user_message,
+    })
+}
+
+/// `instance.report_engine_event(msg, run, EngineEventData(metadata, marker_end, error), CeleryK8sJobExecutor, step_key)`.
+pub fn engine_event(step: &StepRef, message: &str, metadata: &[(&str, Meta)], marker_end: Option<&str>, error: Option<&ErrorInfo>) -> Event {
+    let entries: Vec<Value> = metadata
+        .iter()
+        .map(|(label, value)| {
+            let data = match value {
+                Meta::Text(t) => json!({"__class__": "TextMetadataEntryData", "text": t}),
+                Meta::Null => json!({"__class__": "NullMetadataEntryData"}),
+            };
+            json!({"__class__": "EventMetadataEntry", "description": null, "entry_data": data, "label": label})
+        })
+        .collect();
+    let data = json!({
+        "__class__": "EngineEventData", "error": error.map(ErrorInfo::to_value), "marker_end": marker_end,
+        "marker_start": null, "metadata_entries": entries,
+    });
+    let ev = dagster_event(step, "ENGINE_EVENT", data, json!(format!("{PREFIX}{message}")));
+    let level = if error.is_some() { 40 } else { 20 };
+    Event { event_type: "ENGINE_EVENT", entry: entry(step, &ev, level, ""), dagster_event: ev }
+}
+
+/// The STEP_FAILURE the Python worker synthesises when the step's Job fails (label `K8sError`).
+pub fn step_failure(step: &StepRef, error: &ErrorInfo) -> Event {
+    let data = json!({
+        "__class__": "StepFailureData", "error": error.to_value(),
+        "error_source": {"__enum__": "ErrorSource.FRAMEWORK_ERROR"},
+        "user_failure_data": {"__class__": "UserFailureData", "description": null, "label": "K8sError", "metadata_entries": []},
+    });
+    let ev = dagster_event(step, "STEP_FAILURE", data, Value::Null);
+    Event { event_type: "STEP_FAILURE", entry: entry(step, &ev, 40, &error.message), dagster_event: ev }
+}
+
+/// Port of `filter_dagster_events_from_cli_logs`: JSON lines (possibly split over several lines) that are
+/// serialized `DagsterEvent`s, returned as their original text.
+pub fn filter_events(log: &str) -> Vec<String> {
+    let mut coalesced = Vec::new();
+    let mut buffer: Vec<&str> = Vec::new();
+    let mut in_split = false;
+    for raw in log.split('\n') {
+        let line = raw.trim();
+        if !in_split && line.starts_with('{') {
+            if line.ends_with('}') {
+                coalesced.push(line.to_string());
+            } else {
+                buffer.push(line);
+                in_split = true;
+            }
+        } else if in_split {
+            buffer.push(line);
+            if line.ends_with('}') {
+                coalesced.push(buffer.concat());
+                buffer.clear();
+                in_split = false;
+            }
+        }
+    }
+    coalesced
+        .into_iter()
+        .filter(|l| {
+            celeriac_wire::json::parse_lenient(l.as_bytes())
+                .ok()
+                .is_some_and(|v| v.get("__class__").and_then(Value::as_str) == Some("DagsterEvent"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_event_matches_captured_row() {
+        // captures/db_event_log_rows.json, event 38 (keys and values, timestamp aside).
+        let step = StepRef { run_id: "ba924453-6cab-4ef7-9f6b-ee3c7a9eef4a", job_name: "ck8s_job", step_key: "say_hello" };
+        let e = engine_event(
+            &step,
+            "Task for step say_hello picked up by Celery",
+            &[("Celery worker name", Meta::Text("research-worker@vm".into())), ("Celery worker Kubernetes Pod name", Meta::Null)],
+            None,
+            None,
+        );
+        let mut got = e.entry.clone();
+        got["timestamp"] = json!(1795393521.2771187);
+        let want: Value = serde_json::from_str(r#"{"__class__": "EventLogEntry", "dagster_event": {"__class__": "DagsterEvent", "event_specific_data": {"__class__": "EngineEventData", "error": null, "marker_end": null, "marker_start": null, "metadata_entries": [{"__class__": "EventMetadataEntry", "description": null, "entry_data": {"__class__": "TextMetadataEntryData", "text": "research-worker@vm"}, "label": "Celery worker name"}, {"__class__": "EventMetadataEntry", "description": null, "entry_data": {"__class__": "NullMetadataEntryData"}, "label": "Celery worker Kubernetes Pod name"}]}, "event_type_value": "ENGINE_EVENT", "logging_tags": {}, "message": "[CeleryK8sJobExecutor] Task for step say_hello picked up by Celery", "pid": null, "pipeline_name": "ck8s_job", "solid_handle": null, "step_handle": null, "step_key": "say_hello", "step_kind_value": null}, "error_info": null, "level": 20, "message": "", "pipeline_name": "ck8s_job", "run_id": "ba924453-6cab-4ef7-9f6b-ee3c7a9eef4a", "step_key": "say_hello", "timestamp": 1795393521.2771187, "user_message": ""}"#).expect("capture JSON");
+        assert_eq!(got, want);
+        assert!(e.entry_json().starts_with(r#"{"__class__": "EventLogEntry", "dagster_event": {"__class__": "DagsterEvent", "event_specific_data""#));
+    }
+
+    #[test]
+    fn filters_split_and_foreign_lines() {
+        let log = "noise\n{\"__class__\": \"DagsterEvent\", \"a\": 1}\n{\"__class__\": \"Other\"}\n{\"__class__\": \"DagsterEvent\",\n \"b\": 2}\n{not json}\n";
+        assert_eq!(filter_events(log), vec![r#"{"__class__": "DagsterEvent", "a": 1}"#.to_string(), r#"{"__class__": "DagsterEvent","b": 2}"#.to_string()]);
+    }
+
+    #[test]
+    fn filters_real_pod_log() {
+        // A step pod log captured from a real run (captures/k8s/R1-pod-*.log).
+        let text = include_str!("../../tests/fixtures/step_pod.log");
+        let events = filter_events(text);
+        assert!(events.iter().any(|l| l.contains("\"STEP_SUCCESS\"")), "{events:?}");
+        assert!(events.iter().all(|l| l.starts_with('{') && l.contains("DagsterEvent")));
+    }
+}
