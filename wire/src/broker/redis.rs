@@ -109,8 +109,13 @@ impl RedisBroker {
         self.inner.commands.clone()
     }
 
+    /// A connection of its own, for blocking commands (BRPOP 1 s) and WATCH transactions; its response
+    /// timeout leaves room for the blocking timeout.
     async fn dedicated(&self) -> Result<MultiplexedConnection, BrokerError> {
-        self.inner.client.get_multiplexed_async_connection().await.map_err(|e| lost("connect", e))
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(10)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        self.inner.client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| lost("connect", e))
     }
 
     /// The list a message of `priority` lives in.
