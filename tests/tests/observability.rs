@@ -125,8 +125,9 @@ fn inspect_and_control(broker: &str) -> Result<()> {
     assert_eq!(inspect("stats")?["pool"]["max-concurrency"], 3);
     assert!(control(&["rate_limit", "execute_step_k8s_job", "10/m"])?["error"].as_str().is_some_and(|e| e.contains("not supported")));
 
-    // The shutdown command stops the worker warmly.
-    celery(broker, &["control", "shutdown", "-d", &node])?;
+    // The shutdown command stops the worker warmly. Like Python workers, celeriac sends no reply, so the
+    // CLI itself reports "No nodes replied" and exits non-zero: only the worker's exit matters here.
+    let _ = celery(broker, &["control", "shutdown", "-d", &node]);
     let status = worker.wait(Duration::from_secs(30))?;
     assert!(status.success(), "{status}");
     Ok(())
@@ -231,10 +232,10 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
     assert!(page.contains(&queue) && page.contains("execute_step_k8s_job"), "worker page shows queues and registered tasks");
     let (code, body) = http_post(&format!("{base}/api/worker/pool/grow/{node}?n=2"))?;
     assert_eq!(code, 200, "{body}");
-    let (code, body) = http_post(&format!("{base}/api/worker/queue/add-consumer/{node}?queue={queue}_x"))?;
-    assert_eq!(code, 200, "{body}");
     let stats_out = celery(broker, &["inspect", "stats", "-d", &node, "--json", "--timeout", "5"])?;
     assert_eq!(reply_of(&stats_out, &node)?["pool"]["max-concurrency"], 5, "Flower's pool grow took effect");
+    let (code, body) = http_post(&format!("{base}/api/worker/queue/add-consumer/{node}?queue={queue}_x"))?;
+    assert_eq!(code, 200, "{body}");
     let aq = reply_of(&celery(broker, &["inspect", "active_queues", "-d", &node, "--json", "--timeout", "5"])?, &node)?;
     assert!(aq.to_string().contains(&format!("{queue}_x")), "Flower's add-consumer took effect: {aq}");
     let revoke_id = uuid_like();
