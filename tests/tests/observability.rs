@@ -238,6 +238,14 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
     assert_eq!(code, 200, "{body}");
     let aq = reply_of(&celery(broker, &["inspect", "active_queues", "-d", &node, "--json", "--timeout", "5"])?, &node)?;
     assert!(aq.to_string().contains(&format!("{queue}_x")), "Flower's add-consumer took effect: {aq}");
+    let (code, body) = http_post(&format!("{base}/api/worker/queue/cancel-consumer/{node}?queue={queue}_x"))?;
+    assert_eq!(code, 200, "{body}");
+    let aq = reply_of(&celery(broker, &["inspect", "active_queues", "-d", &node, "--json", "--timeout", "5"])?, &node)?;
+    assert!(!aq.to_string().contains(&format!("{queue}_x")), "Flower's cancel-consumer took effect: {aq}");
+    let (code, body) = http_post(&format!("{base}/api/worker/pool/shrink/{node}?n=1"))?;
+    assert_eq!(code, 200, "{body}");
+    let stats_out = celery(broker, &["inspect", "stats", "-d", &node, "--json", "--timeout", "5"])?;
+    assert_eq!(reply_of(&stats_out, &node)?["pool"]["max-concurrency"], 4, "Flower's pool shrink took effect");
     let revoke_id = uuid_like();
     let (code, body) = http_post(&format!("{base}/api/task/revoke/{revoke_id}"))?;
     assert_eq!(code, 200, "{body}");
@@ -280,6 +288,13 @@ print(json.dumps(out))
     ] {
         assert!(metrics.get(name).is_some(), "/metrics has {name}: {metrics}");
     }
+    // Shutdown through Flower stops the worker warmly, and Flower then shows it offline.
+    let (code, body) = http_post(&format!("{base}/api/worker/shutdown/{node}"))?;
+    assert_eq!(code, 200, "{body}");
+    let mut worker = worker;
+    assert!(worker.wait(Duration::from_secs(30))?.success());
+    let (_, body) = http_get(&format!("{base}/api/workers?status=true"))?;
+    assert_eq!(serde_json::from_str::<Value>(&body)?.get(&node), Some(&Value::Bool(false)), "{body}");
     drop(flower);
     drop(dump);
     Ok(())
