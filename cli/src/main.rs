@@ -8,7 +8,11 @@ mod worker;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "celeriac", version, about = "A Celery-protocol worker fleet for Dagster's celery-k8s executor")]
+#[command(
+    name = "celeriac",
+    version,
+    about = "A Celery-protocol worker fleet for Dagster's celery-k8s executor"
+)]
 struct Cli {
     /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG overrides it.
     #[arg(short = 'l', long = "loglevel", global = true, default_value = "info")]
@@ -28,7 +32,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let argv: Vec<String> = std::env::args().collect();
-    let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
+    let program = argv
+        .first()
+        .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
+        .unwrap_or_default();
     if program == "dagster-celery" {
         return dagster_celery_main(&argv[1..]);
     }
@@ -42,8 +49,14 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Runs `fut` on a multi-threaded runtime and turns its outcome into an exit code with a clear message.
-fn block_on(program: &str, fut: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+fn block_on(
+    program: &str,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{program}: cannot start the async runtime: {e}");
@@ -73,7 +86,9 @@ fn dagster_celery_main(args: &[String]) -> std::process::ExitCode {
     block_on("dagster-celery", async {
         match command {
             dagster_celery::DagsterCelery::Worker(args) => worker::run(*args).await,
-            dagster_celery::DagsterCelery::Status { config, timeout } => worker::status(config, timeout).await,
+            dagster_celery::DagsterCelery::Status { config, timeout } => {
+                worker::status(config, timeout).await
+            }
         }
     })
 }
@@ -85,7 +100,10 @@ fn init_tracing(level: &str, format: &str) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: log files and collectors get plain `key=value` text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if format == "json" {
         builder.json().init();
     } else {

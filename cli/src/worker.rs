@@ -65,7 +65,9 @@ fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
 where
     T::Err: std::fmt::Display,
 {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected queue=value, got {s:?}"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected queue=value, got {s:?}"))?;
     let v = v.parse::<T>().map_err(|e| format!("{s:?}: {e}"))?;
     Ok((k.trim().to_string(), v))
 }
@@ -82,7 +84,9 @@ fn parse_order(s: &str) -> Result<RedisPriorityOrder, String> {
     match s {
         "kombu" => Ok(RedisPriorityOrder::Kombu),
         "dagster" => Ok(RedisPriorityOrder::Dagster),
-        other => Err(format!("priority order must be kombu or dagster, got {other:?}")),
+        other => Err(format!(
+            "priority order must be kombu or dagster, got {other:?}"
+        )),
     }
 }
 
@@ -109,7 +113,9 @@ impl WorkerArgs {
             ..Default::default()
         };
         for (q, a) in &self.queue_ack {
-            flags.queue_ack.insert(q.clone(), parse_ack(a).map_err(anyhow::Error::msg)?);
+            flags
+                .queue_ack
+                .insert(q.clone(), parse_ack(a).map_err(anyhow::Error::msg)?);
         }
         flags.broker_transport_options.visibility_timeout = self.visibility_timeout;
         flags.broker_transport_options.priority_order = self.redis_priority_order;
@@ -118,7 +124,10 @@ impl WorkerArgs {
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let config = args.settings()?.resolve().context("invalid worker configuration")?;
+    let config = args
+        .settings()?
+        .resolve()
+        .context("invalid worker configuration")?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     // An unreachable broker or backend at start-up is retried (with a clear log line each time), like
@@ -145,16 +154,22 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let registry = celeriac_worker::tasks::default_registry(&config).context("setting up tasks")?;
     let worker = Worker::start(config, registry, broker, backend);
     let http_stop = celeriac_worker::CancellationToken::new();
-    let http_addr = args.http_addr.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 9808)));
-    let bound = celeriac_worker::http::serve(http_addr, worker.metrics(), worker.state(), http_stop.clone())
-        .await
-        .with_context(|| format!("binding the HTTP port {http_addr}"))?;
+    let http_addr = args
+        .http_addr
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 9808)));
+    let bound = celeriac_worker::http::serve(
+        http_addr,
+        worker.metrics(),
+        worker.state(),
+        http_stop.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the HTTP port {http_addr}"))?;
     tracing::info!(%bound, "HTTP listening: /metrics /healthz /readyz");
     worker.run_until(shutdown).await;
     http_stop.cancel();
     Ok(())
 }
-
 
 /// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
@@ -176,8 +191,14 @@ async fn shutdown_signal() {
 /// `dagster-celery status`: pings every worker on the configured broker and prints `->  <node>: OK`
 /// per reply (the format the Helm chart's liveness probe greps); fails when nobody answers.
 pub async fn status(config: Option<PathBuf>, timeout: f64) -> anyhow::Result<()> {
-    let args = WorkerArgs { dagster_celery_config: config, ..Default::default() };
-    let config = args.settings()?.resolve().context("invalid configuration")?;
+    let args = WorkerArgs {
+        dagster_celery_config: config,
+        ..Default::default()
+    };
+    let config = args
+        .settings()?
+        .resolve()
+        .context("invalid configuration")?;
     let broker = celeriac_worker::connect::broker(&config).await?;
     let replies = celeriac_wire::pidbox::client::call(
         broker.as_ref(),
@@ -194,6 +215,10 @@ pub async fn status(config: Option<PathBuf>, timeout: f64) -> anyhow::Result<()>
     for (node, _) in &replies {
         println!("->  {node}: OK");
     }
-    println!("\n{} node{} online.", replies.len(), if replies.len() == 1 { "" } else { "s" });
+    println!(
+        "\n{} node{} online.",
+        replies.len(),
+        if replies.len() == 1 { "" } else { "s" }
+    );
     Ok(())
 }

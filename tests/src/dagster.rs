@@ -50,7 +50,10 @@ impl RunSummary {
     }
 
     pub fn count(&self, event_type: &str, step: &str) -> usize {
-        self.step_events.iter().filter(|e| e.event_type == event_type && e.step_key.as_deref() == Some(step)).count()
+        self.step_events
+            .iter()
+            .filter(|e| e.event_type == event_type && e.step_key.as_deref() == Some(step))
+            .count()
     }
 }
 
@@ -62,27 +65,58 @@ impl DagsterHome {
         std::fs::create_dir_all(&dir)?;
         let dir_s = dir.display().to_string();
         run_python(
-            &[&peer("make_instance.py").display().to_string(), &dir_s, "--db", &db, "--broker", broker, "--backend", backend],
+            &[
+                &peer("make_instance.py").display().to_string(),
+                &dir_s,
+                "--db",
+                &db,
+                "--broker",
+                broker,
+                "--backend",
+                backend,
+            ],
             &[("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")],
             Duration::from_secs(120),
         )
         .context("make_instance.py")?;
-        Ok(DagsterHome { dir, db, broker: broker.into(), backend: backend.into() })
+        Ok(DagsterHome {
+            dir,
+            db,
+            broker: broker.into(),
+            backend: backend.into(),
+        })
     }
 
     /// Runs `job` with the celery_k8s executor and reports the outcome. `envs` reach the job definitions
     /// (queue names, sleep lengths).
-    pub fn run_job(&self, job: &str, timeout: Duration, envs: &[(&str, &str)]) -> Result<RunSummary> {
+    pub fn run_job(
+        &self,
+        job: &str,
+        timeout: Duration,
+        envs: &[(&str, &str)],
+    ) -> Result<RunSummary> {
         let mut all: Vec<(&str, &str)> = vec![("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")];
         all.extend_from_slice(envs);
         let timeout_s = timeout.as_secs().to_string();
         let out = run_python(
-            &[&peer("run_job.py").display().to_string(), "--home", &self.dir.display().to_string(), "--job", job, "--timeout", &timeout_s],
+            &[
+                &peer("run_job.py").display().to_string(),
+                "--home",
+                &self.dir.display().to_string(),
+                "--job",
+                job,
+                "--timeout",
+                &timeout_s,
+            ],
             &all,
             timeout + Duration::from_secs(120),
         )
         .with_context(|| format!("run_job.py --job {job}"))?;
-        let line = out.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or_default();
+        let line = out
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .unwrap_or_default();
         serde_json::from_str(line).with_context(|| format!("parsing run_job.py output: {out}"))
     }
 }

@@ -14,7 +14,10 @@ use anyhow::{bail, Context, Result};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Directory for logs and other artefacts a person may want to read after a failure.
@@ -29,10 +32,17 @@ pub fn ensure_services() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let status = Command::new("bash")
-            .arg(std::env::var("CELERIAC_SERVICES_SCRIPT").map(PathBuf::from).unwrap_or_else(|_| repo_root().join("scripts/services.sh")))
+            .arg(
+                std::env::var("CELERIAC_SERVICES_SCRIPT")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|_| repo_root().join("scripts/services.sh")),
+            )
             .status()
             .expect("running scripts/services.sh");
-        assert!(status.success(), "scripts/services.sh could not start the services");
+        assert!(
+            status.success(),
+            "scripts/services.sh could not start the services"
+        );
     });
 }
 
@@ -46,7 +56,12 @@ pub fn python() -> PathBuf {
             .output()
             .expect("running scripts/python-peers.sh");
         assert!(out.status.success(), "scripts/python-peers.sh failed");
-        let venv = String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default().to_string();
+        let venv = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
         PathBuf::from(venv).join("bin").join("python")
     })
     .clone()
@@ -59,16 +74,27 @@ pub fn venv_bin() -> PathBuf {
 
 /// PATH with the venv first, so step processes find `dagster`.
 pub fn path_with_venv() -> String {
-    format!("{}:{}", venv_bin().display(), std::env::var("PATH").unwrap_or_default())
+    format!(
+        "{}:{}",
+        venv_bin().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 /// The built `celeriac` binary (scripts/test.sh builds it before the tests run).
 pub fn celeriac_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
     // target/<profile>/deps/<test> → target/<profile>/celeriac
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
     let bin = profile_dir.join("celeriac");
-    assert!(bin.exists(), "{} missing: run `cargo build --bin celeriac` first (scripts/test.sh does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --bin celeriac` first (scripts/test.sh does)",
+        bin.display()
+    );
     bin
 }
 
@@ -113,13 +139,20 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<String> {
         if start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("timed out after {timeout:?}; stderr:\n{}", tail(&err_path, 60));
+            bail!(
+                "timed out after {timeout:?}; stderr:\n{}",
+                tail(&err_path, 60)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     if !status.success() {
-        bail!("exited with {status}; stdout:\n{}\nstderr:\n{}", stdout, tail(&err_path, 80));
+        bail!(
+            "exited with {status}; stdout:\n{}\nstderr:\n{}",
+            stdout,
+            tail(&err_path, 80)
+        );
     }
     let _ = std::fs::remove_file(&out_path);
     let _ = std::fs::remove_file(&err_path);
@@ -147,8 +180,11 @@ impl WorkerProcess {
         let log = artifacts_dir().join(format!("{}.log", hostname.replace('@', "_")));
         let mut cmd = Command::new(celeriac_bin());
         // Port 0: parallel workers must not fight over the metrics port; `http_addr()` reads the real one.
-        cmd.arg("worker").args(["-n", &hostname, "--http-addr", "127.0.0.1:0"]).args(args);
-        cmd.env("PATH", path_with_venv()).env("RUST_LOG", "info,celeriac=debug");
+        cmd.arg("worker")
+            .args(["-n", &hostname, "--http-addr", "127.0.0.1:0"])
+            .args(args);
+        cmd.env("PATH", path_with_venv())
+            .env("RUST_LOG", "info,celeriac=debug");
         cmd.env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
         for (k, v) in envs {
             cmd.env(k, v);
@@ -156,7 +192,11 @@ impl WorkerProcess {
         let file = std::fs::File::create(&log)?;
         cmd.stdout(file.try_clone()?).stderr(file);
         let child = cmd.spawn().context("spawning celeriac worker")?;
-        let mut worker = WorkerProcess { child: Some(child), log, hostname };
+        let mut worker = WorkerProcess {
+            child: Some(child),
+            log,
+            hostname,
+        };
         worker.wait_for_log("celeriac worker ready", Duration::from_secs(30))?;
         // Consumers subscribe right after "ready"; give them a moment to declare and start.
         worker.wait_for_log("consuming", Duration::from_secs(30))?;
@@ -172,11 +212,17 @@ impl WorkerProcess {
             }
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!("worker exited ({status}) before logging {needle:?}:\n{}", tail(&self.log, 60));
+                    bail!(
+                        "worker exited ({status}) before logging {needle:?}:\n{}",
+                        tail(&self.log, 60)
+                    );
                 }
             }
             if start.elapsed() > timeout {
-                bail!("worker did not log {needle:?} within {timeout:?}:\n{}", tail(&self.log, 60));
+                bail!(
+                    "worker did not log {needle:?} within {timeout:?}:\n{}",
+                    tail(&self.log, 60)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -222,14 +268,19 @@ impl WorkerProcess {
 
     pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let start = Instant::now();
-        let Some(child) = self.child.as_mut() else { bail!("worker already reaped") };
+        let Some(child) = self.child.as_mut() else {
+            bail!("worker already reaped")
+        };
         loop {
             if let Some(status) = child.try_wait()? {
                 self.child = None;
                 return Ok(status);
             }
             if start.elapsed() > timeout {
-                bail!("worker did not exit within {timeout:?}:\n{}", tail(&self.log, 40));
+                bail!(
+                    "worker did not exit within {timeout:?}:\n{}",
+                    tail(&self.log, 40)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -261,10 +312,16 @@ pub async fn broker_backlog(broker: &str, queue: &str) -> Result<(u64, u64)> {
         let mut con = client.get_multiplexed_async_connection().await?;
         let mut ready = 0u64;
         for suffix in ["", "\x06\x163", "\x06\x166", "\x06\x169"] {
-            let n: u64 = redis::cmd("LLEN").arg(format!("{queue}{suffix}")).query_async(&mut con).await?;
+            let n: u64 = redis::cmd("LLEN")
+                .arg(format!("{queue}{suffix}"))
+                .query_async(&mut con)
+                .await?;
             ready += n;
         }
-        let unacked: u64 = redis::cmd("HLEN").arg("unacked").query_async(&mut con).await?;
+        let unacked: u64 = redis::cmd("HLEN")
+            .arg("unacked")
+            .query_async(&mut con)
+            .await?;
         Ok((ready, unacked))
     } else {
         let conn = lapin::Connection::connect(
@@ -276,7 +333,10 @@ pub async fn broker_backlog(broker: &str, queue: &str) -> Result<(u64, u64)> {
         let q = channel
             .queue_declare(
                 queue.into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 lapin::types::FieldTable::default(),
             )
             .await?;

@@ -41,16 +41,36 @@ fn check(broker: &str, backend: &str) -> Result<()> {
     let queues = format!("{qa},{qb}");
     let (limit_a, limit_b) = (format!("{qa}=2"), format!("{qb}=3"));
     let mut worker = WorkerProcess::start(
-        &["-b", broker, "--result-backend", backend, "-Q", &queues, "--queue-concurrency", &limit_a, "--queue-concurrency", &limit_b],
+        &[
+            "-b",
+            broker,
+            "--result-backend",
+            backend,
+            "-Q",
+            &queues,
+            "--queue-concurrency",
+            &limit_a,
+            "--queue-concurrency",
+            &limit_b,
+        ],
         &[],
     )?;
     let summary = home.run_job(
         "two_queues",
         Duration::from_secs(400),
-        &[("CELERIAC_QUEUE_A", &qa), ("CELERIAC_QUEUE_B", &qb), ("SLEEP_SECONDS", "6")],
+        &[
+            ("CELERIAC_QUEUE_A", &qa),
+            ("CELERIAC_QUEUE_B", &qb),
+            ("SLEEP_SECONDS", "6"),
+        ],
     )?;
     worker.terminate(Duration::from_secs(60))?;
-    assert_eq!(summary.status, "SUCCESS", "{summary:#?}\n{}", worker.log_text());
+    assert_eq!(
+        summary.status,
+        "SUCCESS",
+        "{summary:#?}\n{}",
+        worker.log_text()
+    );
     let mut by_queue: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for key in summary.steps_with("STEP_SUCCESS") {
         let q = if key.starts_with("a_") { "a" } else { "b" };

@@ -16,36 +16,77 @@ fn run(broker: &str, backend: &str, job: &str) -> Result<(RunSummary, String)> {
     ensure_services();
     let queue = unique("dag");
     let home = DagsterHome::create(broker, backend)?;
-    let mut worker = WorkerProcess::start(&["-b", broker, "--result-backend", backend, "-Q", &queue, "-c", "3"], &[])?;
+    let mut worker = WorkerProcess::start(
+        &[
+            "-b",
+            broker,
+            "--result-backend",
+            backend,
+            "-Q",
+            &queue,
+            "-c",
+            "3",
+        ],
+        &[],
+    )?;
     let summary = home.run_job(job, Duration::from_secs(240), &[("CELERIAC_QUEUE", &queue)])?;
     worker.terminate(Duration::from_secs(60))?;
     Ok((summary, worker.log_text()))
 }
 
 fn assert_success(summary: &RunSummary, log: &str) {
-    assert_eq!(summary.status, "SUCCESS", "run did not succeed: {summary:#?}\nworker log:\n{log}");
-    assert_eq!(summary.steps_with("STEP_SUCCESS"), DIAMOND_STEPS, "every step succeeded once: {summary:#?}");
+    assert_eq!(
+        summary.status, "SUCCESS",
+        "run did not succeed: {summary:#?}\nworker log:\n{log}"
+    );
+    assert_eq!(
+        summary.steps_with("STEP_SUCCESS"),
+        DIAMOND_STEPS,
+        "every step succeeded once: {summary:#?}"
+    );
     for step in DIAMOND_STEPS {
-        assert_eq!(summary.count("STEP_START", step), 1, "{step} ran exactly once");
+        assert_eq!(
+            summary.count("STEP_START", step),
+            1,
+            "{step} ran exactly once"
+        );
         let picked = format!("[CeleryK8sJobExecutor] Task for step {step} picked up by Celery");
-        assert!(summary.engine_messages.iter().any(|m| m == &picked), "celeriac wrote {picked:?}: {:#?}", summary.engine_messages);
+        assert!(
+            summary.engine_messages.iter().any(|m| m == &picked),
+            "celeriac wrote {picked:?}: {:#?}",
+            summary.engine_messages
+        );
     }
 }
 
 fn assert_failure(summary: &RunSummary, log: &str) {
-    assert_eq!(summary.status, "FAILURE", "run should fail: {summary:#?}\nworker log:\n{log}");
+    assert_eq!(
+        summary.status, "FAILURE",
+        "run should fail: {summary:#?}\nworker log:\n{log}"
+    );
     assert!(
-        summary.failure_messages.iter().any(|m| m.contains("celeriac test failure: middle exploded")),
+        summary
+            .failure_messages
+            .iter()
+            .any(|m| m.contains("celeriac test failure: middle exploded")),
         "the raising op's error is in the event log: {:#?}",
         summary.failure_messages
     );
     assert_eq!(summary.steps_with("STEP_FAILURE"), ["middle"]);
     for skipped in ["join", "finish"] {
-        assert_eq!(summary.count("STEP_START", skipped), 0, "{skipped} must not run after middle failed");
+        assert_eq!(
+            summary.count("STEP_START", skipped),
+            0,
+            "{skipped} must not run after middle failed"
+        );
         assert_eq!(summary.count("STEP_SUCCESS", skipped), 0);
     }
     for ok in ["start", "left", "right"] {
-        assert_eq!(summary.count("STEP_SUCCESS", ok), 1, "{ok} is independent of middle and succeeds");
+        assert_eq!(
+            summary.count("STEP_SUCCESS", ok),
+            1,
+            "{ok} is independent of middle and succeeds"
+        );
     }
 }
 

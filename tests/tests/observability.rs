@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use celeriac_tests::dagster::DagsterHome;
-use celeriac_tests::{artifacts_dir, celeriac_bin, ensure_services, run_python, unique, venv_bin, WorkerProcess};
+use celeriac_tests::{
+    artifacts_dir, celeriac_bin, ensure_services, run_python, unique, venv_bin, WorkerProcess,
+};
 use serde_json::Value;
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672//";
@@ -17,12 +19,16 @@ const REDIS: &str = "redis://127.0.0.1:6379/11";
 fn celery(broker: &str, args: &[&str]) -> Result<String> {
     let mut cmd = Command::new(venv_bin().join("celery"));
     cmd.args(["-b", broker]).args(args);
-    celeriac_tests::run_with_timeout(cmd, Duration::from_secs(60)).with_context(|| format!("celery {args:?}"))
+    celeriac_tests::run_with_timeout(cmd, Duration::from_secs(60))
+        .with_context(|| format!("celery {args:?}"))
 }
 
 /// The `{node: reply}` object of a `--json` inspect/control call for `node`.
 fn reply_of(stdout: &str, node: &str) -> Result<Value> {
-    for line in stdout.lines().filter(|l| l.trim_start().starts_with(['{', '['])) {
+    for line in stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with(['{', '[']))
+    {
         let v: Value = serde_json::from_str(line.trim())?;
         let candidates = match v {
             Value::Array(items) => items,
@@ -63,7 +69,10 @@ fn http_post(url: &str) -> Result<(u16, String)> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(15555)
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(15555)
 }
 
 struct Background(Child);
@@ -77,7 +86,20 @@ impl Drop for Background {
 fn inspect_and_control(broker: &str) -> Result<()> {
     ensure_services();
     let queue = unique("obs");
-    let mut worker = WorkerProcess::start(&["-b", broker, "--result-backend", "rpc://", "-Q", &queue, "-c", "2", "-E"], &[])?;
+    let mut worker = WorkerProcess::start(
+        &[
+            "-b",
+            broker,
+            "--result-backend",
+            "rpc://",
+            "-Q",
+            &queue,
+            "-c",
+            "2",
+            "-E",
+        ],
+        &[],
+    )?;
     let node = worker.hostname.clone();
     let d = ["-d", node.as_str(), "--json", "--timeout", "5"];
     let inspect = |cmd: &str| -> Result<Value> {
@@ -87,18 +109,34 @@ fn inspect_and_control(broker: &str) -> Result<()> {
     };
     assert_eq!(inspect("ping")?, serde_json::json!({"ok": "pong"}));
     let stats = inspect("stats")?;
-    assert!(stats["total"].is_object() && stats["broker"].is_object() && stats["pool"].is_object(), "{stats}");
+    assert!(
+        stats["total"].is_object() && stats["broker"].is_object() && stats["pool"].is_object(),
+        "{stats}"
+    );
     assert_eq!(stats["pool"]["max-concurrency"], 2, "{stats}");
-    assert!(stats["rusage"]["maxrss"].as_i64().unwrap_or(0) > 0, "{stats}");
+    assert!(
+        stats["rusage"]["maxrss"].as_i64().unwrap_or(0) > 0,
+        "{stats}"
+    );
     assert_eq!(inspect("active")?, serde_json::json!([]));
     assert_eq!(inspect("reserved")?, serde_json::json!([]));
     let registered = inspect("registered")?;
-    assert!(registered.as_array().is_some_and(|r| r.iter().any(|t| t == "execute_step_k8s_job")), "{registered}");
+    assert!(
+        registered
+            .as_array()
+            .is_some_and(|r| r.iter().any(|t| t == "execute_step_k8s_job")),
+        "{registered}"
+    );
     let queues = inspect("active_queues")?;
     assert_eq!(queues[0]["name"], queue.as_str(), "{queues}");
     assert_eq!(queues[0]["queue_arguments"]["x-max-priority"], 10);
     let conf = inspect("conf")?;
-    assert!(conf["broker_url"].as_str().is_some_and(|u| !u.contains("guest:guest")), "password redacted: {conf}");
+    assert!(
+        conf["broker_url"]
+            .as_str()
+            .is_some_and(|u| !u.contains("guest:guest")),
+        "password redacted: {conf}"
+    );
 
     let extra = unique("obs_extra");
     let control = |args: &[&str]| -> Result<Value> {
@@ -107,23 +145,39 @@ fn inspect_and_control(broker: &str) -> Result<()> {
         all.extend_from_slice(&d);
         reply_of(&celery(broker, &all)?, &node)
     };
-    assert_eq!(control(&["add_consumer", &extra])?, serde_json::json!({"ok": format!("add consumer {extra}")}));
+    assert_eq!(
+        control(&["add_consumer", &extra])?,
+        serde_json::json!({"ok": format!("add consumer {extra}")})
+    );
     let names: Vec<String> = inspect("active_queues")?
         .as_array()
-        .map(|a| a.iter().filter_map(|q| q["name"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|q| q["name"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(names.contains(&extra), "{names:?}");
-    assert_eq!(control(&["cancel_consumer", &extra])?, serde_json::json!({"ok": format!("no longer consuming from {extra}")}));
+    assert_eq!(
+        control(&["cancel_consumer", &extra])?,
+        serde_json::json!({"ok": format!("no longer consuming from {extra}")})
+    );
     let revoked_id = uuid_like();
     assert_eq!(
         control(&["revoke", &revoked_id])?,
         serde_json::json!({"ok": format!("tasks {{'{revoked_id}'}} flagged as revoked")})
     );
-    assert!(inspect("revoked")?.as_array().is_some_and(|r| r.iter().any(|i| i == revoked_id.as_str())));
+    assert!(inspect("revoked")?
+        .as_array()
+        .is_some_and(|r| r.iter().any(|i| i == revoked_id.as_str())));
     let grown = control(&["pool_grow", "1"])?;
     assert_eq!(grown, serde_json::json!({"ok": "pool will grow"}));
     assert_eq!(inspect("stats")?["pool"]["max-concurrency"], 3);
-    assert!(control(&["rate_limit", "execute_step_k8s_job", "10/m"])?["error"].as_str().is_some_and(|e| e.contains("not supported")));
+    assert!(
+        control(&["rate_limit", "execute_step_k8s_job", "10/m"])?["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not supported"))
+    );
 
     // The shutdown command stops the worker warmly. Like Python workers, celeriac sends no reply, so the
     // CLI itself reports "No nodes replied" and exits non-zero: only the worker's exit matters here.
@@ -147,7 +201,12 @@ fn liveness_probe(broker: &str) -> Result<()> {
     std::os::unix::fs::symlink(celeriac_bin(), &shim)?;
     let yaml = dir.join("celery-config.yaml");
     std::fs::write(&yaml, "execution:\n  celery:\n    broker:\n      env: DAGSTER_CELERY_BROKER_URL\n    backend: rpc://\n    config_source: {}\n")?;
-    let host = worker.hostname.split('@').nth(1).unwrap_or("localhost").to_string();
+    let host = worker
+        .hostname
+        .split('@')
+        .nth(1)
+        .unwrap_or("localhost")
+        .to_string();
     let probe = format!(
         "dagster-celery status -A dagster_celery_k8s.app -y {} | grep \"${{HOSTNAME}}:.*OK\"",
         yaml.display()
@@ -155,16 +214,29 @@ fn liveness_probe(broker: &str) -> Result<()> {
     let run_probe = || -> Result<std::process::ExitStatus> {
         Ok(Command::new("/bin/sh")
             .args(["-c", &probe])
-            .env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()))
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    dir.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
             .env("HOSTNAME", &host)
             .env("DAGSTER_CELERY_BROKER_URL", broker)
             .stdout(Stdio::null())
             .status()?)
     };
-    assert!(run_probe()?.success(), "liveness probe passes for a healthy worker");
+    assert!(
+        run_probe()?.success(),
+        "liveness probe passes for a healthy worker"
+    );
     drop(worker); // SIGKILL
     std::thread::sleep(Duration::from_secs(1));
-    assert!(!run_probe()?.success(), "liveness probe fails once the worker is gone");
+    assert!(
+        !run_probe()?.success(),
+        "liveness probe fails once the worker is gone"
+    );
     Ok(())
 }
 
@@ -182,21 +254,48 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
     let port = free_port();
     let flower = Background(
         Command::new(venv_bin().join("celery"))
-            .args(["-b", broker, "--result-backend", backend, "flower", &format!("--port={port}"), "--address=127.0.0.1"])
+            .args([
+                "-b",
+                broker,
+                "--result-backend",
+                backend,
+                "flower",
+                &format!("--port={port}"),
+                "--address=127.0.0.1",
+            ])
             .env("FLOWER_UNAUTHENTICATED_API", "true")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(artifacts_dir().join(format!("{queue}.flower.log")))?)
+            .stderr(std::fs::File::create(
+                artifacts_dir().join(format!("{queue}.flower.log")),
+            )?)
             .spawn()?,
     );
     let base = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
-    while http_get(&format!("{base}/healthcheck")).map(|r| r.0).unwrap_or(0) != 200 {
+    while http_get(&format!("{base}/healthcheck"))
+        .map(|r| r.0)
+        .unwrap_or(0)
+        != 200
+    {
         if started.elapsed() > Duration::from_secs(30) {
             bail!("flower did not start");
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    let worker = WorkerProcess::start(&["-b", broker, "--result-backend", backend, "-Q", &queue, "-c", "3", "-E"], &[])?;
+    let worker = WorkerProcess::start(
+        &[
+            "-b",
+            broker,
+            "--result-backend",
+            backend,
+            "-Q",
+            &queue,
+            "-c",
+            "3",
+            "-E",
+        ],
+        &[],
+    )?;
     let node = worker.hostname.clone();
     let online_at = Instant::now();
     loop {
@@ -213,14 +312,25 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
 
     // A real Dagster run through the worker: its steps appear in Flower, `celery events` and /metrics.
     let home = DagsterHome::create(broker, backend)?;
-    let summary = home.run_job("diamond", Duration::from_secs(240), &[("CELERIAC_QUEUE", &queue)])?;
+    let summary = home.run_job(
+        "diamond",
+        Duration::from_secs(240),
+        &[("CELERIAC_QUEUE", &queue)],
+    )?;
     assert_eq!(summary.status, "SUCCESS", "{summary:#?}");
     std::thread::sleep(Duration::from_secs(3));
 
     let (code, body) = http_get(&format!("{base}/api/tasks?limit=100"))?;
     assert_eq!(code, 200, "{body}");
     let tasks: Value = serde_json::from_str(&body)?;
-    let steps: Vec<&Value> = tasks.as_object().map(|m| m.values().filter(|t| t["name"] == "execute_step_k8s_job").collect()).unwrap_or_default();
+    let steps: Vec<&Value> = tasks
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter(|t| t["name"] == "execute_step_k8s_job")
+                .collect()
+        })
+        .unwrap_or_default();
     assert_eq!(steps.len(), 6, "six step tasks in Flower: {body}");
     for t in &steps {
         assert_eq!(t["state"], "SUCCESS", "{t}");
@@ -229,34 +339,111 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
     }
     let (code, page) = http_get(&format!("{base}/worker/{node}"))?;
     assert_eq!(code, 200, "worker page: {page}");
-    assert!(page.contains(&queue) && page.contains("execute_step_k8s_job"), "worker page shows queues and registered tasks");
+    assert!(
+        page.contains(&queue) && page.contains("execute_step_k8s_job"),
+        "worker page shows queues and registered tasks"
+    );
     let (code, body) = http_post(&format!("{base}/api/worker/pool/grow/{node}?n=2"))?;
     assert_eq!(code, 200, "{body}");
-    let stats_out = celery(broker, &["inspect", "stats", "-d", &node, "--json", "--timeout", "5"])?;
-    assert_eq!(reply_of(&stats_out, &node)?["pool"]["max-concurrency"], 5, "Flower's pool grow took effect");
-    let (code, body) = http_post(&format!("{base}/api/worker/queue/add-consumer/{node}?queue={queue}_x"))?;
+    let stats_out = celery(
+        broker,
+        &["inspect", "stats", "-d", &node, "--json", "--timeout", "5"],
+    )?;
+    assert_eq!(
+        reply_of(&stats_out, &node)?["pool"]["max-concurrency"],
+        5,
+        "Flower's pool grow took effect"
+    );
+    let (code, body) = http_post(&format!(
+        "{base}/api/worker/queue/add-consumer/{node}?queue={queue}_x"
+    ))?;
     assert_eq!(code, 200, "{body}");
-    let aq = reply_of(&celery(broker, &["inspect", "active_queues", "-d", &node, "--json", "--timeout", "5"])?, &node)?;
-    assert!(aq.to_string().contains(&format!("{queue}_x")), "Flower's add-consumer took effect: {aq}");
-    let (code, body) = http_post(&format!("{base}/api/worker/queue/cancel-consumer/{node}?queue={queue}_x"))?;
+    let aq = reply_of(
+        &celery(
+            broker,
+            &[
+                "inspect",
+                "active_queues",
+                "-d",
+                &node,
+                "--json",
+                "--timeout",
+                "5",
+            ],
+        )?,
+        &node,
+    )?;
+    assert!(
+        aq.to_string().contains(&format!("{queue}_x")),
+        "Flower's add-consumer took effect: {aq}"
+    );
+    let (code, body) = http_post(&format!(
+        "{base}/api/worker/queue/cancel-consumer/{node}?queue={queue}_x"
+    ))?;
     assert_eq!(code, 200, "{body}");
-    let aq = reply_of(&celery(broker, &["inspect", "active_queues", "-d", &node, "--json", "--timeout", "5"])?, &node)?;
-    assert!(!aq.to_string().contains(&format!("{queue}_x")), "Flower's cancel-consumer took effect: {aq}");
+    let aq = reply_of(
+        &celery(
+            broker,
+            &[
+                "inspect",
+                "active_queues",
+                "-d",
+                &node,
+                "--json",
+                "--timeout",
+                "5",
+            ],
+        )?,
+        &node,
+    )?;
+    assert!(
+        !aq.to_string().contains(&format!("{queue}_x")),
+        "Flower's cancel-consumer took effect: {aq}"
+    );
     let (code, body) = http_post(&format!("{base}/api/worker/pool/shrink/{node}?n=1"))?;
     assert_eq!(code, 200, "{body}");
-    let stats_out = celery(broker, &["inspect", "stats", "-d", &node, "--json", "--timeout", "5"])?;
-    assert_eq!(reply_of(&stats_out, &node)?["pool"]["max-concurrency"], 4, "Flower's pool shrink took effect");
+    let stats_out = celery(
+        broker,
+        &["inspect", "stats", "-d", &node, "--json", "--timeout", "5"],
+    )?;
+    assert_eq!(
+        reply_of(&stats_out, &node)?["pool"]["max-concurrency"],
+        4,
+        "Flower's pool shrink took effect"
+    );
     let revoke_id = uuid_like();
     let (code, body) = http_post(&format!("{base}/api/task/revoke/{revoke_id}"))?;
     assert_eq!(code, 200, "{body}");
-    let revoked = reply_of(&celery(broker, &["inspect", "revoked", "-d", &node, "--json", "--timeout", "5"])?, &node)?;
+    let revoked = reply_of(
+        &celery(
+            broker,
+            &[
+                "inspect",
+                "revoked",
+                "-d",
+                &node,
+                "--json",
+                "--timeout",
+                "5",
+            ],
+        )?,
+        &node,
+    )?;
     assert!(revoked.to_string().contains(&revoke_id), "{revoked}");
 
     // `celery events --dump` saw each step's lifecycle.
     let events = std::fs::read_to_string(&dump_path)?;
     // The dumper's words: `task received: execute_step_k8s_job(<id>)`, `heartbeat:` for worker-heartbeat.
-    for kind in ["task received: execute_step_k8s_job(", "task started: execute_step_k8s_job(", "task succeeded: execute_step_k8s_job(", "] heartbeat:"] {
-        assert!(events.contains(kind), "events --dump shows {kind:?}:\n{events}");
+    for kind in [
+        "task received: execute_step_k8s_job(",
+        "task started: execute_step_k8s_job(",
+        "task succeeded: execute_step_k8s_job(",
+        "] heartbeat:",
+    ] {
+        assert!(
+            events.contains(kind),
+            "events --dump shows {kind:?}:\n{events}"
+        );
     }
     assert!(events.contains(&node), "{events}");
 
@@ -272,21 +459,48 @@ for fam in text_string_to_metric_families(text):
         out.setdefault(s.name, []).append([s.labels, s.value])
 print(json.dumps(out))
 "#;
-    let metrics: Value = serde_json::from_str(run_python(&["-c", parse, &format!("http://{addr}/metrics")], &[], Duration::from_secs(30))?.trim())?;
+    let metrics: Value = serde_json::from_str(
+        run_python(
+            &["-c", parse, &format!("http://{addr}/metrics")],
+            &[],
+            Duration::from_secs(30),
+        )?
+        .trim(),
+    )?;
     let sum = |name: &str| -> f64 {
-        metrics[name].as_array().map(|s| s.iter().filter(|x| x[0]["name"] == "execute_step_k8s_job").filter_map(|x| x[1].as_f64()).sum()).unwrap_or(0.0)
+        metrics[name]
+            .as_array()
+            .map(|s| {
+                s.iter()
+                    .filter(|x| x[0]["name"] == "execute_step_k8s_job")
+                    .filter_map(|x| x[1].as_f64())
+                    .sum()
+            })
+            .unwrap_or(0.0)
     };
     assert_eq!(sum("celery_task_received_total"), 6.0);
     assert_eq!(sum("celery_task_succeeded_total"), 6.0);
     assert_eq!(sum("celery_task_runtime_count"), 6.0);
     // Every metric the celery-mixin dashboards and alerts query (anchors.md §5.2) that a worker exports.
     for name in [
-        "celery_task_received_total", "celery_task_started_total", "celery_task_succeeded_total", "celery_task_failed_total",
-        "celery_task_rejected_total", "celery_task_revoked_total", "celery_task_retried_total", "celery_task_runtime_bucket",
-        "celery_task_runtime_count", "celery_task_runtime_sum", "celery_worker_up", "celery_worker_tasks_active",
+        "celery_task_received_total",
+        "celery_task_started_total",
+        "celery_task_succeeded_total",
+        "celery_task_failed_total",
+        "celery_task_rejected_total",
+        "celery_task_revoked_total",
+        "celery_task_retried_total",
+        "celery_task_runtime_bucket",
+        "celery_task_runtime_count",
+        "celery_task_runtime_sum",
+        "celery_worker_up",
+        "celery_worker_tasks_active",
         "celery_queue_length",
     ] {
-        assert!(metrics.get(name).is_some(), "/metrics has {name}: {metrics}");
+        assert!(
+            metrics.get(name).is_some(),
+            "/metrics has {name}: {metrics}"
+        );
     }
     // Shutdown through Flower stops the worker warmly, and Flower then shows it offline.
     let (code, body) = http_post(&format!("{base}/api/worker/shutdown/{node}"))?;
@@ -294,7 +508,11 @@ print(json.dumps(out))
     let mut worker = worker;
     assert!(worker.wait(Duration::from_secs(30))?.success());
     let (_, body) = http_get(&format!("{base}/api/workers?status=true"))?;
-    assert_eq!(serde_json::from_str::<Value>(&body)?.get(&node), Some(&Value::Bool(false)), "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body)?.get(&node),
+        Some(&Value::Bool(false)),
+        "{body}"
+    );
     drop(flower);
     drop(dump);
     Ok(())

@@ -39,18 +39,38 @@ print(json.dumps(out))
 "#;
 
 /// Publishes `prios` (index = publish order), runs one worker, returns the publish indexes in completion order.
-fn completion_order(broker: &str, backend: &str, prios: &[u8], extra: &[&str]) -> Result<Vec<usize>> {
+fn completion_order(
+    broker: &str,
+    backend: &str,
+    prios: &[u8],
+    extra: &[&str],
+) -> Result<Vec<usize>> {
     ensure_services();
     let queue = unique("prio");
     let prios_json = serde_json::to_string(prios)?;
-    let ids: Vec<String> =
-        serde_json::from_str(&run_python(&["-c", PUBLISH, broker, backend, &queue, &prios_json], &[], Duration::from_secs(60))?)?;
-    let mut args = vec!["-b", broker, "--result-backend", backend, "-Q", &queue, "-c", "1"];
+    let ids: Vec<String> = serde_json::from_str(&run_python(
+        &["-c", PUBLISH, broker, backend, &queue, &prios_json],
+        &[],
+        Duration::from_secs(60),
+    )?)?;
+    let mut args = vec![
+        "-b",
+        broker,
+        "--result-backend",
+        backend,
+        "-Q",
+        &queue,
+        "-c",
+        "1",
+    ];
     args.extend_from_slice(extra);
     let mut worker = WorkerProcess::start(&args, &[])?;
     let ids_json = serde_json::to_string(&ids)?;
-    let done: Vec<serde_json::Value> =
-        serde_json::from_str(&run_python(&["-c", COLLECT, broker, backend, &ids_json], &[], Duration::from_secs(90))?)?;
+    let done: Vec<serde_json::Value> = serde_json::from_str(&run_python(
+        &["-c", COLLECT, broker, backend, &ids_json],
+        &[],
+        Duration::from_secs(90),
+    )?)?;
     worker.terminate(Duration::from_secs(30))?;
     let mut finished: Vec<(String, usize)> = done
         .iter()
@@ -87,7 +107,11 @@ fn redis_bucket(p: u8) -> i32 {
 fn rabbitmq_serves_higher_priority_first() -> Result<()> {
     let db = "redis://127.0.0.1:6379/1";
     let got = completion_order("amqp://guest:guest@127.0.0.1:5672//", db, &PRIOS, &[])?;
-    assert_eq!(got, expected(&PRIOS, |p| -(p.min(10) as i32)), "completion order on RabbitMQ");
+    assert_eq!(
+        got,
+        expected(&PRIOS, |p| -(p.min(10) as i32)),
+        "completion order on RabbitMQ"
+    );
     Ok(())
 }
 
@@ -95,7 +119,11 @@ fn rabbitmq_serves_higher_priority_first() -> Result<()> {
 fn redis_kombu_order_serves_low_buckets_first() -> Result<()> {
     let url = "redis://127.0.0.1:6379/1";
     let got = completion_order(url, url, &PRIOS, &[])?;
-    assert_eq!(got, expected(&PRIOS, redis_bucket), "completion order on Redis (kombu order)");
+    assert_eq!(
+        got,
+        expected(&PRIOS, redis_bucket),
+        "completion order on Redis (kombu order)"
+    );
     Ok(())
 }
 
@@ -103,6 +131,10 @@ fn redis_kombu_order_serves_low_buckets_first() -> Result<()> {
 fn redis_dagster_order_serves_high_buckets_first() -> Result<()> {
     let url = "redis://127.0.0.1:6379/1";
     let got = completion_order(url, url, &PRIOS, &["--redis-priority-order", "dagster"])?;
-    assert_eq!(got, expected(&PRIOS, |p| -redis_bucket(p)), "completion order on Redis (dagster order)");
+    assert_eq!(
+        got,
+        expected(&PRIOS, |p| -redis_bucket(p)),
+        "completion order on Redis (dagster order)"
+    );
     Ok(())
 }

@@ -15,18 +15,46 @@ fn redis_step_longer_than_visibility_timeout_runs_once() -> Result<()> {
     let redis = "redis://127.0.0.1:6379/5";
     let queue = unique("vis");
     let home = DagsterHome::create(redis, redis)?;
-    let args = ["-b", redis, "--result-backend", redis, "-Q", &queue, "--visibility-timeout", "3"];
+    let args = [
+        "-b",
+        redis,
+        "--result-backend",
+        redis,
+        "-Q",
+        &queue,
+        "--visibility-timeout",
+        "3",
+    ];
     let mut a = WorkerProcess::start(&args, &[])?;
     let mut b = WorkerProcess::start(&args, &[])?;
-    let summary = home.run_job("sleepy", Duration::from_secs(180), &[("CELERIAC_QUEUE", &queue), ("SLEEP_SECONDS", "12")])?;
+    let summary = home.run_job(
+        "sleepy",
+        Duration::from_secs(180),
+        &[("CELERIAC_QUEUE", &queue), ("SLEEP_SECONDS", "12")],
+    )?;
     let logs = format!("{}\n{}", a.log_text(), b.log_text());
     assert_eq!(summary.status, "SUCCESS", "{summary:#?}\n{logs}");
-    assert_eq!(summary.count("STEP_START", "sleepy_op"), 1, "the step ran once: {summary:#?}");
+    assert_eq!(
+        summary.count("STEP_START", "sleepy_op"),
+        1,
+        "the step ran once: {summary:#?}"
+    );
     let received = received_ids(&logs);
-    assert_eq!(received.len(), 1, "one delivery across both workers: {received:?}\n{logs}");
-    assert!(!logs.contains("redelivered=true"), "nothing was restored:\n{logs}");
+    assert_eq!(
+        received.len(),
+        1,
+        "one delivery across both workers: {received:?}\n{logs}"
+    );
+    assert!(
+        !logs.contains("redelivered=true"),
+        "nothing was restored:\n{logs}"
+    );
     let rt = tokio::runtime::Runtime::new()?;
-    assert_eq!(rt.block_on(broker_backlog(redis, &queue))?, (0, 0), "queue and unacked hash are empty");
+    assert_eq!(
+        rt.block_on(broker_backlog(redis, &queue))?,
+        (0, 0),
+        "queue and unacked hash are empty"
+    );
     a.terminate(Duration::from_secs(30))?;
     b.terminate(Duration::from_secs(30))?;
     Ok(())

@@ -25,7 +25,10 @@ impl LamportClock {
         let mut current = self.0.load(Ordering::SeqCst);
         loop {
             let next = current.max(other) + 1;
-            match self.0.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
+            match self
+                .0
+                .compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
                 Ok(_) => return next,
                 Err(seen) => current = seen,
             }
@@ -47,7 +50,11 @@ pub struct EventFactory {
 
 impl EventFactory {
     pub fn new(hostname: &str) -> Self {
-        Self { hostname: hostname.into(), pid: std::process::id(), clock: LamportClock::default() }
+        Self {
+            hostname: hostname.into(),
+            pid: std::process::id(),
+            clock: LamportClock::default(),
+        }
     }
 
     /// An event of `kind` with `fields`, in Celery's field order.
@@ -90,7 +97,10 @@ pub fn routing_key(kind: &str) -> String {
 
 /// Seconds since the epoch as a float, like Python's `time.time()`.
 pub fn now_epoch() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 /// 1/5/15-minute load averages rounded to 2 decimals (`[0.0, 0.0, 0.0]` where unavailable).
@@ -98,7 +108,10 @@ pub fn load_average() -> [f64; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut out = [0.0; 3];
     for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
-        *slot = field.parse::<f64>().map(|v| (v * 100.0).round() / 100.0).unwrap_or(0.0);
+        *slot = field
+            .parse::<f64>()
+            .map(|v| (v * 100.0).round() / 100.0)
+            .unwrap_or(0.0);
     }
     out
 }
@@ -120,8 +133,22 @@ mod tests {
     fn field_order_matches_python_workers() {
         let f = EventFactory::new("w@h");
         let e = f.event("task-started", vec![("uuid", json!("abc"))]);
-        let keys: Vec<&String> = e.as_object().map(|m| m.keys().collect()).unwrap_or_default();
-        assert_eq!(keys, ["hostname", "utcoffset", "pid", "clock", "uuid", "timestamp", "type"]);
+        let keys: Vec<&String> = e
+            .as_object()
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            keys,
+            [
+                "hostname",
+                "utcoffset",
+                "pid",
+                "clock",
+                "uuid",
+                "timestamp",
+                "type"
+            ]
+        );
         assert_eq!(e["clock"], 1);
         let w = f.worker("worker-heartbeat", 2.0, 1, 5);
         assert_eq!(w["clock"], 2);

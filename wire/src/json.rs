@@ -57,9 +57,13 @@ fn rewrite_non_finite(input: &[u8]) -> Option<Vec<u8>> {
             continue;
         }
         let rest = &input[i..];
-        let token = [("-Infinity", "-Infinity"), ("Infinity", "Infinity"), ("NaN", "NaN")]
-            .into_iter()
-            .find(|(t, _)| rest.starts_with(t.as_bytes()));
+        let token = [
+            ("-Infinity", "-Infinity"),
+            ("Infinity", "Infinity"),
+            ("NaN", "NaN"),
+        ]
+        .into_iter()
+        .find(|(t, _)| rest.starts_with(t.as_bytes()));
         if let Some((t, name)) = token {
             write!(ByteWriter(&mut out), "{{\"{FLOAT_MARKER}\": \"{name}\"}}").ok()?;
             changed = true;
@@ -184,7 +188,11 @@ pub fn python_repr(v: &Value) -> String {
         Value::Bool(false) => "False".into(),
         Value::Number(_) => to_python_string(v, false),
         Value::String(s) => {
-            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let quote = if s.contains('\'') && !s.contains('"') {
+                '"'
+            } else {
+                '\''
+            };
             let mut out = String::with_capacity(s.len() + 2);
             out.push(quote);
             for ch in s.chars() {
@@ -206,10 +214,20 @@ pub fn python_repr(v: &Value) -> String {
             out.push(quote);
             out
         }
-        Value::Array(items) => format!("[{}]", items.iter().map(python_repr).collect::<Vec<_>>().join(", ")),
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(python_repr).collect::<Vec<_>>().join(", ")
+        ),
         Value::Object(map) => format!(
             "{{{}}}",
-            map.iter().map(|(k, v)| format!("{}: {}", python_repr(&Value::String(k.clone())), python_repr(v))).collect::<Vec<_>>().join(", ")
+            map.iter()
+                .map(|(k, v)| format!(
+                    "{}: {}",
+                    python_repr(&Value::String(k.clone())),
+                    python_repr(v)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -230,10 +248,18 @@ pub fn python_float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // `{:e}` yields the shortest round-trip digits as `d.ddde<exp>`.
     let sci = format!("{f:e}");
@@ -316,7 +342,10 @@ mod tests {
 
     #[test]
     fn python_reprs() {
-        assert_eq!(python_repr(&json!(["a", 1, null, {"k": true}])), "['a', 1, None, {'k': True}]");
+        assert_eq!(
+            python_repr(&json!(["a", 1, null, {"k": true}])),
+            "['a', 1, None, {'k': True}]"
+        );
         assert_eq!(python_repr(&json!("it's")), "\"it's\"");
         assert_eq!(truncate_repr("abcdef".into(), 5), "ab...");
     }

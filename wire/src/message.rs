@@ -65,8 +65,13 @@ pub enum Disposition {
 /// Why a message is not a runnable task, mirroring Celery's handlers.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("Refusing to deserialize untrusted content of type {content_type} (allowed: {allowed})")]
-    ContentDisallowed { content_type: String, allowed: String },
+    #[error(
+        "Refusing to deserialize untrusted content of type {content_type} (allowed: {allowed})"
+    )]
+    ContentDisallowed {
+        content_type: String,
+        allowed: String,
+    },
     #[error("Can't decode message body: {0}")]
     Undecodable(String),
     #[error("Received invalid task message: {0}")]
@@ -139,7 +144,10 @@ pub fn decode(
 ) -> Result<TaskRequest, DecodeError> {
     if let Some(limit) = max_bytes {
         if raw.body.len() > limit {
-            return Err(DecodeError::TooLarge { size: raw.body.len(), limit });
+            return Err(DecodeError::TooLarge {
+                size: raw.body.len(),
+                limit,
+            });
         }
     }
     let content_type = if raw.content_type.is_empty() {
@@ -158,9 +166,12 @@ pub fn decode(
     }
     if content_type != "application/json" {
         // Only JSON is implemented; anything else that was explicitly allowed still cannot be read.
-        return Err(DecodeError::Undecodable(format!("unsupported content type {content_type}")));
+        return Err(DecodeError::Undecodable(format!(
+            "unsupported content type {content_type}"
+        )));
     }
-    let body = json::parse_lenient(&raw.body).map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+    let body =
+        json::parse_lenient(&raw.body).map_err(|e| DecodeError::Undecodable(e.to_string()))?;
 
     let has_task_header = raw.headers.get("task").is_some_and(|t| !t.is_null());
     if has_task_header {
@@ -191,18 +202,28 @@ fn short_content_name(ct: &str) -> &str {
 
 fn from_v2(raw: &RawMessage, body: Value) -> Result<TaskRequest, DecodeError> {
     let Value::Array(parts) = body else {
-        return Err(DecodeError::InvalidTask("protocol 2 body must be [args, kwargs, embed]".into()));
+        return Err(DecodeError::InvalidTask(
+            "protocol 2 body must be [args, kwargs, embed]".into(),
+        ));
     };
     let mut parts = parts.into_iter();
     let args = match parts.next() {
         Some(Value::Array(a)) => a,
         Some(Value::Null) | None => Vec::new(),
-        Some(other) => return Err(DecodeError::InvalidTask(format!("args must be a list, got {other}"))),
+        Some(other) => {
+            return Err(DecodeError::InvalidTask(format!(
+                "args must be a list, got {other}"
+            )))
+        }
     };
     let kwargs = match parts.next() {
         Some(Value::Object(k)) => k,
         Some(Value::Null) | None => Map::new(),
-        Some(_) => return Err(DecodeError::InvalidTask("task keyword arguments is not a mapping".into())),
+        Some(_) => {
+            return Err(DecodeError::InvalidTask(
+                "task keyword arguments is not a mapping".into(),
+            ))
+        }
     };
     let embed = parts.next().unwrap_or(Value::Null);
     build(raw, &raw.headers, args, kwargs, embed)
@@ -233,14 +254,20 @@ fn v1_args(body: &Map<String, Value>) -> Result<(Vec<Value>, Map<String, Value>)
     let args = match body.get("args") {
         Some(Value::Array(a)) => a.clone(),
         Some(Value::Null) | None => {
-            return Err(DecodeError::InvalidTask("Message does not have args".into()));
+            return Err(DecodeError::InvalidTask(
+                "Message does not have args".into(),
+            ));
         }
         Some(_) => return Err(DecodeError::InvalidTask("args must be a list".into())),
     };
     let kwargs = match body.get("kwargs") {
         Some(Value::Object(k)) => k.clone(),
         Some(Value::Null) | None => Map::new(),
-        Some(_) => return Err(DecodeError::InvalidTask("task keyword arguments is not a mapping".into())),
+        Some(_) => {
+            return Err(DecodeError::InvalidTask(
+                "task keyword arguments is not a mapping".into(),
+            ))
+        }
     };
     Ok((args, kwargs))
 }
@@ -258,7 +285,8 @@ fn build(
     embed: Value,
 ) -> Result<TaskRequest, DecodeError> {
     let str_of = |k: &str| headers.get(k).and_then(Value::as_str).map(str::to_owned);
-    let task = str_of("task").ok_or_else(|| DecodeError::InvalidTask("missing task name".into()))?;
+    let task =
+        str_of("task").ok_or_else(|| DecodeError::InvalidTask("missing task name".into()))?;
     let id = str_of("id")
         .or_else(|| raw.properties.correlation_id.clone())
         .ok_or_else(|| DecodeError::InvalidTask(format!("task {task} has no id")))?;
@@ -275,7 +303,11 @@ fn build(
     let kwargsrepr = str_of("kwargsrepr").unwrap_or_else(|| format!("{} keys", kwargs.len()));
     Ok(TaskRequest {
         name: str_of("shadow").unwrap_or_else(|| task.clone()),
-        correlation_id: raw.properties.correlation_id.clone().unwrap_or_else(|| id.clone()),
+        correlation_id: raw
+            .properties
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| id.clone()),
         id,
         task,
         args,
@@ -300,7 +332,10 @@ fn build(
 }
 
 fn python_repr_args(args: &[Value]) -> String {
-    let inner: Vec<String> = args.iter().map(|a| json::to_python_string(a, false)).collect();
+    let inner: Vec<String> = args
+        .iter()
+        .map(|a| json::to_python_string(a, false))
+        .collect();
     if inner.len() == 1 {
         format!("({},)", inner[0])
     } else {
@@ -320,17 +355,27 @@ fn parse_time(v: Option<&Value>, what: &str) -> Result<Option<DateTime<FixedOffs
                 None => return Err(DecodeError::InvalidTask(format!("invalid {what} marker"))),
             }
         }
-        Some(other) => return Err(DecodeError::InvalidTask(format!("invalid {what} value {other}"))),
+        Some(other) => {
+            return Err(DecodeError::InvalidTask(format!(
+                "invalid {what} value {other}"
+            )))
+        }
     };
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(Some(t));
     }
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S"] {
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+    ] {
         if let Ok(naive) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
             return Ok(Some(naive.and_utc().fixed_offset()));
         }
     }
-    Err(DecodeError::InvalidTask(format!("invalid {what} value {s:?}")))
+    Err(DecodeError::InvalidTask(format!(
+        "invalid {what} value {s:?}"
+    )))
 }
 
 #[cfg(test)]
@@ -405,13 +450,25 @@ mod tests {
         assert_eq!(e.disposition(), Disposition::Reject);
 
         let no_task = raw_v2(json!({}), r#"{"hello": "world"}"#);
-        assert!(matches!(decode(&no_task, &json_accept(), None), Err(DecodeError::UnknownMessage)));
+        assert!(matches!(
+            decode(&no_task, &json_accept(), None),
+            Err(DecodeError::UnknownMessage)
+        ));
 
         let bad_kwargs = raw_v2(json!({"task": "t", "id": "x"}), r#"[[], [1], {}]"#);
-        assert!(matches!(decode(&bad_kwargs, &json_accept(), None), Err(DecodeError::InvalidTask(_))));
+        assert!(matches!(
+            decode(&bad_kwargs, &json_accept(), None),
+            Err(DecodeError::InvalidTask(_))
+        ));
 
-        let bad_eta = raw_v2(json!({"task": "t", "id": "x", "eta": "tomorrow"}), r#"[[], {}, {}]"#);
-        assert!(matches!(decode(&bad_eta, &json_accept(), None), Err(DecodeError::InvalidTask(_))));
+        let bad_eta = raw_v2(
+            json!({"task": "t", "id": "x", "eta": "tomorrow"}),
+            r#"[[], {}, {}]"#,
+        );
+        assert!(matches!(
+            decode(&bad_eta, &json_accept(), None),
+            Err(DecodeError::InvalidTask(_))
+        ));
 
         let big = raw_v2(json!({"task": "t", "id": "x"}), r#"[[], {}, {}]"#);
         let e = decode(&big, &json_accept(), Some(4)).unwrap_err();

@@ -34,7 +34,9 @@ pub struct ControlError(String);
 
 impl ControlRequest {
     pub fn parse(body: &Value) -> Result<ControlRequest, ControlError> {
-        let obj = body.as_object().ok_or_else(|| ControlError("body is not an object".into()))?;
+        let obj = body
+            .as_object()
+            .ok_or_else(|| ControlError("body is not an object".into()))?;
         let method = obj
             .get("method")
             .and_then(Value::as_str)
@@ -46,7 +48,12 @@ impl ControlRequest {
             Some(_) => return Err(ControlError("arguments is not an object".into())),
         };
         let destination = match obj.get("destination") {
-            Some(Value::Array(d)) => Some(d.iter().filter_map(Value::as_str).map(str::to_owned).collect()),
+            Some(Value::Array(d)) => Some(
+                d.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect(),
+            ),
             Some(Value::String(s)) => Some(vec![s.clone()]),
             _ => None,
         };
@@ -60,8 +67,14 @@ impl ControlRequest {
             method,
             arguments,
             destination,
-            pattern: obj.get("pattern").and_then(Value::as_str).map(str::to_owned),
-            matcher: obj.get("matcher").and_then(Value::as_str).map(str::to_owned),
+            pattern: obj
+                .get("pattern")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            matcher: obj
+                .get("matcher")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             ticket: obj.get("ticket").and_then(Value::as_str).map(str::to_owned),
             reply_to,
         })
@@ -82,12 +95,20 @@ impl ControlRequest {
     }
 
     /// The reply message (`{hostname: reply}`, headers `ticket` + `clock`), if a reply is expected.
-    pub fn reply(&self, hostname: &str, reply: Value, clock: u64) -> Option<(String, String, OutgoingMessage)> {
+    pub fn reply(
+        &self,
+        hostname: &str,
+        reply: Value,
+        clock: u64,
+    ) -> Option<(String, String, OutgoingMessage)> {
         let (exchange, routing_key) = self.reply_to.clone()?;
         let mut body = Map::new();
         body.insert(hostname.to_string(), reply);
         let mut msg = OutgoingMessage::json(to_python_string(&Value::Object(body), false));
-        msg.headers.insert("ticket".into(), json!(self.ticket.clone().unwrap_or_default()));
+        msg.headers.insert(
+            "ticket".into(),
+            json!(self.ticket.clone().unwrap_or_default()),
+        );
         msg.headers.insert("clock".into(), json!(clock));
         msg.properties.delivery_mode = Some(1);
         msg.properties.priority = Some(0);
@@ -140,7 +161,11 @@ fn simple_regex_match(pattern: &str, text: &str) -> bool {
         Some(s) => (s, true),
         None => (p, false),
     };
-    let glob = p.replace(".*", "\u{1}").replace(".+", "?\u{1}").replace('.', "?").replace('\u{1}', "*");
+    let glob = p
+        .replace(".*", "\u{1}")
+        .replace(".+", "?\u{1}")
+        .replace('.', "?")
+        .replace('\u{1}', "*");
     if anchored_end {
         glob_match(&glob, text)
     } else {
@@ -159,17 +184,26 @@ mod tests {
             "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": "2374602a-44d0-3afa-adaf-b31500a9929a"}});
         let req = ControlRequest::parse(&body).expect("parses");
         assert!(req.addressed_to("anyone@host"));
-        let (ex, rk, msg) = req.reply("w@h", json!({"ok": "pong"}), 7).expect("reply expected");
+        let (ex, rk, msg) = req
+            .reply("w@h", json!({"ok": "pong"}), 7)
+            .expect("reply expected");
         assert_eq!(ex, REPLY_EXCHANGE);
         assert_eq!(rk, "2374602a-44d0-3afa-adaf-b31500a9929a");
-        assert_eq!(String::from_utf8_lossy(&msg.body), r#"{"w@h": {"ok": "pong"}}"#);
-        assert_eq!(msg.headers["ticket"], "fe3d90ad-7243-41ce-a140-fd4990f3151a");
+        assert_eq!(
+            String::from_utf8_lossy(&msg.body),
+            r#"{"w@h": {"ok": "pong"}}"#
+        );
+        assert_eq!(
+            msg.headers["ticket"],
+            "fe3d90ad-7243-41ce-a140-fd4990f3151a"
+        );
         assert_eq!(msg.headers["clock"], 7);
     }
 
     #[test]
     fn destination_and_patterns() {
-        let mut req = ControlRequest::parse(&json!({"method": "ping", "destination": ["a@x"]})).expect("parses");
+        let mut req = ControlRequest::parse(&json!({"method": "ping", "destination": ["a@x"]}))
+            .expect("parses");
         assert!(req.addressed_to("a@x"));
         assert!(!req.addressed_to("b@x"));
         req.destination = None;
@@ -180,7 +214,10 @@ mod tests {
         req.pattern = Some("research_.*".into());
         assert!(req.addressed_to("research_w1@vm"));
         assert!(!req.addressed_to("x_research@vm"));
-        assert!(ControlRequest::parse(&json!({"method": "revoke"})).expect("no reply_to").reply("w", json!(null), 1).is_none());
+        assert!(ControlRequest::parse(&json!({"method": "revoke"}))
+            .expect("no reply_to")
+            .reply("w", json!(null), 1)
+            .is_none());
     }
 
     #[test]
@@ -246,7 +283,13 @@ pub mod client {
             };
             let Some(delivery) = next else { continue };
             let _ = delivery.acker.ack().await;
-            if delivery.message.headers.get("ticket").and_then(Value::as_str) != Some(ticket.as_str()) {
+            if delivery
+                .message
+                .headers
+                .get("ticket")
+                .and_then(Value::as_str)
+                != Some(ticket.as_str())
+            {
                 continue; // someone else's reply
             }
             if let Ok(Value::Object(m)) = parse_lenient(&delivery.message.body) {

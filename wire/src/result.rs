@@ -79,7 +79,10 @@ impl ExceptionInfo {
 fn python_repr(v: &Value) -> String {
     match v {
         Value::String(s) => {
-            let escaped = s.replace('\\', "\\\\").replace('\'', "\\'").replace('\n', "\\n");
+            let escaped = s
+                .replace('\\', "\\\\")
+                .replace('\'', "\\'")
+                .replace('\n', "\\n");
             format!("'{escaped}'")
         }
         Value::Null => "None".into(),
@@ -111,7 +114,12 @@ impl ResultMeta {
     }
 
     pub fn revoked(task_id: &str, reason: &str) -> Self {
-        Self::ready(task_id, State::Revoked, ExceptionInfo::revoked(reason).to_value(), None)
+        Self::ready(
+            task_id,
+            State::Revoked,
+            ExceptionInfo::revoked(reason).to_value(),
+            None,
+        )
     }
 
     /// `STARTED` as stored with `task_track_started`: `{"pid": .., "hostname": ..}`.
@@ -150,11 +158,15 @@ impl ResultMeta {
         let mut m = Map::new();
         m.insert("status".into(), Value::String(self.state.as_str().into()));
         m.insert("result".into(), self.result.clone());
-        m.insert("traceback".into(), self.traceback.clone().map_or(Value::Null, Value::String));
+        m.insert(
+            "traceback".into(),
+            self.traceback.clone().map_or(Value::Null, Value::String),
+        );
         m.insert("children".into(), Value::Array(Vec::new()));
         m.insert(
             "date_done".into(),
-            self.date_done.map_or(Value::Null, |d| Value::String(python_isoformat(d))),
+            self.date_done
+                .map_or(Value::Null, |d| Value::String(python_isoformat(d))),
         );
         if let Some(g) = &self.group_id {
             m.insert("group_id".into(), Value::String(g.clone()));
@@ -190,7 +202,10 @@ mod tests {
     fn revoked_meta_matches_captured_bytes() {
         // captures/celery_rpc_result_messages.json, message 1 (body_utf8).
         let mut meta = ResultMeta::revoked("f075a956-b014-441c-9839-b2529694bb9c", "revoked");
-        meta.date_done = Some(Utc.with_ymd_and_hms(2026, 11, 23, 0, 27, 9).unwrap() + chrono::Duration::microseconds(244671));
+        meta.date_done = Some(
+            Utc.with_ymd_and_hms(2026, 11, 23, 0, 27, 9).unwrap()
+                + chrono::Duration::microseconds(244671),
+        );
         assert_eq!(
             meta.to_json(),
             r#"{"status": "REVOKED", "result": {"exc_type": "TaskRevokedError", "exc_message": ["revoked"], "exc_module": "celery.exceptions"}, "traceback": null, "children": [], "date_done": "2026-11-23T00:27:09.244671+00:00", "task_id": "f075a956-b014-441c-9839-b2529694bb9c"}"#
@@ -213,7 +228,10 @@ mod tests {
             exc_module: "builtins".into(),
         };
         assert_eq!(e.repr(), "ValueError('bad value', 42)");
-        assert_eq!(ExceptionInfo::not_registered("x.y").repr(), "NotRegistered('x.y')");
+        assert_eq!(
+            ExceptionInfo::not_registered("x.y").repr(),
+            "NotRegistered('x.y')"
+        );
     }
 
     #[test]

@@ -12,7 +12,11 @@ pub enum UrlError {
     #[error("invalid URL {url}: {reason}")]
     Invalid { url: String, reason: String },
     #[error("unsupported scheme {scheme:?} in {url} (supported: {supported})")]
-    Unsupported { scheme: String, url: String, supported: &'static str },
+    Unsupported {
+        scheme: String,
+        url: String,
+        supported: &'static str,
+    },
 }
 
 /// A broker location.
@@ -37,15 +41,29 @@ pub fn parse_broker(s: &str) -> Result<BrokerUrl, UrlError> {
     let url = parse(s)?;
     match url.scheme() {
         "amqp" | "pyamqp" | "librabbitmq" | "amqps" => {
-            let scheme = if url.scheme() == "amqps" { "amqps" } else { "amqp" };
-            let user = if url.username().is_empty() { "guest".to_string() } else { url.username().to_string() };
+            let scheme = if url.scheme() == "amqps" {
+                "amqps"
+            } else {
+                "amqp"
+            };
+            let user = if url.username().is_empty() {
+                "guest".to_string()
+            } else {
+                url.username().to_string()
+            };
             let pass = url.password().unwrap_or("guest");
             let host = url.host_str().unwrap_or("localhost");
-            let port = url.port().unwrap_or(if scheme == "amqps" { 5671 } else { 5672 });
+            let port = url
+                .port()
+                .unwrap_or(if scheme == "amqps" { 5671 } else { 5672 });
             // kombu: everything after the first '/' is the vhost; empty means '/'.
             let raw_path = url.path().strip_prefix('/').unwrap_or("");
             let vhost = percent_decode_str(raw_path).decode_utf8_lossy().to_string();
-            let vhost = if vhost.is_empty() { "/".to_string() } else { vhost };
+            let vhost = if vhost.is_empty() {
+                "/".to_string()
+            } else {
+                vhost
+            };
             let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
             Ok(BrokerUrl::Amqp {
                 uri: format!(
@@ -54,7 +72,10 @@ pub fn parse_broker(s: &str) -> Result<BrokerUrl, UrlError> {
                 ),
             })
         }
-        "redis" | "rediss" => Ok(BrokerUrl::Redis { db: redis_db(&url, s)?, url: s.to_string() }),
+        "redis" | "rediss" => Ok(BrokerUrl::Redis {
+            db: redis_db(&url, s)?,
+            url: s.to_string(),
+        }),
         other => Err(UrlError::Unsupported {
             scheme: other.into(),
             url: redact(s),
@@ -73,7 +94,10 @@ pub fn parse_backend(s: &str) -> Result<BackendUrl, UrlError> {
     }
     let url = parse(s)?;
     match url.scheme() {
-        "redis" | "rediss" => Ok(BackendUrl::Redis { db: redis_db(&url, s)?, url: s.to_string() }),
+        "redis" | "rediss" => Ok(BackendUrl::Redis {
+            db: redis_db(&url, s)?,
+            url: s.to_string(),
+        }),
         other => Err(UrlError::Unsupported {
             scheme: other.into(),
             url: redact(s),
@@ -83,7 +107,10 @@ pub fn parse_backend(s: &str) -> Result<BackendUrl, UrlError> {
 }
 
 fn parse(s: &str) -> Result<Url, UrlError> {
-    Url::parse(s).map_err(|e| UrlError::Invalid { url: redact(s), reason: e.to_string() })
+    Url::parse(s).map_err(|e| UrlError::Invalid {
+        url: redact(s),
+        reason: e.to_string(),
+    })
 }
 
 fn redis_db(url: &Url, original: &str) -> Result<i64, UrlError> {
@@ -123,11 +150,15 @@ mod tests {
     fn celery_amqp_urls_normalize() {
         assert_eq!(
             parse_broker("pyamqp://guest@localhost:5672//").unwrap(),
-            BrokerUrl::Amqp { uri: "amqp://guest:guest@localhost:5672/%2F".into() }
+            BrokerUrl::Amqp {
+                uri: "amqp://guest:guest@localhost:5672/%2F".into()
+            }
         );
         assert_eq!(
             parse_broker("amqp://u:p@rabbit/dagster").unwrap(),
-            BrokerUrl::Amqp { uri: "amqp://u:p@rabbit:5672/dagster".into() }
+            BrokerUrl::Amqp {
+                uri: "amqp://u:p@rabbit:5672/dagster".into()
+            }
         );
     }
 
@@ -135,16 +166,28 @@ mod tests {
     fn redis_urls_carry_db() {
         assert_eq!(
             parse_broker("redis://:secret@127.0.0.1:6379/5").unwrap(),
-            BrokerUrl::Redis { url: "redis://:secret@127.0.0.1:6379/5".into(), db: 5 }
+            BrokerUrl::Redis {
+                url: "redis://:secret@127.0.0.1:6379/5".into(),
+                db: 5
+            }
         );
         assert_eq!(parse_backend("rpc://").unwrap(), BackendUrl::Rpc);
-        assert!(matches!(parse_backend("redis://h/x"), Err(UrlError::Invalid { .. })));
-        assert!(matches!(parse_broker("sqs://x"), Err(UrlError::Unsupported { .. })));
+        assert!(matches!(
+            parse_backend("redis://h/x"),
+            Err(UrlError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse_broker("sqs://x"),
+            Err(UrlError::Unsupported { .. })
+        ));
     }
 
     #[test]
     fn redaction_hides_passwords() {
-        assert_eq!(redact("redis://:secret@host:6379/0"), "redis://:***@host:6379/0");
+        assert_eq!(
+            redact("redis://:secret@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
         assert!(!redact("amqp://user:hunter2@host//").contains("hunter2"));
     }
 }

@@ -131,21 +131,29 @@ impl Settings {
                 .with_list_parse_key("accept_content"),
         );
         let built = builder.build().map_err(|e| ConfigError::File {
-            path: path.map(|p| p.display().to_string()).unwrap_or_else(|| "<environment>".into()),
+            path: path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "<environment>".into()),
             reason: e.to_string(),
         })?;
         built.try_deserialize().map_err(|e| ConfigError::Invalid {
-            key: path.map(|p| p.display().to_string()).unwrap_or_else(|| "CELERIAC_*".into()),
+            key: path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "CELERIAC_*".into()),
             reason: e.to_string(),
         })
     }
 
     /// Reads Dagster's celery YAML (`dagster-celery worker start -y`), resolving `{env: VAR}` values.
     pub fn from_dagster_celery_yaml(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.to_string() })?;
-        let doc: Value = serde_norway::from_str(&text)
-            .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let doc: Value = serde_norway::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let exec = doc.get("execution").cloned().unwrap_or(Value::Null);
         // `execution: {celery: {...}}` (legacy, what the chart writes) or `execution: {config: {...}}`.
         let section = exec
@@ -177,8 +185,12 @@ impl Settings {
     /// Settings from Dagster's well-known environment variables.
     pub fn from_dagster_env() -> Settings {
         Settings {
-            broker_url: std::env::var("DAGSTER_CELERY_BROKER_URL").ok().filter(|s| !s.is_empty()),
-            result_backend: std::env::var("DAGSTER_CELERY_BACKEND_URL").ok().filter(|s| !s.is_empty()),
+            broker_url: std::env::var("DAGSTER_CELERY_BROKER_URL")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            result_backend: std::env::var("DAGSTER_CELERY_BACKEND_URL")
+                .ok()
+                .filter(|s| !s.is_empty()),
             ..Default::default()
         }
     }
@@ -189,8 +201,18 @@ impl Settings {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
         take!(
-            broker_url, result_backend, hostname, task_default_queue, worker_concurrency, task_acks_late,
-            accept_content, task_track_started, worker_send_task_events, result_expires, max_message_bytes, shutdown_grace_seconds
+            broker_url,
+            result_backend,
+            hostname,
+            task_default_queue,
+            worker_concurrency,
+            task_acks_late,
+            accept_content,
+            task_track_started,
+            worker_send_task_events,
+            result_expires,
+            max_message_bytes,
+            shutdown_grace_seconds
         );
         if !other.queues.is_empty() {
             self.queues = other.queues;
@@ -198,10 +220,12 @@ impl Settings {
         self.queue_concurrency.extend(other.queue_concurrency);
         self.queue_ack.extend(other.queue_ack);
         if other.broker_transport_options.visibility_timeout.is_some() {
-            self.broker_transport_options.visibility_timeout = other.broker_transport_options.visibility_timeout;
+            self.broker_transport_options.visibility_timeout =
+                other.broker_transport_options.visibility_timeout;
         }
         if other.broker_transport_options.priority_order.is_some() {
-            self.broker_transport_options.priority_order = other.broker_transport_options.priority_order;
+            self.broker_transport_options.priority_order =
+                other.broker_transport_options.priority_order;
         }
         self
     }
@@ -210,18 +234,26 @@ impl Settings {
     pub fn resolve(self) -> Result<WorkerConfig, ConfigError> {
         let broker_url = self.broker_url.unwrap_or_else(|| {
             // dagster_celery.defaults.broker_url
-            let host = std::env::var("DAGSTER_CELERY_BROKER_HOST").unwrap_or_else(|_| "localhost".into());
+            let host =
+                std::env::var("DAGSTER_CELERY_BROKER_HOST").unwrap_or_else(|_| "localhost".into());
             format!("pyamqp://guest@{host}:5672//")
         });
-        celeriac_wire::url::parse_broker(&broker_url)
-            .map_err(|e| ConfigError::Invalid { key: "broker_url".into(), reason: e.to_string() })?;
+        celeriac_wire::url::parse_broker(&broker_url).map_err(|e| ConfigError::Invalid {
+            key: "broker_url".into(),
+            reason: e.to_string(),
+        })?;
         let result_backend = self.result_backend.unwrap_or_else(|| "rpc://".into());
-        celeriac_wire::url::parse_backend(&result_backend)
-            .map_err(|e| ConfigError::Invalid { key: "result_backend".into(), reason: e.to_string() })?;
+        celeriac_wire::url::parse_backend(&result_backend).map_err(|e| ConfigError::Invalid {
+            key: "result_backend".into(),
+            reason: e.to_string(),
+        })?;
 
         let default_concurrency = self.worker_concurrency.unwrap_or(1);
         if default_concurrency == 0 {
-            return Err(ConfigError::Invalid { key: "worker_concurrency".into(), reason: "must be at least 1".into() });
+            return Err(ConfigError::Invalid {
+                key: "worker_concurrency".into(),
+                reason: "must be at least 1".into(),
+            });
         }
         let default_ack = match self.task_acks_late {
             Some(false) => AckPolicy::Early,
@@ -235,7 +267,11 @@ impl Settings {
             .filter(|q| !q.is_empty())
             .collect();
         if names.is_empty() {
-            names.push(self.task_default_queue.clone().unwrap_or_else(|| "dagster".into()));
+            names.push(
+                self.task_default_queue
+                    .clone()
+                    .unwrap_or_else(|| "dagster".into()),
+            );
         }
         names.dedup();
         for q in self.queue_concurrency.keys().chain(self.queue_ack.keys()) {
@@ -248,7 +284,11 @@ impl Settings {
         }
         let mut queues = Vec::new();
         for name in names {
-            let concurrency = self.queue_concurrency.get(&name).copied().unwrap_or(default_concurrency);
+            let concurrency = self
+                .queue_concurrency
+                .get(&name)
+                .copied()
+                .unwrap_or(default_concurrency);
             if concurrency == 0 {
                 return Err(ConfigError::Invalid {
                     key: format!("queue_concurrency.{name}"),
@@ -256,13 +296,20 @@ impl Settings {
                 });
             }
             let ack = self.queue_ack.get(&name).copied().unwrap_or(default_ack);
-            queues.push(QueueConfig { name, concurrency, ack });
+            queues.push(QueueConfig {
+                name,
+                concurrency,
+                ack,
+            });
         }
 
         let secs = |v: Option<f64>, default: f64, key: &str| -> Result<Duration, ConfigError> {
             let s = v.unwrap_or(default);
             if !s.is_finite() || s < 0.0 {
-                return Err(ConfigError::Invalid { key: key.into(), reason: format!("{s} is not a duration in seconds") });
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    reason: format!("{s} is not a duration in seconds"),
+                });
             }
             Ok(Duration::from_secs_f64(s))
         };
@@ -283,7 +330,10 @@ impl Settings {
                     3600.0,
                     "broker_transport_options.visibility_timeout",
                 )?,
-                priority_order: self.broker_transport_options.priority_order.unwrap_or(RedisPriorityOrder::Kombu),
+                priority_order: self
+                    .broker_transport_options
+                    .priority_order
+                    .unwrap_or(RedisPriorityOrder::Kombu),
             },
         })
     }
@@ -296,7 +346,10 @@ fn resolve_env(v: &Value, key: &str) -> Result<Value, ConfigError> {
             let var = m.get("env").and_then(Value::as_str).unwrap_or_default();
             std::env::var(var)
                 .map(Value::String)
-                .map_err(|_| ConfigError::MissingEnv { key: key.into(), var: var.into() })
+                .map_err(|_| ConfigError::MissingEnv {
+                    key: key.into(),
+                    var: var.into(),
+                })
         }
         Value::Object(m) => {
             let mut out = serde_json::Map::new();
@@ -314,7 +367,11 @@ pub fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| hostname::get().ok().map(|h| h.to_string_lossy().into_owned()))
+        .or_else(|| {
+            hostname::get()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "localhost".into())
 }
 
@@ -323,10 +380,16 @@ pub fn host_name() -> String {
 pub fn expand_hostname(name: Option<&str>) -> String {
     let host = host_name();
     let short = host.split('.').next().unwrap_or(&host).to_string();
-    let domain = host.split_once('.').map(|(_, d)| d.to_string()).unwrap_or_default();
+    let domain = host
+        .split_once('.')
+        .map(|(_, d)| d.to_string())
+        .unwrap_or_default();
     match name {
         Some(n) if !n.is_empty() => {
-            let n = n.replace("%h", &host).replace("%n", &short).replace("%d", &domain);
+            let n = n
+                .replace("%h", &host)
+                .replace("%n", &short)
+                .replace("%d", &domain);
             if n.contains('@') {
                 n
             } else {
@@ -348,7 +411,14 @@ mod tests {
     fn defaults_follow_dagster() {
         let c = Settings::default().resolve().expect("defaults resolve");
         assert_eq!(c.result_backend, "rpc://");
-        assert_eq!(c.queues, vec![QueueConfig { name: "dagster".into(), concurrency: 1, ack: AckPolicy::Late }]);
+        assert_eq!(
+            c.queues,
+            vec![QueueConfig {
+                name: "dagster".into(),
+                concurrency: 1,
+                ack: AckPolicy::Late
+            }]
+        );
         assert_eq!(c.accept_content, vec!["json".to_string()]);
         assert!(c.hostname.starts_with("celeriac-"));
     }
@@ -363,16 +433,37 @@ mod tests {
             ..Default::default()
         };
         let c = s.resolve().expect("resolves");
-        assert_eq!(c.queues[0], QueueConfig { name: "a".into(), concurrency: 2, ack: AckPolicy::Late });
-        assert_eq!(c.queues[1], QueueConfig { name: "b".into(), concurrency: 4, ack: AckPolicy::Early });
+        assert_eq!(
+            c.queues[0],
+            QueueConfig {
+                name: "a".into(),
+                concurrency: 2,
+                ack: AckPolicy::Late
+            }
+        );
+        assert_eq!(
+            c.queues[1],
+            QueueConfig {
+                name: "b".into(),
+                concurrency: 4,
+                ack: AckPolicy::Early
+            }
+        );
     }
 
     #[test]
     fn bad_values_are_named() {
-        let s = Settings { queues: vec!["a".into()], queue_concurrency: [("zz".to_string(), 2)].into(), ..Default::default() };
+        let s = Settings {
+            queues: vec!["a".into()],
+            queue_concurrency: [("zz".to_string(), 2)].into(),
+            ..Default::default()
+        };
         let e = s.resolve().unwrap_err().to_string();
         assert!(e.contains("zz"), "{e}");
-        let s = Settings { broker_url: Some("sqs://x".into()), ..Default::default() };
+        let s = Settings {
+            broker_url: Some("sqs://x".into()),
+            ..Default::default()
+        };
         assert!(s.resolve().unwrap_err().to_string().contains("broker_url"));
     }
 
@@ -387,9 +478,19 @@ mod tests {
         )
         .expect("write yaml");
         std::env::set_var("CELERIAC_TEST_BROKER_X", "redis://127.0.0.1:6379/4");
-        let c = Settings::from_dagster_celery_yaml(&path).expect("parses").resolve().expect("resolves");
+        let c = Settings::from_dagster_celery_yaml(&path)
+            .expect("parses")
+            .resolve()
+            .expect("resolves");
         assert_eq!(c.broker_url, "redis://127.0.0.1:6379/4");
-        assert_eq!(c.queues, vec![QueueConfig { name: "steps".into(), concurrency: 3, ack: AckPolicy::Late }]);
+        assert_eq!(
+            c.queues,
+            vec![QueueConfig {
+                name: "steps".into(),
+                concurrency: 3,
+                ack: AckPolicy::Late
+            }]
+        );
         std::env::remove_var("CELERIAC_TEST_BROKER_X");
         let e = Settings::from_dagster_celery_yaml(&path).unwrap_err();
         assert!(matches!(e, ConfigError::MissingEnv { .. }));

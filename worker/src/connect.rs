@@ -16,11 +16,14 @@ use crate::config::{RedisPriorityOrder, WorkerConfig};
 pub async fn broker(config: &WorkerConfig) -> anyhow::Result<Arc<dyn Broker>> {
     let parsed = url::parse_broker(&config.broker_url).context("broker_url")?;
     Ok(match parsed {
-        BrokerUrl::Amqp { uri } => Arc::new(
-            AmqpBroker::connect(&uri)
-                .await
-                .with_context(|| format!("connecting to RabbitMQ at {}", url::redact(&config.broker_url)))?,
-        ),
+        BrokerUrl::Amqp { uri } => {
+            Arc::new(AmqpBroker::connect(&uri).await.with_context(|| {
+                format!(
+                    "connecting to RabbitMQ at {}",
+                    url::redact(&config.broker_url)
+                )
+            })?)
+        }
         BrokerUrl::Redis { url, .. } => {
             let options = RedisTransportOptions {
                 visibility_timeout: config.redis.visibility_timeout,
@@ -30,24 +33,32 @@ pub async fn broker(config: &WorkerConfig) -> anyhow::Result<Arc<dyn Broker>> {
                 },
                 ..Default::default()
             };
-            Arc::new(
-                RedisBroker::connect(&url, options)
-                    .await
-                    .with_context(|| format!("connecting to Redis at {}", url::redact(&config.broker_url)))?,
-            )
+            Arc::new(RedisBroker::connect(&url, options).await.with_context(|| {
+                format!("connecting to Redis at {}", url::redact(&config.broker_url))
+            })?)
         }
     })
 }
 
 /// The result backend; `rpc://` reuses the broker.
-pub async fn backend(config: &WorkerConfig, broker: Arc<dyn Broker>) -> anyhow::Result<Arc<dyn ResultBackend>> {
-    Ok(match url::parse_backend(&config.result_backend).context("result_backend")? {
-        BackendUrl::Rpc => Arc::new(RpcBackend::new(broker)),
-        BackendUrl::Disabled => Arc::new(DisabledBackend),
-        BackendUrl::Redis { url, .. } => Arc::new(
-            RedisBackend::connect(&url, config.result_expires)
-                .await
-                .with_context(|| format!("connecting to the Redis result backend at {}", url::redact(&url)))?,
-        ),
-    })
+pub async fn backend(
+    config: &WorkerConfig,
+    broker: Arc<dyn Broker>,
+) -> anyhow::Result<Arc<dyn ResultBackend>> {
+    Ok(
+        match url::parse_backend(&config.result_backend).context("result_backend")? {
+            BackendUrl::Rpc => Arc::new(RpcBackend::new(broker)),
+            BackendUrl::Disabled => Arc::new(DisabledBackend),
+            BackendUrl::Redis { url, .. } => Arc::new(
+                RedisBackend::connect(&url, config.result_expires)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "connecting to the Redis result backend at {}",
+                            url::redact(&url)
+                        )
+                    })?,
+            ),
+        },
+    )
 }

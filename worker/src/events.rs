@@ -45,7 +45,11 @@ impl Events {
         stop: CancellationToken,
     ) -> (Arc<Events>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let events = Arc::new(Events { factory: EventFactory::new(hostname), task_events: AtomicBool::new(task_events), tx });
+        let events = Arc::new(Events {
+            factory: EventFactory::new(hostname),
+            task_events: AtomicBool::new(task_events),
+            tx,
+        });
         let handle = tokio::spawn(publish_loop(broker, events.clone(), rx, state, stop));
         (events, handle)
     }
@@ -73,7 +77,12 @@ impl Events {
 
     /// Emits a worker heartbeat now (remote `heartbeat` command: Celery sends it with freq 5).
     pub fn heartbeat_now(&self, state: &WorkerState, freq: f64) {
-        self.enqueue(self.factory.worker("worker-heartbeat", freq, state.active().len(), state.processed()));
+        self.enqueue(self.factory.worker(
+            "worker-heartbeat",
+            freq,
+            state.active().len(),
+            state.processed(),
+        ));
     }
 
     fn enqueue(&self, event: Value) {
@@ -92,7 +101,12 @@ async fn publish_loop(
 ) {
     let exchange = ExchangeSpec::events();
     let f = &events.factory;
-    send(&*broker, &exchange, f.worker("worker-online", HEARTBEAT_FREQ, 0, state.processed())).await;
+    send(
+        &*broker,
+        &exchange,
+        f.worker("worker-online", HEARTBEAT_FREQ, 0, state.processed()),
+    )
+    .await;
     let mut heartbeat = tokio::time::interval(Duration::from_secs_f64(HEARTBEAT_FREQ));
     heartbeat.tick().await;
     loop {
@@ -122,10 +136,20 @@ async fn publish_loop(
     for chunk in rest.chunks(BATCH_LIMIT) {
         publish_batch(&*broker, &exchange, &f.hostname, chunk.to_vec()).await;
     }
-    send(&*broker, &exchange, f.worker("worker-offline", HEARTBEAT_FREQ, 0, state.processed())).await;
+    send(
+        &*broker,
+        &exchange,
+        f.worker("worker-offline", HEARTBEAT_FREQ, 0, state.processed()),
+    )
+    .await;
 }
 
-async fn publish_batch(broker: &dyn Broker, exchange: &ExchangeSpec, hostname: &str, batch: Vec<Value>) {
+async fn publish_batch(
+    broker: &dyn Broker,
+    exchange: &ExchangeSpec,
+    hostname: &str,
+    batch: Vec<Value>,
+) {
     if batch.is_empty() {
         return;
     }
@@ -137,8 +161,17 @@ async fn publish_batch(broker: &dyn Broker, exchange: &ExchangeSpec, hostname: &
 }
 
 async fn send(broker: &dyn Broker, exchange: &ExchangeSpec, event: Value) {
-    let rk = routing_key(event.get("type").and_then(Value::as_str).unwrap_or("worker-heartbeat"));
-    let hostname = event.get("hostname").and_then(Value::as_str).unwrap_or_default().to_string();
+    let rk = routing_key(
+        event
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("worker-heartbeat"),
+    );
+    let hostname = event
+        .get("hostname")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let mut msg = OutgoingMessage::json(to_python_string(&event, false));
     decorate(&mut msg, hostname);
     if let Err(e) = broker.broadcast(exchange, &rk, msg).await {
@@ -148,7 +181,8 @@ async fn send(broker: &dyn Broker, exchange: &ExchangeSpec, event: Value) {
 
 /// Event message properties as Celery's dispatcher sets them.
 fn decorate(msg: &mut OutgoingMessage, hostname: String) {
-    msg.headers.insert("hostname".into(), Value::String(hostname));
+    msg.headers
+        .insert("hostname".into(), Value::String(hostname));
     msg.properties.delivery_mode = Some(1);
     msg.properties.priority = Some(0);
 }

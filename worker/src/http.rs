@@ -35,7 +35,8 @@ pub async fn serve(
         .route("/readyz", get(ready_handler))
         .with_state(AppState { metrics, state });
     tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
         if let Err(e) = server.await {
             tracing::error!("metrics HTTP server failed: {e}");
         }
@@ -44,14 +45,23 @@ pub async fn serve(
 }
 
 async fn metrics_handler(State(app): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
 }
 
 async fn ready_handler(State(app): State<AppState>) -> impl IntoResponse {
     let consuming = app.state.consuming_queues();
     if app.state.is_ready() {
-        (StatusCode::OK, format!("ready: consuming {consuming} queue(s)\n"))
+        (
+            StatusCode::OK,
+            format!("ready: consuming {consuming} queue(s)\n"),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: consuming {consuming} queue(s)\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: consuming {consuming} queue(s)\n"),
+        )
     }
 }

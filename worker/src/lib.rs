@@ -6,12 +6,12 @@
 //! [`connect`] (brokers and backends from URLs).
 
 pub mod config;
+pub mod connect;
 pub mod dagster;
 pub mod events;
 pub mod http;
 pub mod launcher;
 pub mod metrics;
-pub mod connect;
 pub mod runtime;
 pub mod tasks;
 

@@ -5,7 +5,8 @@
 //! (`exception` added on failures), `hostname` on worker gauges, `queue_name` on queue gauges.
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// All metrics of one worker process.
@@ -30,49 +31,110 @@ pub struct Metrics {
 }
 
 /// Buckets from seconds to hours: Dagster steps run long.
-const RUNTIME_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0];
+const RUNTIME_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+];
 
 impl Metrics {
     pub fn new(hostname: &str) -> Metrics {
         let registry = Registry::new();
         let task_labels = &["name", "hostname", "queue_name"];
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-            registry.register(Box::new(c.clone())).expect("unique metric name");
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric name");
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
-            registry.register(Box::new(g.clone())).expect("unique metric name");
+            let g =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric name");
             g
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(RUNTIME_BUCKETS.to_vec()), labels)
-                .expect("static metric definition");
-            registry.register(Box::new(h.clone())).expect("unique metric name");
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(RUNTIME_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("static metric definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric name");
             h
         };
         let m = Metrics {
-            task_received: counter("celery_task_received_total", "Tasks received by the worker.", task_labels),
+            task_received: counter(
+                "celery_task_received_total",
+                "Tasks received by the worker.",
+                task_labels,
+            ),
             task_started: counter("celery_task_started_total", "Tasks started.", task_labels),
-            task_succeeded: counter("celery_task_succeeded_total", "Tasks that succeeded.", task_labels),
+            task_succeeded: counter(
+                "celery_task_succeeded_total",
+                "Tasks that succeeded.",
+                task_labels,
+            ),
             task_failed: counter(
                 "celery_task_failed_total",
                 "Tasks that failed.",
                 &["name", "hostname", "exception", "queue_name"],
             ),
-            task_rejected: counter("celery_task_rejected_total", "Messages rejected (bad input, unknown task).", task_labels),
-            task_revoked: counter("celery_task_revoked_total", "Tasks revoked or expired.", task_labels),
-            task_retried: counter("celery_task_retried_total", "Tasks handed back for another attempt.", task_labels),
-            task_runtime: histogram("celery_task_runtime", "Task runtime in seconds.", task_labels),
-            worker_up: gauge("celery_worker_up", "1 while the worker is consuming.", &["hostname"]),
-            worker_tasks_active: gauge("celery_worker_tasks_active", "Tasks running now.", &["hostname"]),
-            in_flight: gauge("celeriac_queue_in_flight", "Steps of the queue running in this worker.", &["queue_name", "hostname"]),
-            free_slots: gauge("celeriac_queue_free_slots", "Free concurrency slots of the queue in this worker.", &["queue_name", "hostname"]),
+            task_rejected: counter(
+                "celery_task_rejected_total",
+                "Messages rejected (bad input, unknown task).",
+                task_labels,
+            ),
+            task_revoked: counter(
+                "celery_task_revoked_total",
+                "Tasks revoked or expired.",
+                task_labels,
+            ),
+            task_retried: counter(
+                "celery_task_retried_total",
+                "Tasks handed back for another attempt.",
+                task_labels,
+            ),
+            task_runtime: histogram(
+                "celery_task_runtime",
+                "Task runtime in seconds.",
+                task_labels,
+            ),
+            worker_up: gauge(
+                "celery_worker_up",
+                "1 while the worker is consuming.",
+                &["hostname"],
+            ),
+            worker_tasks_active: gauge(
+                "celery_worker_tasks_active",
+                "Tasks running now.",
+                &["hostname"],
+            ),
+            in_flight: gauge(
+                "celeriac_queue_in_flight",
+                "Steps of the queue running in this worker.",
+                &["queue_name", "hostname"],
+            ),
+            free_slots: gauge(
+                "celeriac_queue_free_slots",
+                "Free concurrency slots of the queue in this worker.",
+                &["queue_name", "hostname"],
+            ),
             broker_reconnects: {
-                let c = CounterVec::new(Opts::new("celeriac_broker_reconnects_total", "Broker consumer reconnections."), &["queue_name", "hostname"])
-                    .expect("static metric definition");
-                registry.register(Box::new(c.clone())).expect("unique metric name");
+                let c = CounterVec::new(
+                    Opts::new(
+                        "celeriac_broker_reconnects_total",
+                        "Broker consumer reconnections.",
+                    ),
+                    &["queue_name", "hostname"],
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric name");
                 c
             },
             result_store_seconds: histogram(
@@ -81,9 +143,14 @@ impl Metrics {
                 &["backend", "hostname"],
             ),
             queue_length: {
-                let g = GaugeVec::new(Opts::new("celery_queue_length", "Messages ready in the queue."), &["queue_name"])
-                    .expect("static metric definition");
-                registry.register(Box::new(g.clone())).expect("unique metric name");
+                let g = GaugeVec::new(
+                    Opts::new("celery_queue_length", "Messages ready in the queue."),
+                    &["queue_name"],
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric name");
                 g
             },
             registry,
@@ -98,69 +165,109 @@ impl Metrics {
     /// the start, not only after the first failure.
     pub fn init_series(&self, name: &str, queue: &str, limit: usize) {
         let labels = [name, self.hostname.as_str(), queue];
-        for c in [&self.task_received, &self.task_started, &self.task_succeeded, &self.task_rejected, &self.task_revoked, &self.task_retried] {
+        for c in [
+            &self.task_received,
+            &self.task_started,
+            &self.task_succeeded,
+            &self.task_rejected,
+            &self.task_revoked,
+            &self.task_retried,
+        ] {
             c.with_label_values(&labels);
         }
-        self.task_failed.with_label_values(&[name, &self.hostname, "", queue]);
+        self.task_failed
+            .with_label_values(&[name, &self.hostname, "", queue]);
         self.task_runtime.with_label_values(&labels);
         self.queue_length.with_label_values(&[queue]);
         self.slots(queue, 0, limit);
     }
 
     pub fn set_up(&self, up: bool) {
-        self.worker_up.with_label_values(&[&self.hostname]).set(i64::from(up));
+        self.worker_up
+            .with_label_values(&[&self.hostname])
+            .set(i64::from(up));
     }
 
     pub fn received(&self, name: &str, queue: &str) {
-        self.task_received.with_label_values(&[name, &self.hostname, queue]).inc();
+        self.task_received
+            .with_label_values(&[name, &self.hostname, queue])
+            .inc();
     }
 
     pub fn started(&self, name: &str, queue: &str) {
-        self.task_started.with_label_values(&[name, &self.hostname, queue]).inc();
-        self.worker_tasks_active.with_label_values(&[&self.hostname]).inc();
+        self.task_started
+            .with_label_values(&[name, &self.hostname, queue])
+            .inc();
+        self.worker_tasks_active
+            .with_label_values(&[&self.hostname])
+            .inc();
     }
 
     /// A started task ended (any outcome) after `runtime` seconds.
     pub fn ended(&self, name: &str, queue: &str, runtime: f64) {
-        self.worker_tasks_active.with_label_values(&[&self.hostname]).dec();
-        self.task_runtime.with_label_values(&[name, &self.hostname, queue]).observe(runtime);
+        self.worker_tasks_active
+            .with_label_values(&[&self.hostname])
+            .dec();
+        self.task_runtime
+            .with_label_values(&[name, &self.hostname, queue])
+            .observe(runtime);
     }
 
     pub fn succeeded(&self, name: &str, queue: &str) {
-        self.task_succeeded.with_label_values(&[name, &self.hostname, queue]).inc();
+        self.task_succeeded
+            .with_label_values(&[name, &self.hostname, queue])
+            .inc();
     }
 
     pub fn failed(&self, name: &str, queue: &str, exception: &str) {
-        self.task_failed.with_label_values(&[name, &self.hostname, exception, queue]).inc();
+        self.task_failed
+            .with_label_values(&[name, &self.hostname, exception, queue])
+            .inc();
     }
 
     pub fn rejected(&self, name: &str, queue: &str) {
-        self.task_rejected.with_label_values(&[name, &self.hostname, queue]).inc();
+        self.task_rejected
+            .with_label_values(&[name, &self.hostname, queue])
+            .inc();
     }
 
     pub fn revoked(&self, name: &str, queue: &str) {
-        self.task_revoked.with_label_values(&[name, &self.hostname, queue]).inc();
+        self.task_revoked
+            .with_label_values(&[name, &self.hostname, queue])
+            .inc();
     }
 
     pub fn retried(&self, name: &str, queue: &str) {
-        self.task_retried.with_label_values(&[name, &self.hostname, queue]).inc();
+        self.task_retried
+            .with_label_values(&[name, &self.hostname, queue])
+            .inc();
     }
 
     pub fn slots(&self, queue: &str, in_flight: usize, free: usize) {
-        self.in_flight.with_label_values(&[queue, &self.hostname]).set(in_flight as i64);
-        self.free_slots.with_label_values(&[queue, &self.hostname]).set(free as i64);
+        self.in_flight
+            .with_label_values(&[queue, &self.hostname])
+            .set(in_flight as i64);
+        self.free_slots
+            .with_label_values(&[queue, &self.hostname])
+            .set(free as i64);
     }
 
     pub fn reconnected(&self, queue: &str) {
-        self.broker_reconnects.with_label_values(&[queue, &self.hostname]).inc();
+        self.broker_reconnects
+            .with_label_values(&[queue, &self.hostname])
+            .inc();
     }
 
     pub fn result_stored(&self, backend: &str, seconds: f64) {
-        self.result_store_seconds.with_label_values(&[backend, &self.hostname]).observe(seconds);
+        self.result_store_seconds
+            .with_label_values(&[backend, &self.hostname])
+            .observe(seconds);
     }
 
     pub fn queue_length(&self, queue: &str, ready: u64) {
-        self.queue_length.with_label_values(&[queue]).set(ready as f64);
+        self.queue_length
+            .with_label_values(&[queue])
+            .set(ready as f64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -48,7 +48,10 @@ pub struct RpcBackend {
 
 impl RpcBackend {
     pub fn new(broker: Arc<dyn Broker>) -> Self {
-        Self { broker, persistent: false }
+        Self {
+            broker,
+            persistent: false,
+        }
     }
 }
 

@@ -18,13 +18,22 @@ pub struct RedisBackend {
 }
 
 impl RedisBackend {
-    pub async fn connect(url: &str, result_expires: Duration) -> Result<RedisBackend, BackendError> {
-        let client = redis::Client::open(url).map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?;
+    pub async fn connect(
+        url: &str,
+        result_expires: Duration,
+    ) -> Result<RedisBackend, BackendError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?;
         let con = tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
             .await
-            .map_err(|_| BackendError::Unavailable(format!("{}: timed out after 10 s", redact(url))))?
+            .map_err(|_| {
+                BackendError::Unavailable(format!("{}: timed out after 10 s", redact(url)))
+            })?
             .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?;
-        Ok(RedisBackend { con, expires: result_expires })
+        Ok(RedisBackend {
+            con,
+            expires: result_expires,
+        })
     }
 }
 
@@ -33,11 +42,18 @@ impl ResultBackend for RedisBackend {
     async fn store(&self, target: &ReplyTarget, meta: &ResultMeta) -> Result<(), BackendError> {
         let key = format!("celery-task-meta-{}", target.task_id);
         let mut con = self.con.clone();
-        let existing: Option<String> = con.get(&key).await.map_err(|e| BackendError::Unavailable(format!("GET {key}: {e}")))?;
+        let existing: Option<String> = con
+            .get(&key)
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("GET {key}: {e}")))?;
         if let Some(existing) = existing {
             let stored_success = parse_lenient(existing.as_bytes())
                 .ok()
-                .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(|s| s == "SUCCESS"))
+                .and_then(|v| {
+                    v.get("status")
+                        .and_then(|s| s.as_str())
+                        .map(|s| s == "SUCCESS")
+                })
                 .unwrap_or(false);
             if stored_success {
                 return Ok(()); // Celery never overwrites a SUCCESS

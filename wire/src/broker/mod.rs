@@ -30,7 +30,10 @@ pub struct QueueSpec {
 impl QueueSpec {
     /// A queue exactly as `dagster_celery` declares it.
     pub fn dagster(name: &str) -> Self {
-        Self { name: name.into(), max_priority: Some(10) }
+        Self {
+            name: name.into(),
+            max_priority: Some(10),
+        }
     }
 }
 
@@ -54,15 +57,27 @@ pub struct ExchangeSpec {
 impl ExchangeSpec {
     /// `celeryev`, where events go.
     pub fn events() -> Self {
-        Self { name: "celeryev".into(), kind: ExchangeKind::Topic, durable: true }
+        Self {
+            name: "celeryev".into(),
+            kind: ExchangeKind::Topic,
+            durable: true,
+        }
     }
     /// `celery.pidbox`, where remote-control requests are broadcast.
     pub fn pidbox() -> Self {
-        Self { name: "celery.pidbox".into(), kind: ExchangeKind::Fanout, durable: false }
+        Self {
+            name: "celery.pidbox".into(),
+            kind: ExchangeKind::Fanout,
+            durable: false,
+        }
     }
     /// `reply.celery.pidbox`, where remote-control replies go.
     pub fn pidbox_reply() -> Self {
-        Self { name: "reply.celery.pidbox".into(), kind: ExchangeKind::Direct, durable: false }
+        Self {
+            name: "reply.celery.pidbox".into(),
+            kind: ExchangeKind::Direct,
+            durable: false,
+        }
     }
 }
 
@@ -124,7 +139,9 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("message", &self.message).finish_non_exhaustive()
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
     }
 }
 
@@ -154,25 +171,51 @@ pub trait Consumer: Send {
 #[async_trait]
 pub trait Broker: Send + Sync {
     /// Declares the queue like Celery does and subscribes with at most `prefetch` unsettled deliveries.
-    async fn consume(&self, queue: &QueueSpec, prefetch: u16) -> Result<Box<dyn Consumer>, BrokerError>;
+    async fn consume(
+        &self,
+        queue: &QueueSpec,
+        prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, BrokerError>;
     /// Publishes to `exchange` (`""` = default exchange: routing key names the queue).
-    async fn publish(&self, exchange: &str, routing_key: &str, message: OutgoingMessage) -> Result<(), BrokerError>;
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+    ) -> Result<(), BrokerError>;
     /// Publishes to a declared exchange (events to `celeryev`, control to `celery.pidbox`, replies to
     /// `reply.celery.pidbox`). AMQP declares the exchange first as Celery does; Redis routes fanout/topic
     /// through `PUBLISH /<db>.<exchange>/<routing_key>` and direct through its binding table.
-    async fn broadcast(&self, exchange: &ExchangeSpec, routing_key: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
+    async fn broadcast(
+        &self,
+        exchange: &ExchangeSpec,
+        routing_key: &str,
+        message: OutgoingMessage,
+    ) -> Result<(), BrokerError> {
         let _ = (exchange, routing_key, message);
-        Err(BrokerError::Refused { operation: "broadcast".into(), reason: format!("not supported by the {} transport", self.transport()) })
+        Err(BrokerError::Refused {
+            operation: "broadcast".into(),
+            reason: format!("not supported by the {} transport", self.transport()),
+        })
     }
     /// Subscribes to a broadcast exchange; deliveries need no acknowledgement (acks are no-ops).
-    async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Consumer>, BrokerError> {
+    async fn subscribe(
+        &self,
+        subscription: &Subscription,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         let _ = subscription;
-        Err(BrokerError::Refused { operation: "subscribe".into(), reason: format!("not supported by the {} transport", self.transport()) })
+        Err(BrokerError::Refused {
+            operation: "subscribe".into(),
+            reason: format!("not supported by the {} transport", self.transport()),
+        })
     }
     /// Messages ready in `queue` (Redis: summed over its priority lists).
     async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError> {
         let _ = queue;
-        Err(BrokerError::Refused { operation: "queue_length".into(), reason: format!("not supported by the {} transport", self.transport()) })
+        Err(BrokerError::Refused {
+            operation: "queue_length".into(),
+            reason: format!("not supported by the {} transport", self.transport()),
+        })
     }
     /// How often [`Acker::keep_alive`] must be called while a message is held, if at all.
     fn keep_alive_interval(&self) -> Option<Duration> {

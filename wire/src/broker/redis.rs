@@ -22,7 +22,10 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{Mutex, OnceCell};
 use tracing::{debug, info, warn};
 
-use super::{Acker, Broker, BrokerError, Consumer, Delivery, ExchangeKind, ExchangeSpec, OutgoingMessage, QueueSpec, Subscription};
+use super::{
+    Acker, Broker, BrokerError, Consumer, Delivery, ExchangeKind, ExchangeSpec, OutgoingMessage,
+    QueueSpec, Subscription,
+};
 use crate::json::{parse_lenient, to_python_string};
 use crate::message::{DeliveryInfo, Properties, RawMessage};
 use crate::url::redact;
@@ -82,7 +85,10 @@ pub struct RedisBroker {
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 fn lost(what: &str, e: impl std::fmt::Display) -> BrokerError {
@@ -90,19 +96,40 @@ fn lost(what: &str, e: impl std::fmt::Display) -> BrokerError {
 }
 
 impl RedisBroker {
-    pub async fn connect(url: &str, options: RedisTransportOptions) -> Result<RedisBroker, BrokerError> {
+    pub async fn connect(
+        url: &str,
+        options: RedisTransportOptions,
+    ) -> Result<RedisBroker, BrokerError> {
         let db = match crate::url::parse_broker(url) {
             Ok(crate::url::BrokerUrl::Redis { db, .. }) => db,
             _ => 0,
         };
-        let connect_err = |e: redis::RedisError| BrokerError::Connect { url: redact(url), reason: e.to_string() };
+        let connect_err = |e: redis::RedisError| BrokerError::Connect {
+            url: redact(url),
+            reason: e.to_string(),
+        };
         let client = redis::Client::open(url).map_err(connect_err)?;
-        let commands = tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client.clone()))
-            .await
-            .map_err(|_| BrokerError::Connect { url: redact(url), reason: "timed out after 10 s".into() })?
-            .map_err(connect_err)?;
+        let commands = tokio::time::timeout(
+            Duration::from_secs(10),
+            ConnectionManager::new(client.clone()),
+        )
+        .await
+        .map_err(|_| BrokerError::Connect {
+            url: redact(url),
+            reason: "timed out after 10 s".into(),
+        })?
+        .map_err(connect_err)?;
         info!(url = %redact(url), "connected to Redis");
-        Ok(RedisBroker { inner: Arc::new(Inner { client, url: url.into(), db, options, commands, sweeper: OnceCell::new() }) })
+        Ok(RedisBroker {
+            inner: Arc::new(Inner {
+                client,
+                url: url.into(),
+                db,
+                options,
+                commands,
+                sweeper: OnceCell::new(),
+            }),
+        })
     }
 
     fn cmd(&self) -> ConnectionManager {
@@ -115,13 +142,25 @@ impl RedisBroker {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(10)))
             .set_response_timeout(Some(Duration::from_secs(10)));
-        self.inner.client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| lost("connect", e))
+        self.inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| lost("connect", e))
     }
 
     /// The list a message of `priority` lives in.
     pub fn list_for(&self, queue: &str, priority: u8) -> String {
         let p = priority.min(9);
-        let step = self.inner.options.priority_steps.iter().copied().filter(|s| *s <= p).max().unwrap_or(0);
+        let step = self
+            .inner
+            .options
+            .priority_steps
+            .iter()
+            .copied()
+            .filter(|s| *s <= p)
+            .max()
+            .unwrap_or(0);
         if step == 0 {
             queue.to_string()
         } else {
@@ -140,10 +179,10 @@ impl RedisBroker {
     }
 
     fn restore_interval(&self) -> Duration {
-        self.inner
-            .options
-            .restore_interval
-            .unwrap_or_else(|| (self.inner.options.visibility_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(60)))
+        self.inner.options.restore_interval.unwrap_or_else(|| {
+            (self.inner.options.visibility_timeout / 2)
+                .clamp(Duration::from_secs(1), Duration::from_secs(60))
+        })
     }
 
     /// Starts the visibility sweep once per broker.
@@ -200,42 +239,72 @@ impl RedisBroker {
         }
         .await;
         let release = redis::Script::new("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end");
-        let _: Result<i64, _> = release.key(UNACKED_MUTEX).arg(&token).invoke_async(&mut con).await;
+        let _: Result<i64, _> = release
+            .key(UNACKED_MUTEX)
+            .arg(&token)
+            .invoke_async(&mut con)
+            .await;
         result
     }
 
     /// Moves one unacked message back to its queue: RPUSH (front) for restores, LPUSH (back) for requeue.
     async fn restore(&self, tag: &str, front: bool) -> Result<bool, BrokerError> {
         let mut con = self.dedicated().await?;
-        redis::cmd("WATCH").arg(UNACKED).query_async::<()>(&mut con).await.map_err(|e| lost("WATCH", e))?;
-        let stored: Option<String> = con.hget(UNACKED, tag).await.map_err(|e| lost("HGET unacked", e))?;
+        redis::cmd("WATCH")
+            .arg(UNACKED)
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| lost("WATCH", e))?;
+        let stored: Option<String> = con
+            .hget(UNACKED, tag)
+            .await
+            .map_err(|e| lost("HGET unacked", e))?;
         let Some(stored) = stored else {
             let _: Result<(), _> = redis::cmd("UNWATCH").query_async(&mut con).await;
             return Ok(false);
         };
         let Ok(Value::Array(parts)) = parse_lenient(stored.as_bytes()) else {
             warn!(delivery_tag = %tag, "dropping a malformed unacked entry");
-            let _: Result<(), _> = redis::pipe().atomic().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).query_async(&mut con).await;
+            let _: Result<(), _> = redis::pipe()
+                .atomic()
+                .zrem(UNACKED_INDEX, tag)
+                .hdel(UNACKED, tag)
+                .query_async(&mut con)
+                .await;
             return Ok(false);
         };
         let mut envelope = parts.first().cloned().unwrap_or(Value::Null);
-        let routing_key = parts.get(2).and_then(Value::as_str).unwrap_or_default().to_string();
+        let routing_key = parts
+            .get(2)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         mark_redelivered(&mut envelope);
-        let priority = envelope.pointer("/properties/priority").and_then(Value::as_u64).unwrap_or(0);
+        let priority = envelope
+            .pointer("/properties/priority")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         let list = self.list_for(&routing_key, u8::try_from(priority).unwrap_or(9));
         let body = match &envelope {
             Value::String(original) => original.clone(), // an element that never was an envelope
             other => to_python_string(other, false),
         };
         let mut pipe = redis::pipe();
-        pipe.atomic().zrem(UNACKED_INDEX, tag).ignore().hdel(UNACKED, tag).ignore();
+        pipe.atomic()
+            .zrem(UNACKED_INDEX, tag)
+            .ignore()
+            .hdel(UNACKED, tag)
+            .ignore();
         if front {
             pipe.rpush(&list, body).ignore();
         } else {
             pipe.lpush(&list, body).ignore();
         }
         // EXEC answers nil when `unacked` changed meanwhile (someone else settled or restored it).
-        let done: redis::Value = pipe.query_async(&mut con).await.map_err(|e| lost("restore transaction", e))?;
+        let done: redis::Value = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(|e| lost("restore transaction", e))?;
         Ok(!matches!(done, redis::Value::Nil))
     }
 
@@ -247,14 +316,26 @@ impl RedisBroker {
         if let Some(r) = &msg.properties.reply_to {
             props.insert("reply_to".into(), json!(r));
         }
-        props.insert("delivery_mode".into(), json!(msg.properties.delivery_mode.unwrap_or(2)));
+        props.insert(
+            "delivery_mode".into(),
+            json!(msg.properties.delivery_mode.unwrap_or(2)),
+        );
         if let Some(e) = &msg.properties.expiration {
             props.insert("expiration".into(), json!(e));
         }
-        props.insert("delivery_info".into(), json!({"exchange": exchange, "routing_key": routing_key}));
-        props.insert("priority".into(), json!(msg.properties.priority.unwrap_or(0)));
+        props.insert(
+            "delivery_info".into(),
+            json!({"exchange": exchange, "routing_key": routing_key}),
+        );
+        props.insert(
+            "priority".into(),
+            json!(msg.properties.priority.unwrap_or(0)),
+        );
         props.insert("body_encoding".into(), json!("base64"));
-        props.insert("delivery_tag".into(), json!(uuid::Uuid::new_v4().to_string()));
+        props.insert(
+            "delivery_tag".into(),
+            json!(uuid::Uuid::new_v4().to_string()),
+        );
         json!({
             "body": base64::engine::general_purpose::STANDARD.encode(&msg.body),
             "content-encoding": msg.content_encoding,
@@ -264,9 +345,17 @@ impl RedisBroker {
         })
     }
 
-    async fn push_direct(&self, exchange: &str, routing_key: &str, msg: &OutgoingMessage) -> Result<(), BrokerError> {
+    async fn push_direct(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        msg: &OutgoingMessage,
+    ) -> Result<(), BrokerError> {
         let mut con = self.cmd();
-        let members: Vec<String> = con.smembers(format!("_kombu.binding.{exchange}")).await.map_err(|e| lost("SMEMBERS", e))?;
+        let members: Vec<String> = con
+            .smembers(format!("_kombu.binding.{exchange}"))
+            .await
+            .map_err(|e| lost("SMEMBERS", e))?;
         let sep = &self.inner.options.sep;
         let queues: Vec<String> = members
             .iter()
@@ -277,13 +366,20 @@ impl RedisBroker {
             })
             .collect();
         if queues.is_empty() {
-            warn!(exchange, routing_key, "no queue is bound for this routing key; message dropped (as kombu does)");
+            warn!(
+                exchange,
+                routing_key,
+                "no queue is bound for this routing key; message dropped (as kombu does)"
+            );
             return Ok(());
         }
         let env = to_python_string(&self.envelope(exchange, routing_key, msg), false);
         let priority = msg.properties.priority.unwrap_or(0);
         for q in queues {
-            let _: () = con.lpush(self.list_for(&q, priority), &env).await.map_err(|e| lost("LPUSH", e))?;
+            let _: () = con
+                .lpush(self.list_for(&q, priority), &env)
+                .await
+                .map_err(|e| lost("LPUSH", e))?;
         }
         Ok(())
     }
@@ -302,7 +398,10 @@ fn mark_redelivered(envelope: &mut Value) {
     if let Some(h) = envelope.get_mut("headers").and_then(Value::as_object_mut) {
         h.insert("redelivered".into(), Value::Bool(true));
     }
-    if let Some(di) = envelope.pointer_mut("/properties/delivery_info").and_then(Value::as_object_mut) {
+    if let Some(di) = envelope
+        .pointer_mut("/properties/delivery_info")
+        .and_then(Value::as_object_mut)
+    {
         di.insert("redelivered".into(), Value::Bool(true));
     }
 }
@@ -313,7 +412,11 @@ fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
     let invalid = |raw: &[u8]| RawMessage {
         body: raw.to_vec(),
         content_type: INVALID_ENVELOPE.into(),
-        delivery_info: DeliveryInfo { queue: queue.into(), routing_key: queue.into(), ..Default::default() },
+        delivery_info: DeliveryInfo {
+            queue: queue.into(),
+            routing_key: queue.into(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let env = match parse_lenient(raw) {
@@ -321,7 +424,10 @@ fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
         _ => return (invalid(raw), Value::Null),
     };
     let props = env.get("properties").cloned().unwrap_or(Value::Null);
-    let body = match (env.get("body").and_then(Value::as_str), props.get("body_encoding").and_then(Value::as_str)) {
+    let body = match (
+        env.get("body").and_then(Value::as_str),
+        props.get("body_encoding").and_then(Value::as_str),
+    ) {
         (Some(b), Some("base64")) => match base64::engine::general_purpose::STANDARD.decode(b) {
             Ok(bytes) => bytes,
             Err(_) => return (invalid(raw), env),
@@ -329,7 +435,11 @@ fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
         (Some(b), _) => b.as_bytes().to_vec(),
         (None, _) => return (invalid(raw), env),
     };
-    let headers = env.get("headers").and_then(Value::as_object).cloned().unwrap_or_default();
+    let headers = env
+        .get("headers")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     let di = props.get("delivery_info").cloned().unwrap_or(Value::Null);
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
     let msg = RawMessage {
@@ -339,15 +449,27 @@ fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
         properties: Properties {
             correlation_id: s(&props, "correlation_id"),
             reply_to: s(&props, "reply_to"),
-            delivery_mode: props.get("delivery_mode").and_then(Value::as_u64).and_then(|d| u8::try_from(d).ok()),
-            priority: props.get("priority").and_then(Value::as_u64).map(|p| p.min(255) as u8),
+            delivery_mode: props
+                .get("delivery_mode")
+                .and_then(Value::as_u64)
+                .and_then(|d| u8::try_from(d).ok()),
+            priority: props
+                .get("priority")
+                .and_then(Value::as_u64)
+                .map(|p| p.min(255) as u8),
             expiration: s(&props, "expiration"),
         },
         delivery_info: DeliveryInfo {
             exchange: s(&di, "exchange").unwrap_or_default(),
             routing_key: s(&di, "routing_key").unwrap_or_else(|| queue.into()),
-            redelivered: di.get("redelivered").and_then(Value::as_bool).unwrap_or(false)
-                || headers.get("redelivered").and_then(Value::as_bool).unwrap_or(false),
+            redelivered: di
+                .get("redelivered")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                || headers
+                    .get("redelivered")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             queue: queue.into(),
         },
         headers,
@@ -357,7 +479,11 @@ fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn consume(&self, queue: &QueueSpec, _prefetch: u16) -> Result<Box<dyn Consumer>, BrokerError> {
+    async fn consume(
+        &self,
+        queue: &QueueSpec,
+        _prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         let mut con = self.cmd();
         let sep = &self.inner.options.sep;
         let member = format!("{0}{sep}{sep}{0}", queue.name);
@@ -371,10 +497,20 @@ impl Broker for RedisBroker {
             .map_err(|e| lost("SADD binding", e))?;
         let blocking = self.dedicated().await?;
         self.ensure_sweeper().await;
-        Ok(Box::new(RedisConsumer { broker: self.clone(), queue: queue.name.clone(), keys: self.brpop_keys(&queue.name), con: blocking }))
+        Ok(Box::new(RedisConsumer {
+            broker: self.clone(),
+            queue: queue.name.clone(),
+            keys: self.brpop_keys(&queue.name),
+            con: blocking,
+        }))
     }
 
-    async fn publish(&self, exchange: &str, routing_key: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+    ) -> Result<(), BrokerError> {
         if !exchange.is_empty() {
             return self.push_direct(exchange, routing_key, &message).await;
         }
@@ -385,13 +521,23 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn broadcast(&self, exchange: &ExchangeSpec, routing_key: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
+    async fn broadcast(
+        &self,
+        exchange: &ExchangeSpec,
+        routing_key: &str,
+        message: OutgoingMessage,
+    ) -> Result<(), BrokerError> {
         if exchange.kind == ExchangeKind::Direct {
-            return self.push_direct(&exchange.name, routing_key, &message).await;
+            return self
+                .push_direct(&exchange.name, routing_key, &message)
+                .await;
         }
         let env = to_python_string(&self.envelope(&exchange.name, routing_key, &message), false);
         let mut con = self.cmd();
-        let _: () = con.publish(self.channel(&exchange.name, routing_key), env).await.map_err(|e| lost("PUBLISH", e))?;
+        let _: () = con
+            .publish(self.channel(&exchange.name, routing_key), env)
+            .await
+            .map_err(|e| lost("PUBLISH", e))?;
         Ok(())
     }
 
@@ -401,20 +547,38 @@ impl Broker for RedisBroker {
             let sep = &self.inner.options.sep;
             let mut con = self.cmd();
             let _: () = con
-                .sadd(format!("_kombu.binding.{}", sub.exchange.name), format!("{}{sep}{sep}{}", sub.binding_key, sub.queue))
+                .sadd(
+                    format!("_kombu.binding.{}", sub.exchange.name),
+                    format!("{}{sep}{sep}{}", sub.binding_key, sub.queue),
+                )
                 .await
                 .map_err(|e| lost("SADD binding", e))?;
             let blocking = self.dedicated().await?;
-            return Ok(Box::new(ListSubscriber { keys: vec![sub.queue.clone()], queue: sub.queue.clone(), con: blocking }));
+            return Ok(Box::new(ListSubscriber {
+                keys: vec![sub.queue.clone()],
+                queue: sub.queue.clone(),
+                con: blocking,
+            }));
         }
-        let mut pubsub = self.inner.client.get_async_pubsub().await.map_err(|e| lost("pub/sub connect", e))?;
+        let mut pubsub = self
+            .inner
+            .client
+            .get_async_pubsub()
+            .await
+            .map_err(|e| lost("pub/sub connect", e))?;
         let pattern = if sub.exchange.kind == ExchangeKind::Topic {
             format!("/{}.{}/*", self.inner.db, sub.exchange.name)
         } else {
             format!("/{}.{}*", self.inner.db, sub.exchange.name)
         };
-        pubsub.psubscribe(&pattern).await.map_err(|e| lost("PSUBSCRIBE", e))?;
-        Ok(Box::new(PubSubSubscriber { pubsub: Mutex::new(pubsub), queue: sub.queue.clone() }))
+        pubsub
+            .psubscribe(&pattern)
+            .await
+            .map_err(|e| lost("PSUBSCRIBE", e))?;
+        Ok(Box::new(PubSubSubscriber {
+            pubsub: Mutex::new(pubsub),
+            queue: sub.queue.clone(),
+        }))
     }
 
     async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError> {
@@ -428,7 +592,10 @@ impl Broker for RedisBroker {
     }
 
     fn keep_alive_interval(&self) -> Option<Duration> {
-        Some((self.inner.options.visibility_timeout / 4).clamp(Duration::from_millis(500), Duration::from_secs(60)))
+        Some(
+            (self.inner.options.visibility_timeout / 4)
+                .clamp(Duration::from_millis(500), Duration::from_secs(60)),
+        )
     }
 
     fn transport(&self) -> &'static str {
@@ -438,7 +605,9 @@ impl Broker for RedisBroker {
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBroker").field("url", &redact(&self.inner.url)).finish()
+        f.debug_struct("RedisBroker")
+            .field("url", &redact(&self.inner.url))
+            .finish()
     }
 }
 
@@ -459,7 +628,9 @@ impl Consumer for RedisConsumer {
             .query_async(&mut self.con)
             .await
             .map_err(|e| lost("BRPOP", e))?;
-        let Some((_list, raw)) = popped else { return Ok(None) };
+        let Some((_list, raw)) = popped else {
+            return Ok(None);
+        };
         let (message, envelope) = decode_envelope(&raw, &self.queue);
         let tag = envelope
             .pointer("/properties/delivery_tag")
@@ -468,7 +639,11 @@ impl Consumer for RedisConsumer {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         // Bookkeeping right after the pop, as kombu does; an unparseable element is stored as a string
         // inside the same triple so a restore puts the original bytes back.
-        let stored_env = if envelope.is_null() { Value::String(String::from_utf8_lossy(&raw).into_owned()) } else { envelope };
+        let stored_env = if envelope.is_null() {
+            Value::String(String::from_utf8_lossy(&raw).into_owned())
+        } else {
+            envelope
+        };
         let exchange = message.delivery_info.exchange.clone();
         let entry = to_python_string(&json!([stored_env, exchange, self.queue]), false);
         let mut con = self.broker.cmd();
@@ -481,7 +656,14 @@ impl Consumer for RedisConsumer {
             .query_async(&mut con)
             .await
             .map_err(|e| lost("ZADD/HSET unacked", e))?;
-        Ok(Some(Delivery { message, acker: Box::new(RedisAcker { broker: self.broker.clone(), tag, settled: AtomicBool::new(false) }) }))
+        Ok(Some(Delivery {
+            message,
+            acker: Box::new(RedisAcker {
+                broker: self.broker.clone(),
+                tag,
+                settled: AtomicBool::new(false),
+            }),
+        }))
     }
 
     async fn cancel(&mut self) -> Result<(), BrokerError> {
@@ -572,9 +754,16 @@ struct ListSubscriber {
 #[async_trait]
 impl Consumer for ListSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>, BrokerError> {
-        let popped: Option<(String, Vec<u8>)> =
-            redis::cmd("BRPOP").arg(&self.keys).arg(1).query_async(&mut self.con).await.map_err(|e| lost("BRPOP", e))?;
-        Ok(popped.map(|(_, raw)| Delivery { message: decode_envelope(&raw, &self.queue).0, acker: Box::new(NoAck) }))
+        let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
+            .arg(&self.keys)
+            .arg(1)
+            .query_async(&mut self.con)
+            .await
+            .map_err(|e| lost("BRPOP", e))?;
+        Ok(popped.map(|(_, raw)| Delivery {
+            message: decode_envelope(&raw, &self.queue).0,
+            acker: Box::new(NoAck),
+        }))
     }
     async fn cancel(&mut self) -> Result<(), BrokerError> {
         Ok(())
@@ -594,10 +783,15 @@ impl Consumer for PubSubSubscriber {
         let mut stream = pubsub.on_message();
         match tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
             Err(_) => Ok(None),
-            Ok(None) => Err(BrokerError::ConnectionLost("redis pub/sub connection closed".into())),
+            Ok(None) => Err(BrokerError::ConnectionLost(
+                "redis pub/sub connection closed".into(),
+            )),
             Ok(Some(msg)) => {
                 let raw: Vec<u8> = msg.get_payload_bytes().to_vec();
-                Ok(Some(Delivery { message: decode_envelope(&raw, &self.queue).0, acker: Box::new(NoAck) }))
+                Ok(Some(Delivery {
+                    message: decode_envelope(&raw, &self.queue).0,
+                    acker: Box::new(NoAck),
+                }))
             }
         }
     }
@@ -617,7 +811,10 @@ mod tests {
         assert_eq!(m.body, br#"[[2, 3], {"z": 1}, {}]"#);
         assert_eq!(m.properties.priority, Some(7));
         assert_eq!(m.properties.reply_to.as_deref(), Some("oid"));
-        assert_eq!(env.pointer("/properties/delivery_tag"), Some(&json!("tag-1")));
+        assert_eq!(
+            env.pointer("/properties/delivery_tag"),
+            Some(&json!("tag-1"))
+        );
         let (bad, _) = decode_envelope(b"not json", "q");
         assert_eq!(bad.content_type, INVALID_ENVELOPE);
     }

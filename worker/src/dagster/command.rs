@@ -47,7 +47,10 @@ mod tests {
     #[test]
     fn job_name_matches_dagster() {
         // dagster-celery-k8s.md §3.1 step 6: md5("f93bb44e-…754f" + "add_one") verified against Python.
-        assert_eq!(job_name("", "", 0), "dagster-step-d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(
+            job_name("", "", 0),
+            "dagster-step-d41d8cd98f00b204e9800998ecf8427e"
+        );
         assert!(job_name("r", "s", 2).ends_with("-2"));
     }
 }

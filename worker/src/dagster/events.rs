@@ -61,7 +61,10 @@ impl Event {
     }
 
     pub fn timestamp(&self) -> f64 {
-        self.entry.get("timestamp").and_then(Value::as_f64).unwrap_or_default()
+        self.entry
+            .get("timestamp")
+            .and_then(Value::as_f64)
+            .unwrap_or_default()
     }
 }
 
@@ -82,7 +85,13 @@ fn entry(step: &StepRef, event: &Value, level: u8, user_message: &str) -> Value 
 }
 
 /// `instance.report_engine_event(msg, run, EngineEventData(metadata, marker_end, error), CeleryK8sJobExecutor, step_key)`.
-pub fn engine_event(step: &StepRef, message: &str, metadata: &[(&str, Meta)], marker_end: Option<&str>, error: Option<&ErrorInfo>) -> Event {
+pub fn engine_event(
+    step: &StepRef,
+    message: &str,
+    metadata: &[(&str, Meta)],
+    marker_end: Option<&str>,
+    error: Option<&ErrorInfo>,
+) -> Event {
     let entries: Vec<Value> = metadata
         .iter()
         .map(|(label, value)| {
@@ -97,9 +106,18 @@ pub fn engine_event(step: &StepRef, message: &str, metadata: &[(&str, Meta)], ma
         "__class__": "EngineEventData", "error": error.map(ErrorInfo::to_value), "marker_end": marker_end,
         "marker_start": null, "metadata_entries": entries,
     });
-    let ev = dagster_event(step, "ENGINE_EVENT", data, json!(format!("{PREFIX}{message}")));
+    let ev = dagster_event(
+        step,
+        "ENGINE_EVENT",
+        data,
+        json!(format!("{PREFIX}{message}")),
+    );
     let level = if error.is_some() { 40 } else { 20 };
-    Event { event_type: "ENGINE_EVENT", entry: entry(step, &ev, level, ""), dagster_event: ev }
+    Event {
+        event_type: "ENGINE_EVENT",
+        entry: entry(step, &ev, level, ""),
+        dagster_event: ev,
+    }
 }
 
 /// The STEP_FAILURE the Python worker synthesises when the step's Job fails (label `K8sError`).
@@ -110,7 +128,11 @@ pub fn step_failure(step: &StepRef, error: &ErrorInfo) -> Event {
         "user_failure_data": {"__class__": "UserFailureData", "description": null, "label": "K8sError", "metadata_entries": []},
     });
     let ev = dagster_event(step, "STEP_FAILURE", data, Value::Null);
-    Event { event_type: "STEP_FAILURE", entry: entry(step, &ev, 40, &error.message), dagster_event: ev }
+    Event {
+        event_type: "STEP_FAILURE",
+        entry: entry(step, &ev, 40, &error.message),
+        dagster_event: ev,
+    }
 }
 
 /// Port of `filter_dagster_events_from_cli_logs`: JSON lines (possibly split over several lines) that are
@@ -154,11 +176,21 @@ mod tests {
     #[test]
     fn engine_event_matches_captured_row() {
         // captures/db_event_log_rows.json, event 38 (keys and values, timestamp aside).
-        let step = StepRef { run_id: "ba924453-6cab-4ef7-9f6b-ee3c7a9eef4a", job_name: "ck8s_job", step_key: "say_hello" };
+        let step = StepRef {
+            run_id: "ba924453-6cab-4ef7-9f6b-ee3c7a9eef4a",
+            job_name: "ck8s_job",
+            step_key: "say_hello",
+        };
         let e = engine_event(
             &step,
             "Task for step say_hello picked up by Celery",
-            &[("Celery worker name", Meta::Text("research-worker@vm".into())), ("Celery worker Kubernetes Pod name", Meta::Null)],
+            &[
+                (
+                    "Celery worker name",
+                    Meta::Text("research-worker@vm".into()),
+                ),
+                ("Celery worker Kubernetes Pod name", Meta::Null),
+            ],
             None,
             None,
         );
@@ -172,7 +204,13 @@ mod tests {
     #[test]
     fn filters_split_and_foreign_lines() {
         let log = "noise\n{\"__class__\": \"DagsterEvent\", \"a\": 1}\n{\"__class__\": \"Other\"}\n{\"__class__\": \"DagsterEvent\",\n \"b\": 2}\n{not json}\n";
-        assert_eq!(filter_events(log), vec![r#"{"__class__": "DagsterEvent", "a": 1}"#.to_string(), r#"{"__class__": "DagsterEvent","b": 2}"#.to_string()]);
+        assert_eq!(
+            filter_events(log),
+            vec![
+                r#"{"__class__": "DagsterEvent", "a": 1}"#.to_string(),
+                r#"{"__class__": "DagsterEvent","b": 2}"#.to_string()
+            ]
+        );
     }
 
     #[test]
@@ -180,7 +218,12 @@ mod tests {
         // A step pod log captured from a real run (captures/k8s/R1-pod-*.log).
         let text = include_str!("../../tests/fixtures/step_pod.log");
         let events = filter_events(text);
-        assert!(events.iter().any(|l| l.contains("\"STEP_SUCCESS\"")), "{events:?}");
-        assert!(events.iter().all(|l| l.starts_with('{') && l.contains("DagsterEvent")));
+        assert!(
+            events.iter().any(|l| l.contains("\"STEP_SUCCESS\"")),
+            "{events:?}"
+        );
+        assert!(events
+            .iter()
+            .all(|l| l.starts_with('{') && l.contains("DagsterEvent")));
     }
 }

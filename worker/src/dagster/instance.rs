@@ -51,9 +51,14 @@ fn resolve(v: &Value, key: &str) -> Result<Option<String>, InstanceError> {
         Value::Bool(b) => Ok(Some(b.to_string())),
         Value::Object(m) if m.contains_key("env") => {
             let var = m.get("env").and_then(Value::as_str).unwrap_or_default();
-            std::env::var(var).map(Some).map_err(|_| InstanceError::MissingEnv(var.to_string()))
+            std::env::var(var)
+                .map(Some)
+                .map_err(|_| InstanceError::MissingEnv(var.to_string()))
         }
-        other => Err(InstanceError::Config(format!("{key}: unexpected value {}", other))),
+        other => Err(InstanceError::Config(format!(
+            "{key}: unexpected value {}",
+            other
+        ))),
     }
 }
 
@@ -63,19 +68,35 @@ fn quote(v: &str) -> String {
 
 /// Parses a `PostgresRunStorage` / `PostgresEventLogStorage` / `DagsterPostgresStorage` config_yaml.
 fn target_from_yaml(yaml: &str) -> Result<Target, InstanceError> {
-    let cfg: Value = serde_norway::from_str(yaml).map_err(|e| InstanceError::Config(e.to_string()))?;
+    let cfg: Value =
+        serde_norway::from_str(yaml).map_err(|e| InstanceError::Config(e.to_string()))?;
     if let Some(url) = cfg.get("postgres_url") {
-        let url = resolve(url, "postgres_url")?.ok_or_else(|| InstanceError::Config("postgres_url is empty".into()))?;
+        let url = resolve(url, "postgres_url")?
+            .ok_or_else(|| InstanceError::Config("postgres_url is empty".into()))?;
         let display = celeriac_wire::url::redact(&url);
-        return Ok(Target { conn_str: url, display });
+        return Ok(Target {
+            conn_str: url,
+            display,
+        });
     }
-    let db = cfg.get("postgres_db").ok_or_else(|| InstanceError::Unsupported("no postgres_db or postgres_url in the storage config".into()))?;
-    let get = |k: &str| -> Result<Option<String>, InstanceError> { db.get(k).map_or(Ok(None), |v| resolve(v, k)) };
+    let db = cfg.get("postgres_db").ok_or_else(|| {
+        InstanceError::Unsupported("no postgres_db or postgres_url in the storage config".into())
+    })?;
+    let get = |k: &str| -> Result<Option<String>, InstanceError> {
+        db.get(k).map_or(Ok(None), |v| resolve(v, k))
+    };
     let host = get("hostname")?.unwrap_or_else(|| "localhost".into());
     let port = get("port")?.unwrap_or_else(|| "5432".into());
     let user = get("username")?.unwrap_or_else(|| "postgres".into());
-    let dbname = get("db_name")?.ok_or_else(|| InstanceError::Config("postgres_db.db_name is required".into()))?;
-    let mut conn_str = format!("host={} port={} user={} dbname={}", quote(&host), quote(&port), quote(&user), quote(&dbname));
+    let dbname = get("db_name")?
+        .ok_or_else(|| InstanceError::Config("postgres_db.db_name is required".into()))?;
+    let mut conn_str = format!(
+        "host={} port={} user={} dbname={}",
+        quote(&host),
+        quote(&port),
+        quote(&user),
+        quote(&dbname)
+    );
     if let Some(pw) = get("password")? {
         conn_str.push_str(&format!(" password={}", quote(&pw)));
     }
@@ -88,7 +109,10 @@ fn target_from_yaml(yaml: &str) -> Result<Target, InstanceError> {
             }
         }
     }
-    Ok(Target { conn_str, display: format!("postgresql://{user}@{host}:{port}/{dbname}") })
+    Ok(Target {
+        conn_str,
+        display: format!("postgresql://{user}@{host}:{port}/{dbname}"),
+    })
 }
 
 /// Connection cache shared by every step task of the worker.
@@ -105,8 +129,14 @@ pub struct Instance {
 
 impl Instances {
     /// Opens (or reuses) the run and event storages named by the step's `instance_ref`.
-    pub async fn open(&self, run_yaml: Option<&str>, event_yaml: Option<&str>) -> Result<Instance, InstanceError> {
-        let run_yaml = run_yaml.ok_or_else(|| InstanceError::Unsupported("the instance_ref has no run storage".into()))?;
+    pub async fn open(
+        &self,
+        run_yaml: Option<&str>,
+        event_yaml: Option<&str>,
+    ) -> Result<Instance, InstanceError> {
+        let run_yaml = run_yaml.ok_or_else(|| {
+            InstanceError::Unsupported("the instance_ref has no run storage".into())
+        })?;
         let runs = self.client(target_from_yaml(run_yaml)?).await?;
         let events = match event_yaml {
             Some(y) => self.client(target_from_yaml(y)?).await?,
@@ -125,7 +155,10 @@ impl Instances {
         }
         let (client, connection) = tokio_postgres::connect(&target.conn_str, NoTls)
             .await
-            .map_err(|e| InstanceError::Connect { target: target.display.clone(), reason: e.to_string() })?;
+            .map_err(|e| InstanceError::Connect {
+                target: target.display.clone(),
+                reason: e.to_string(),
+            })?;
         let db = target.display.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -144,20 +177,37 @@ impl Instance {
     pub async fn get_run(&self, run_id: &str) -> Result<Option<RunInfo>, InstanceError> {
         let row = self
             .runs
-            .query_opt("SELECT run_body, status FROM runs WHERE run_id = $1", &[&run_id])
+            .query_opt(
+                "SELECT run_body, status FROM runs WHERE run_id = $1",
+                &[&run_id],
+            )
             .await
-            .map_err(|e| InstanceError::Query { what: "read run", reason: e.to_string() })?;
+            .map_err(|e| InstanceError::Query {
+                what: "read run",
+                reason: e.to_string(),
+            })?;
         let Some(row) = row else { return Ok(None) };
-        let body: String = row.try_get(0).map_err(|e| InstanceError::Query { what: "read run body", reason: e.to_string() })?;
-        let status: String = row.try_get(1).map_err(|e| InstanceError::Query { what: "read run status", reason: e.to_string() })?;
-        let body: Value = celeriac_wire::json::parse_lenient(body.as_bytes()).unwrap_or(Value::Null);
+        let body: String = row.try_get(0).map_err(|e| InstanceError::Query {
+            what: "read run body",
+            reason: e.to_string(),
+        })?;
+        let status: String = row.try_get(1).map_err(|e| InstanceError::Query {
+            what: "read run status",
+            reason: e.to_string(),
+        })?;
+        let body: Value =
+            celeriac_wire::json::parse_lenient(body.as_bytes()).unwrap_or(Value::Null);
         let location_name = body
             .pointer("/external_pipeline_origin/external_repository_origin/repository_location_origin/location_name")
             .and_then(Value::as_str)
             .map(str::to_owned);
         Ok(Some(RunInfo {
             status,
-            job_name: body.get("pipeline_name").and_then(Value::as_str).unwrap_or_default().to_string(),
+            job_name: body
+                .get("pipeline_name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             location_name,
         }))
     }
@@ -177,11 +227,20 @@ impl Instance {
             )
             .await
             .map_err(|e| InstanceError::Query { what: "insert event", reason: e.to_string() })?;
-        let id: i64 = row.try_get::<_, i64>(0).or_else(|_| row.try_get::<_, i32>(0).map(i64::from)).unwrap_or_default();
+        let id: i64 = row
+            .try_get::<_, i64>(0)
+            .or_else(|_| row.try_get::<_, i32>(0).map(i64::from))
+            .unwrap_or_default();
         self.events
-            .execute("SELECT pg_notify('run_events', $1)", &[&format!("{run_id}_{id}")])
+            .execute(
+                "SELECT pg_notify('run_events', $1)",
+                &[&format!("{run_id}_{id}")],
+            )
             .await
-            .map_err(|e| InstanceError::Query { what: "notify run_events", reason: e.to_string() })?;
+            .map_err(|e| InstanceError::Query {
+                what: "notify run_events",
+                reason: e.to_string(),
+            })?;
         Ok(())
     }
 }
@@ -198,7 +257,13 @@ mod tests {
         assert_eq!(t.display, "postgresql://postgres@db:5432/dagster");
         assert!(!t.display.contains("s3cr"));
         assert!(t.conn_str.contains(r"password='s3cr\'et'"));
-        assert!(matches!(target_from_yaml("postgres_db:\n  db_name: x\n  password:\n    env: CELERIAC_NOPE_X\n"), Err(InstanceError::MissingEnv(_))));
-        assert!(matches!(target_from_yaml("sqlite: {}\n"), Err(InstanceError::Unsupported(_))));
+        assert!(matches!(
+            target_from_yaml("postgres_db:\n  db_name: x\n  password:\n    env: CELERIAC_NOPE_X\n"),
+            Err(InstanceError::MissingEnv(_))
+        ));
+        assert!(matches!(
+            target_from_yaml("sqlite: {}\n"),
+            Err(InstanceError::Unsupported(_))
+        ));
     }
 }

@@ -47,12 +47,19 @@ pub struct StepTaskArgs {
     pub entry_point: Vec<String>,
 }
 
-fn object(kwargs: &Map<String, Value>, name: &'static str, required: bool) -> Result<Map<String, Value>, StepArgsError> {
+fn object(
+    kwargs: &Map<String, Value>,
+    name: &'static str,
+    required: bool,
+) -> Result<Map<String, Value>, StepArgsError> {
     match kwargs.get(name) {
         Some(Value::Object(m)) => Ok(m.clone()),
         Some(Value::Null) | None if !required => Ok(Map::new()),
         None => Err(StepArgsError::Missing(name)),
-        Some(other) => Err(StepArgsError::Invalid { name, reason: format!("expected a mapping, got {}", kind(other)) }),
+        Some(other) => Err(StepArgsError::Invalid {
+            name,
+            reason: format!("expected a mapping, got {}", kind(other)),
+        }),
     }
 }
 
@@ -72,7 +79,11 @@ fn storage_yaml(instance_ref: &Value, field: &str) -> Option<String> {
     instance_ref
         .get(field)
         .and_then(|d| d.get("config_yaml"))
-        .or_else(|| instance_ref.get("storage_data").and_then(|d| d.get("config_yaml")))
+        .or_else(|| {
+            instance_ref
+                .get("storage_data")
+                .and_then(|d| d.get("config_yaml"))
+        })
         .and_then(Value::as_str)
         .map(str::to_owned)
 }
@@ -93,7 +104,12 @@ impl StepTaskArgs {
         let job_namespace = match kwargs.get("job_namespace") {
             Some(Value::String(s)) => s.clone(),
             None => return Err(StepArgsError::Missing("job_namespace")),
-            Some(other) => return Err(StepArgsError::Invalid { name: "job_namespace", reason: format!("expected str, got {}", kind(other)) }),
+            Some(other) => {
+                return Err(StepArgsError::Invalid {
+                    name: "job_namespace",
+                    reason: format!("expected str, got {}", kind(other)),
+                })
+            }
         };
         let user_defined_k8s_config = object(kwargs, "user_defined_k8s_config_dict", false)?;
         // Messages from publishers older than Dagster 1.7 have no per_step_k8s_config: treat as {}.
@@ -101,28 +117,50 @@ impl StepTaskArgs {
         let load_incluster_config = match kwargs.get("load_incluster_config") {
             Some(Value::Bool(b)) => *b,
             None => return Err(StepArgsError::Missing("load_incluster_config")),
-            Some(other) => return Err(StepArgsError::Invalid { name: "load_incluster_config", reason: format!("expected bool, got {}", kind(other)) }),
+            Some(other) => {
+                return Err(StepArgsError::Invalid {
+                    name: "load_incluster_config",
+                    reason: format!("expected bool, got {}", kind(other)),
+                })
+            }
         };
         let job_wait_timeout = match kwargs.get("job_wait_timeout") {
             Some(Value::Number(n)) => n.as_f64(),
             Some(Value::Null) => None,
             None => return Err(StepArgsError::Missing("job_wait_timeout")),
-            Some(other) => return Err(StepArgsError::Invalid { name: "job_wait_timeout", reason: format!("expected float, got {}", kind(other)) }),
+            Some(other) => {
+                return Err(StepArgsError::Invalid {
+                    name: "job_wait_timeout",
+                    reason: format!("expected float, got {}", kind(other)),
+                })
+            }
         };
-        let kubeconfig_file = kwargs.get("kubeconfig_file").and_then(Value::as_str).map(str::to_owned);
+        let kubeconfig_file = kwargs
+            .get("kubeconfig_file")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
 
-        let invalid = |reason: &str| StepArgsError::Invalid { name: "execute_step_args_packed", reason: reason.to_string() };
+        let invalid = |reason: &str| StepArgsError::Invalid {
+            name: "execute_step_args_packed",
+            reason: reason.to_string(),
+        };
         let run_id = packed
             .get("pipeline_run_id")
             .or_else(|| packed.get("run_id"))
             .and_then(Value::as_str)
             .ok_or_else(|| invalid("no pipeline_run_id"))?
             .to_string();
-        let steps = packed.get("step_keys_to_execute").and_then(Value::as_array).ok_or_else(|| invalid("no step_keys_to_execute"))?;
+        let steps = packed
+            .get("step_keys_to_execute")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid("no step_keys_to_execute"))?;
         if steps.len() != 1 {
             return Err(StepArgsError::NotOneStep);
         }
-        let step_key = steps[0].as_str().ok_or_else(|| invalid("step key is not a string"))?.to_string();
+        let step_key = steps[0]
+            .as_str()
+            .ok_or_else(|| invalid("step key is not a string"))?
+            .to_string();
         let attempt = packed
             .get("known_state")
             .and_then(|k| k.get("previous_retry_attempts"))
@@ -130,11 +168,24 @@ impl StepTaskArgs {
             .and_then(Value::as_u64)
             .unwrap_or(0);
         let instance_ref = packed.get("instance_ref").cloned().unwrap_or(Value::Null);
-        let origin = packed.get("pipeline_origin").or_else(|| packed.get("job_origin")).and_then(|o| o.get("repository_origin"));
-        let entry_point = match origin.and_then(|o| o.get("entry_point")).and_then(Value::as_array) {
-            Some(ep) if !ep.is_empty() => ep.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        let origin = packed
+            .get("pipeline_origin")
+            .or_else(|| packed.get("job_origin"))
+            .and_then(|o| o.get("repository_origin"));
+        let entry_point = match origin
+            .and_then(|o| o.get("entry_point"))
+            .and_then(Value::as_array)
+        {
+            Some(ep) if !ep.is_empty() => ep
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
             _ => {
-                let exe = origin.and_then(|o| o.get("executable_path")).and_then(Value::as_str).unwrap_or("python");
+                let exe = origin
+                    .and_then(|o| o.get("executable_path"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("python");
                 vec![exe.to_string(), "-m".into(), "dagster".into()]
             }
         };

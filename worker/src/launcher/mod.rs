@@ -52,7 +52,11 @@ pub enum LaunchError {
 #[async_trait]
 pub trait StepLauncher: Send + Sync {
     /// Runs the step to completion; on `cancel` stops it (and cleans up) and returns `Cancelled`.
-    async fn launch(&self, spec: &StepSpec, cancel: CancellationToken) -> Result<StepRun, LaunchError>;
+    async fn launch(
+        &self,
+        spec: &StepSpec,
+        cancel: CancellationToken,
+    ) -> Result<StepRun, LaunchError>;
     /// Name for logs: `process`, `kubernetes`.
     fn kind(&self) -> &'static str;
 }

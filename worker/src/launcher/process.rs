@@ -23,20 +23,32 @@ pub struct ProcessLauncher {
 
 #[async_trait]
 impl StepLauncher for ProcessLauncher {
-    async fn launch(&self, spec: &StepSpec, cancel: CancellationToken) -> Result<StepRun, LaunchError> {
+    async fn launch(
+        &self,
+        spec: &StepSpec,
+        cancel: CancellationToken,
+    ) -> Result<StepRun, LaunchError> {
         let (program, args) = spec
             .command
             .split_first()
-            .ok_or_else(|| LaunchError::Start { job_name: spec.job_name.clone(), reason: "empty command".into() })?;
+            .ok_or_else(|| LaunchError::Start {
+                job_name: spec.job_name.clone(),
+                reason: "empty command".into(),
+            })?;
         let mut cmd = Command::new(program);
-        cmd.args(args).envs(spec.env.iter().cloned()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args)
+            .envs(spec.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         cmd.process_group(0).kill_on_drop(true);
         if let Some(dir) = &self.working_dir {
             cmd.current_dir(dir);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| LaunchError::Start { job_name: spec.job_name.clone(), reason: format!("{program}: {e}") })?;
+        let mut child = cmd.spawn().map_err(|e| LaunchError::Start {
+            job_name: spec.job_name.clone(),
+            reason: format!("{program}: {e}"),
+        })?;
         let pid = child.id();
         info!(job = %spec.job_name, pid, "step process started");
         let mut stdout = child.stdout.take();
@@ -83,12 +95,26 @@ impl StepLauncher for ProcessLauncher {
             return Err(LaunchError::Cancelled(spec.job_name.clone()));
         };
         let logs = collect(out_task, err_task).await;
-        let status = status.map_err(|e| LaunchError::Start { job_name: spec.job_name.clone(), reason: e.to_string() })?;
+        let status = status.map_err(|e| LaunchError::Start {
+            job_name: spec.job_name.clone(),
+            reason: e.to_string(),
+        })?;
         let failure_message = (!status.success()).then(|| match status.code() {
-            Some(code) => format!("step process of job {} exited with code {code}", spec.job_name),
-            None => format!("step process of job {} was killed by a signal ({status})", spec.job_name),
+            Some(code) => format!(
+                "step process of job {} exited with code {code}",
+                spec.job_name
+            ),
+            None => format!(
+                "step process of job {} was killed by a signal ({status})",
+                spec.job_name
+            ),
         });
-        Ok(StepRun { succeeded: status.success(), failure_message, logs, pod_names: vec![spec.job_name.clone()] })
+        Ok(StepRun {
+            succeeded: status.success(),
+            failure_message,
+            logs,
+            pod_names: vec![spec.job_name.clone()],
+        })
     }
 
     fn kind(&self) -> &'static str {
@@ -96,7 +122,10 @@ impl StepLauncher for ProcessLauncher {
     }
 }
 
-async fn collect(out: tokio::task::JoinHandle<Vec<u8>>, err: tokio::task::JoinHandle<Vec<u8>>) -> String {
+async fn collect(
+    out: tokio::task::JoinHandle<Vec<u8>>,
+    err: tokio::task::JoinHandle<Vec<u8>>,
+) -> String {
     let out = out.await.unwrap_or_default();
     let err = err.await.unwrap_or_default();
     let mut logs = String::from_utf8_lossy(&out).into_owned();
@@ -111,9 +140,14 @@ async fn collect(out: tokio::task::JoinHandle<Vec<u8>>, err: tokio::task::JoinHa
 async fn stop(child: &mut tokio::process::Child, pid: Option<u32>) {
     use nix::sys::signal::{killpg, Signal};
     use nix::unistd::Pid;
-    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else { return };
+    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
+        return;
+    };
     let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(KILL_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         let _ = child.wait().await;
     }
@@ -139,13 +173,31 @@ mod tests {
     #[tokio::test]
     async fn captures_output_env_and_exit_codes() {
         let l = ProcessLauncher::default();
-        let run = l.launch(&spec("echo out $STEP_ENV; echo err >&2"), CancellationToken::new()).await.expect("runs");
+        let run = l
+            .launch(
+                &spec("echo out $STEP_ENV; echo err >&2"),
+                CancellationToken::new(),
+            )
+            .await
+            .expect("runs");
         assert!(run.succeeded);
         assert_eq!(run.logs, "out 42\nerr\n");
-        let run = l.launch(&spec("exit 3"), CancellationToken::new()).await.expect("runs");
+        let run = l
+            .launch(&spec("exit 3"), CancellationToken::new())
+            .await
+            .expect("runs");
         assert!(!run.succeeded);
-        assert!(run.failure_message.unwrap_or_default().contains("exited with code 3"));
-        let big = l.launch(&spec("head -c 3000000 /dev/zero | tr '\\0' x"), CancellationToken::new()).await.expect("runs");
+        assert!(run
+            .failure_message
+            .unwrap_or_default()
+            .contains("exited with code 3"));
+        let big = l
+            .launch(
+                &spec("head -c 3000000 /dev/zero | tr '\\0' x"),
+                CancellationToken::new(),
+            )
+            .await
+            .expect("runs");
         assert_eq!(big.logs.len(), 3_000_000 + 1);
     }
 
@@ -168,8 +220,14 @@ mod tests {
     async fn wait_timeout_fails_the_step() {
         let mut s = spec("sleep 30");
         s.wait_timeout = Some(Duration::from_millis(200));
-        let run = ProcessLauncher::default().launch(&s, CancellationToken::new()).await.expect("runs");
+        let run = ProcessLauncher::default()
+            .launch(&s, CancellationToken::new())
+            .await
+            .expect("runs");
         assert!(!run.succeeded);
-        assert!(run.failure_message.unwrap_or_default().contains("Timed out"));
+        assert!(run
+            .failure_message
+            .unwrap_or_default()
+            .contains("Timed out"));
     }
 }

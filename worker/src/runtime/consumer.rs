@@ -87,7 +87,9 @@ pub(crate) async fn run(shared: Arc<Shared>, handle: Arc<QueueHandle>) {
         shared.state.set_consuming(&queue.name, false);
         // Settling needs the subscription (AMQP delivery tags live on its channel): keep it open until
         // every running step of this queue has acked or handed back its message.
-        let _ = slots.acquire_many(u32::try_from(handle.limit()).unwrap_or(u32::MAX)).await;
+        let _ = slots
+            .acquire_many(u32::try_from(handle.limit()).unwrap_or(u32::MAX))
+            .await;
         if let Err(e) = consumer.cancel().await {
             warn!(queue = %queue.name, "cancelling consumer: {e}");
         }

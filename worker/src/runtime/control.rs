@@ -53,10 +53,20 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             match next {
                 Ok(Some(delivery)) => {
                     let _ = delivery.acker.ack().await;
-                    let clock = delivery.message.headers.get("clock").and_then(Value::as_u64).unwrap_or(0);
+                    let clock = delivery
+                        .message
+                        .headers
+                        .get("clock")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0);
                     shared.events.clock().adjust(clock);
-                    match parse_lenient(&delivery.message.body).map_err(|e| e.to_string()).and_then(|b| ControlRequest::parse(&b).map_err(|e| e.to_string())) {
-                        Ok(req) if req.addressed_to(&shared.config.hostname) => dispatch(&shared, req).await,
+                    match parse_lenient(&delivery.message.body)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| ControlRequest::parse(&b).map_err(|e| e.to_string()))
+                    {
+                        Ok(req) if req.addressed_to(&shared.config.hostname) => {
+                            dispatch(&shared, req).await
+                        }
                         Ok(_) => {}
                         Err(e) => warn!("ignoring malformed remote-control message: {e}"),
                     }
@@ -85,7 +95,11 @@ async fn dispatch(shared: &Arc<Shared>, req: ControlRequest) {
     };
     let clock = shared.events.clock().forward();
     if let Some((_, routing_key, msg)) = req.reply(&shared.config.hostname, reply, clock) {
-        if let Err(e) = shared.broker.broadcast(&ExchangeSpec::pidbox_reply(), &routing_key, msg).await {
+        if let Err(e) = shared
+            .broker
+            .broadcast(&ExchangeSpec::pidbox_reply(), &routing_key, msg)
+            .await
+        {
             warn!(method = %req.method, "cannot send remote-control reply: {e}");
         }
     }
@@ -99,14 +113,24 @@ fn arg_str<'a>(args: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 fn task_ids(args: &Map<String, Value>) -> Vec<String> {
     match args.get("task_id") {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
         _ => Vec::new(),
     }
 }
 
 /// Python's repr of a set of strings: `{'a', 'b'}`.
 fn py_set(ids: &[String]) -> String {
-    format!("{{{}}}", ids.iter().map(|i| format!("'{i}'")).collect::<Vec<_>>().join(", "))
+    format!(
+        "{{{}}}",
+        ids.iter()
+            .map(|i| format!("'{i}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
@@ -120,7 +144,11 @@ fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
                 Value::Null
             } else {
                 let revoked: Vec<String> = match args.get("revoked") {
-                    Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect(),
                     Some(Value::Object(m)) => m.keys().cloned().collect(),
                     _ => Vec::new(),
                 };
@@ -143,23 +171,43 @@ fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
             json!({"ok": if was { "task events disabled" } else { "task events already disabled" }})
         }
         "stats" => stats(shared),
-        "active" => Value::Array(state.active().iter().map(|r| request_info(shared, r, true)).collect()),
+        "active" => Value::Array(
+            state
+                .active()
+                .iter()
+                .map(|r| request_info(shared, r, true))
+                .collect(),
+        ),
         "reserved" | "scheduled" => json!([]),
         "revoked" => json!(state.revoked_ids()),
         "registered" => json!(shared.registry.names()),
-        "active_queues" => Value::Array(shared.queues.all().iter().map(|q| queue_info(&q.config.name)).collect()),
+        "active_queues" => Value::Array(
+            shared
+                .queues
+                .all()
+                .iter()
+                .map(|q| queue_info(&q.config.name))
+                .collect(),
+        ),
         "conf" => conf(shared),
         "report" => json!({"ok": report(shared)}),
         "query_task" => {
             let ids: Vec<String> = match args.get("ids") {
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect(),
                 Some(Value::String(s)) => vec![s.clone()],
                 _ => Vec::new(),
             };
             let mut out = Map::new();
             for r in state.active() {
                 if ids.contains(&r.id) {
-                    out.insert(r.id.clone(), json!(["active", request_info(shared, &r, true)]));
+                    out.insert(
+                        r.id.clone(),
+                        json!(["active", request_info(shared, &r, true)]),
+                    );
                 }
             }
             Value::Object(out)
@@ -169,9 +217,17 @@ fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
             for id in &ids {
                 state.revoke(id);
             }
-            let terminate = req.method == "terminate" || args.get("terminate").and_then(Value::as_bool).unwrap_or(false);
+            let terminate = req.method == "terminate"
+                || args
+                    .get("terminate")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
             if terminate {
-                let hit: Vec<String> = ids.iter().filter(|id| state.terminate(id)).cloned().collect();
+                let hit: Vec<String> = ids
+                    .iter()
+                    .filter(|id| state.terminate(id))
+                    .cloned()
+                    .collect();
                 info!(?hit, "remote control: terminate");
                 if hit.is_empty() {
                     json!({"ok": "terminate: tasks unknown"})
@@ -184,10 +240,26 @@ fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
             }
         }
         "add_consumer" => {
-            let queue = arg_str(args, "queue").ok_or("add_consumer needs a queue")?.to_string();
-            let concurrency = shared.config.queues.first().map(|q| q.concurrency).unwrap_or(1);
-            let ack = shared.config.queues.first().map(|q| q.ack).unwrap_or(AckPolicy::Late);
-            if shared.add_queue(QueueConfig { name: queue.clone(), concurrency, ack }) {
+            let queue = arg_str(args, "queue")
+                .ok_or("add_consumer needs a queue")?
+                .to_string();
+            let concurrency = shared
+                .config
+                .queues
+                .first()
+                .map(|q| q.concurrency)
+                .unwrap_or(1);
+            let ack = shared
+                .config
+                .queues
+                .first()
+                .map(|q| q.ack)
+                .unwrap_or(AckPolicy::Late);
+            if shared.add_queue(QueueConfig {
+                name: queue.clone(),
+                concurrency,
+                ack,
+            }) {
                 info!(%queue, "remote control: add consumer");
                 json!({"ok": format!("add consumer {queue}")})
             } else {
@@ -195,7 +267,9 @@ fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
             }
         }
         "cancel_consumer" => {
-            let queue = arg_str(args, "queue").ok_or("cancel_consumer needs a queue")?.to_string();
+            let queue = arg_str(args, "queue")
+                .ok_or("cancel_consumer needs a queue")?
+                .to_string();
             shared.cancel_queue(&queue);
             info!(%queue, "remote control: cancel consumer");
             json!({"ok": format!("no longer consuming from {queue}")})
@@ -208,11 +282,16 @@ fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
             json!({"ok": if delta >= 0 { "pool will grow" } else { "pool will shrink" }})
         }
         "autoscale" => {
-            let max = args.get("max").and_then(Value::as_i64).ok_or("autoscale needs max")?;
+            let max = args
+                .get("max")
+                .and_then(Value::as_i64)
+                .ok_or("autoscale needs max")?;
             let min = args.get("min").and_then(Value::as_i64).unwrap_or(0);
             // Per-queue concurrency is the pool: set every queue's limit to `max`.
             for q in shared.queues.all() {
-                shared.queues.resize_one(&q.config.name, max.max(1) as usize);
+                shared
+                    .queues
+                    .resize_one(&q.config.name, max.max(1) as usize);
             }
             json!({"ok": format!("autoscale now max={max} min={min}")})
         }
@@ -230,13 +309,20 @@ fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
             }
             return Err("time limits are not supported by celeriac: a step's limit is Dagster's job_wait_timeout".into());
         }
-        "pool_restart" => return Err("pool_restart is not supported by celeriac: there is no Python pool to reload".into()),
+        "pool_restart" => {
+            return Err(
+                "pool_restart is not supported by celeriac: there is no Python pool to reload"
+                    .into(),
+            )
+        }
         other => return Err(format!("KeyError('{other}')")),
     })
 }
 
 fn epoch(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 /// `Request.info()`: the shape `inspect active` and Flower's worker page read.
@@ -269,7 +355,8 @@ fn broker_info(shared: &Shared) -> Value {
     let (host, port, user, vhost) = match &url {
         Some(u) => (
             u.host_str().unwrap_or("localhost").to_string(),
-            u.port().unwrap_or(if transport == "redis" { 6379 } else { 5672 }),
+            u.port()
+                .unwrap_or(if transport == "redis" { 6379 } else { 5672 }),
             u.username().to_string(),
             u.path().trim_start_matches('/').to_string(),
         ),
@@ -363,14 +450,32 @@ mod tests {
     #[test]
     fn queue_dict_matches_capture_keys() {
         let q = queue_info("research_q");
-        let keys: Vec<&String> = q.as_object().map(|m| m.keys().collect()).unwrap_or_default();
+        let keys: Vec<&String> = q
+            .as_object()
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
         // captures/amqp_inspect_active_queues.json, in order.
         assert_eq!(
             keys,
             [
-                "name", "exchange", "routing_key", "queue_arguments", "binding_arguments", "consumer_arguments", "durable",
-                "exclusive", "auto_delete", "no_ack", "alias", "bindings", "no_declare", "expires", "message_ttl",
-                "max_length", "max_length_bytes", "max_priority"
+                "name",
+                "exchange",
+                "routing_key",
+                "queue_arguments",
+                "binding_arguments",
+                "consumer_arguments",
+                "durable",
+                "exclusive",
+                "auto_delete",
+                "no_ack",
+                "alias",
+                "bindings",
+                "no_declare",
+                "expires",
+                "message_ttl",
+                "max_length",
+                "max_length_bytes",
+                "max_priority"
             ]
         );
         assert_eq!(q["queue_arguments"]["x-max-priority"], 10);

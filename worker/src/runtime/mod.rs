@@ -51,12 +51,17 @@ pub(crate) struct Shared {
 impl Shared {
     /// Starts consuming `queue`; false if it is consumed already.
     pub fn add_queue(self: &Arc<Self>, queue: QueueConfig) -> bool {
-        let Some(handle) = self.queues.insert(queue, &self.stop_consuming) else { return false };
+        let Some(handle) = self.queues.insert(queue, &self.stop_consuming) else {
+            return false;
+        };
         for task in self.registry.names() {
-            self.metrics.init_series(task, &handle.config.name, handle.limit());
+            self.metrics
+                .init_series(task, &handle.config.name, handle.limit());
         }
         self.state.set_expected(&handle.config.name, true);
-        self.queues.consumers.spawn(consumer::run(self.clone(), handle));
+        self.queues
+            .consumers
+            .spawn(consumer::run(self.clone(), handle));
         true
     }
 
@@ -103,8 +108,13 @@ impl Worker {
     ) -> Worker {
         let state = Arc::new(WorkerState::default());
         let events_stop = CancellationToken::new();
-        let (events, events_task) =
-            Events::start(broker.clone(), &config.hostname, config.task_events, state.clone(), events_stop.clone());
+        let (events, events_task) = Events::start(
+            broker.clone(),
+            &config.hostname,
+            config.task_events,
+            state.clone(),
+            events_stop.clone(),
+        );
         let shared = Arc::new(Shared {
             config: config.clone(),
             broker,
@@ -133,7 +143,12 @@ impl Worker {
             tasks = %shared.registry.names().join(", "),
             "celeriac worker ready"
         );
-        Worker { shared, events_stop, events_task, control_task }
+        Worker {
+            shared,
+            events_stop,
+            events_task,
+            control_task,
+        }
     }
 
     /// The worker's live state (running requests, counters).
@@ -158,26 +173,44 @@ impl Worker {
     pub async fn shutdown(self) {
         let grace = self.shared.config.shutdown_grace;
         let running = self.shared.state.active().len();
-        info!(running, ?grace, "warm shutdown: no new tasks; waiting for running tasks");
+        info!(
+            running,
+            ?grace,
+            "warm shutdown: no new tasks; waiting for running tasks"
+        );
         self.shared.stop_consuming.cancel();
         self.shared.metrics.set_up(false);
         self.shared.tracker.close();
-        if tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
             let left = self.shared.state.active().len();
             warn!(left, "grace period over: terminating running tasks and returning their messages to the broker");
             self.shared.force_stop.cancel();
-            if tokio::time::timeout(Duration::from_secs(60), self.shared.tracker.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(60), self.shared.tracker.wait())
+                .await
+                .is_err()
+            {
                 warn!("tasks did not stop within 60 s of termination; exiting anyway (their messages stay unacknowledged)");
             }
         }
         // Subscriptions close last: running steps needed them to settle their messages.
         self.shared.queues.consumers.close();
-        if tokio::time::timeout(Duration::from_secs(30), self.shared.queues.consumers.wait()).await.is_err() {
-            warn!("consumers did not close within 30 s; exiting (the broker returns their messages)");
+        if tokio::time::timeout(Duration::from_secs(30), self.shared.queues.consumers.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "consumers did not close within 30 s; exiting (the broker returns their messages)"
+            );
         }
         self.events_stop.cancel();
         let _ = self.control_task.await;
-        if tokio::time::timeout(Duration::from_secs(10), self.events_task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.events_task)
+            .await
+            .is_err()
+        {
             warn!("could not send worker-offline within 10 s");
         }
         info!(processed = self.shared.state.processed(), "worker stopped");

@@ -39,7 +39,11 @@ pub struct QueueSet {
 
 impl QueueSet {
     /// Registers a queue; `None` if it is already consumed.
-    pub fn insert(&self, config: QueueConfig, parent: &CancellationToken) -> Option<Arc<QueueHandle>> {
+    pub fn insert(
+        &self,
+        config: QueueConfig,
+        parent: &CancellationToken,
+    ) -> Option<Arc<QueueHandle>> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if queues.contains_key(&config.name) {
             return None;
@@ -56,13 +60,22 @@ impl QueueSet {
 
     /// Stops consuming `name`; running steps of it finish normally.
     pub fn remove(&self, name: &str) -> Option<Arc<QueueHandle>> {
-        let handle = self.queues.lock().unwrap_or_else(|p| p.into_inner()).remove(name)?;
+        let handle = self
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)?;
         handle.stop.cancel();
         Some(handle)
     }
 
     pub fn all(&self) -> Vec<Arc<QueueHandle>> {
-        self.queues.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Changes every queue's limit by `delta` (never below 1). Returns the new limits.

@@ -12,11 +12,11 @@ use std::time::{Instant, SystemTime};
 
 use celeriac_wire::backend::{BackendError, ReplyTarget};
 use celeriac_wire::broker::{Acker, Delivery, OutgoingMessage};
-use celeriac_wire::message::{self, DecodeError, Disposition, RawMessage, TaskRequest};
 use celeriac_wire::json::{python_repr, truncate_repr};
+use celeriac_wire::message::{self, DecodeError, Disposition, RawMessage, TaskRequest};
 use celeriac_wire::result::{ExceptionInfo, ResultMeta};
-use serde_json::{json, Value};
 use futures::FutureExt;
+use serde_json::{json, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, info, warn};
 
@@ -38,7 +38,9 @@ pub(crate) async fn handle(
 ) {
     let report_slots = |shared: &Shared| {
         let free = queue.slots.available_permits();
-        shared.metrics.slots(&queue.config.name, queue.limit().saturating_sub(free), free);
+        shared
+            .metrics
+            .slots(&queue.config.name, queue.limit().saturating_sub(free), free);
     };
     report_slots(&shared);
     handle_inner(&shared, &queue.config, delivery).await;
@@ -50,10 +52,18 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
     let shared = shared.clone();
     let queue = queue.clone();
     let Delivery { message, acker } = delivery;
-    let request = match message::decode(&message, &shared.config.accept_content, Some(shared.config.max_message_bytes)) {
+    let request = match message::decode(
+        &message,
+        &shared.config.accept_content,
+        Some(shared.config.max_message_bytes),
+    ) {
         Ok(r) => r,
         Err(e) => {
-            let task = message.headers.get("task").and_then(|t| t.as_str()).unwrap_or("<unknown>");
+            let task = message
+                .headers
+                .get("task")
+                .and_then(|t| t.as_str())
+                .unwrap_or("<unknown>");
             shared.metrics.rejected(task, &queue.name);
             return refuse(&shared, &queue, &message, acker.as_ref(), e).await;
         }
@@ -65,8 +75,19 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
         );
         shared.metrics.rejected(&request.task, &queue.name);
         let exc = ExceptionInfo::not_registered(&request.task);
-        shared.events.task("task-failed", vec![("uuid", json!(request.id)), ("exception", json!(exc.repr()))]);
-        store(&shared, &request, &ResultMeta::failure(&request.id, &exc, None)).await;
+        shared.events.task(
+            "task-failed",
+            vec![
+                ("uuid", json!(request.id)),
+                ("exception", json!(exc.repr())),
+            ],
+        );
+        store(
+            &shared,
+            &request,
+            &ResultMeta::failure(&request.id, &exc, None),
+        )
+        .await;
         settle(acker.as_ref(), &request.id, Settle::Reject).await;
         return;
     };
@@ -99,7 +120,9 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
 
     // ETA: hold the message (unacknowledged) until it is due; a shutdown hands it back untouched.
     if let Some(eta) = request.eta {
-        let wait = (eta.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().unwrap_or_default();
+        let wait = (eta.with_timezone(&chrono::Utc) - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
         if !wait.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -138,26 +161,42 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
         terminate: terminate.clone(),
     });
     if shared.config.track_started {
-        store(&shared, &request, &ResultMeta::started(&request.id, std::process::id(), &shared.config.hostname)).await;
+        store(
+            &shared,
+            &request,
+            &ResultMeta::started(&request.id, std::process::id(), &shared.config.hostname),
+        )
+        .await;
     }
 
     shared.metrics.started(&request.task, &queue.name);
-    shared.events.task("task-started", vec![("uuid", json!(request.id))]);
-    let ctx = TaskContext { hostname: shared.config.hostname.clone(), terminate };
+    shared
+        .events
+        .task("task-started", vec![("uuid", json!(request.id))]);
+    let ctx = TaskContext {
+        hostname: shared.config.hostname.clone(),
+        terminate,
+    };
     let began = Instant::now();
     let run = AssertUnwindSafe(task.run(ctx, &request)).catch_unwind();
-    let outcome = keep_alive_while(&shared, queue.ack, acker.as_ref(), run).await.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
-        error!(task_id = %request.id, "task {} panicked: {what}", request.name);
-        TaskOutcome::Failure {
-            exc: ExceptionInfo::new("WorkerLostError", "billiard.exceptions", format!("celeriac task panicked: {what}")),
-            traceback: None,
-        }
-    });
+    let outcome = keep_alive_while(&shared, queue.ack, acker.as_ref(), run)
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            error!(task_id = %request.id, "task {} panicked: {what}", request.name);
+            TaskOutcome::Failure {
+                exc: ExceptionInfo::new(
+                    "WorkerLostError",
+                    "billiard.exceptions",
+                    format!("celeriac task panicked: {what}"),
+                ),
+                traceback: None,
+            }
+        });
     let runtime = began.elapsed().as_secs_f64();
     shared.metrics.ended(&request.task, &queue.name, runtime);
 
@@ -166,7 +205,10 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
             // Shutdown past its grace period: the step goes back to the broker for another worker.
             warn!(task_id = %request.id, "Task {}[{}] interrupted by shutdown; handing it back to the broker", request.name, request.id);
             shared.metrics.retried(&request.task, &queue.name);
-            shared.events.task("task-rejected", vec![("uuid", json!(request.id)), ("requeue", json!(true))]);
+            shared.events.task(
+                "task-rejected",
+                vec![("uuid", json!(request.id)), ("requeue", json!(true))],
+            );
             match queue.ack {
                 AckPolicy::Late => settle(acker.as_ref(), &request.id, Settle::Requeue).await,
                 AckPolicy::Early => republish(&shared, &queue, &message, &request.id).await,
@@ -176,7 +218,12 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
             info!(task_id = %request.id, "Task {}[{}] terminated", request.name, request.id);
             shared.metrics.revoked(&request.task, &queue.name);
             revoked_event(&shared, &request.id, true, false);
-            store(&shared, &request, &ResultMeta::revoked(&request.id, "revoked")).await;
+            store(
+                &shared,
+                &request,
+                &ResultMeta::revoked(&request.id, "revoked"),
+            )
+            .await;
             finish_late(&queue, acker.as_ref(), &request.id, true).await;
         }
         TaskOutcome::Success(value) => {
@@ -184,19 +231,41 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
             shared.metrics.succeeded(&request.task, &queue.name);
             shared.events.task(
                 "task-succeeded",
-                vec![("uuid", json!(request.id)), ("result", json!(truncate_repr(python_repr(&value), 1024))), ("runtime", json!(runtime))],
+                vec![
+                    ("uuid", json!(request.id)),
+                    ("result", json!(truncate_repr(python_repr(&value), 1024))),
+                    ("runtime", json!(runtime)),
+                ],
             );
-            let stored = store(&shared, &request, &ResultMeta::success(&request.id, value).with_lineage(request.parent_id.clone(), request.group.clone())).await;
+            let stored = store(
+                &shared,
+                &request,
+                &ResultMeta::success(&request.id, value)
+                    .with_lineage(request.parent_id.clone(), request.group.clone()),
+            )
+            .await;
             finish_late(&queue, acker.as_ref(), &request.id, stored).await;
         }
         TaskOutcome::Failure { exc, traceback } => {
             error!(task_id = %request.id, "Task {}[{}] raised unexpected: {}", request.name, request.id, exc.repr());
-            shared.metrics.failed(&request.task, &queue.name, &exc.exc_type);
+            shared
+                .metrics
+                .failed(&request.task, &queue.name, &exc.exc_type);
             shared.events.task(
                 "task-failed",
-                vec![("uuid", json!(request.id)), ("exception", json!(exc.repr())), ("traceback", json!(traceback.clone().unwrap_or_default()))],
+                vec![
+                    ("uuid", json!(request.id)),
+                    ("exception", json!(exc.repr())),
+                    ("traceback", json!(traceback.clone().unwrap_or_default())),
+                ],
             );
-            let stored = store(&shared, &request, &ResultMeta::failure(&request.id, &exc, traceback).with_lineage(request.parent_id.clone(), request.group.clone())).await;
+            let stored = store(
+                &shared,
+                &request,
+                &ResultMeta::failure(&request.id, &exc, traceback)
+                    .with_lineage(request.parent_id.clone(), request.group.clone()),
+            )
+            .await;
             finish_late(&queue, acker.as_ref(), &request.id, stored).await;
         }
     }
@@ -204,28 +273,55 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
 }
 
 fn revoked_event(shared: &Shared, id: &str, terminated: bool, expired: bool) {
-    let signum = if terminated { json!("SIGTERM") } else { Value::Null };
+    let signum = if terminated {
+        json!("SIGTERM")
+    } else {
+        Value::Null
+    };
     shared.events.task(
         "task-revoked",
-        vec![("uuid", json!(id)), ("terminated", json!(terminated)), ("signum", signum), ("expired", json!(expired))],
+        vec![
+            ("uuid", json!(id)),
+            ("terminated", json!(terminated)),
+            ("signum", signum),
+            ("expired", json!(expired)),
+        ],
     );
 }
 
 /// Bad input: log it clearly with the task id, store a FAILURE where Celery would, and settle the message
 /// with Celery's disposition. Never silently dropped, never a crash.
-async fn refuse(shared: &Shared, queue: &QueueConfig, message: &RawMessage, acker: &dyn Acker, e: DecodeError) {
+async fn refuse(
+    shared: &Shared,
+    queue: &QueueConfig,
+    message: &RawMessage,
+    acker: &dyn Acker,
+    e: DecodeError,
+) {
     let id = message.task_id_hint().unwrap_or("<unknown>").to_string();
-    let task = message.headers.get("task").and_then(|t| t.as_str()).unwrap_or("<none>");
+    let task = message
+        .headers
+        .get("task")
+        .and_then(|t| t.as_str())
+        .unwrap_or("<none>");
     match &e {
-        DecodeError::Undecodable(_) => error!(task_id = %id, queue = %queue.name, task, "{e} (message acknowledged so it cannot loop)"),
-        DecodeError::UnknownMessage => warn!(task_id = %id, queue = %queue.name, "{e} (message rejected)"),
+        DecodeError::Undecodable(_) => {
+            error!(task_id = %id, queue = %queue.name, task, "{e} (message acknowledged so it cannot loop)")
+        }
+        DecodeError::UnknownMessage => {
+            warn!(task_id = %id, queue = %queue.name, "{e} (message rejected)")
+        }
         _ => error!(task_id = %id, queue = %queue.name, task, "{e} (message rejected)"),
     }
     if e.stores_failure() && message.task_id_hint().is_some() {
         let target = ReplyTarget {
             task_id: id.clone(),
             reply_to: message.properties.reply_to.clone(),
-            correlation_id: message.properties.correlation_id.clone().unwrap_or_else(|| id.clone()),
+            correlation_id: message
+                .properties
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| id.clone()),
         };
         let exc = ExceptionInfo::new("InvalidTaskError", "celery.exceptions", e.to_string());
         store_to(shared, &target, &ResultMeta::failure(&id, &exc, None)).await;
@@ -249,7 +345,12 @@ fn discard_reason(shared: &Shared, request: &TaskRequest) -> Option<&'static str
 }
 
 /// Runs the task while telling the broker the message is alive (Redis visibility) if it is unacked.
-async fn keep_alive_while<F: std::future::Future>(shared: &Shared, ack: AckPolicy, acker: &dyn Acker, fut: F) -> F::Output {
+async fn keep_alive_while<F: std::future::Future>(
+    shared: &Shared,
+    ack: AckPolicy,
+    acker: &dyn Acker,
+    fut: F,
+) -> F::Output {
     let interval = match (ack, shared.broker.keep_alive_interval()) {
         (AckPolicy::Late, Some(i)) => i,
         _ => return fut.await,
@@ -288,7 +389,9 @@ async fn store_to(shared: &Shared, target: &ReplyTarget, meta: &ResultMeta) -> b
     for attempt in 1..=STORE_ATTEMPTS {
         match shared.backend.store(target, meta).await {
             Ok(()) => {
-                shared.metrics.result_stored(shared.backend.scheme(), began.elapsed().as_secs_f64());
+                shared
+                    .metrics
+                    .result_stored(shared.backend.scheme(), began.elapsed().as_secs_f64());
                 return true;
             }
             Err(e @ BackendError::NoReplyTo(_)) => {
@@ -312,7 +415,16 @@ async fn store_to(shared: &Shared, target: &ReplyTarget, meta: &ResultMeta) -> b
 /// another attempt can deliver a result (the publisher would wait forever on a lost one).
 async fn finish_late(queue: &QueueConfig, acker: &dyn Acker, id: &str, result_stored: bool) {
     if queue.ack == AckPolicy::Late {
-        settle(acker, id, if result_stored { Settle::Ack } else { Settle::Requeue }).await;
+        settle(
+            acker,
+            id,
+            if result_stored {
+                Settle::Ack
+            } else {
+                Settle::Requeue
+            },
+        )
+        .await;
     }
 }
 
@@ -329,7 +441,9 @@ async fn republish(shared: &Shared, queue: &QueueConfig, message: &RawMessage, i
     };
     match shared.broker.publish("", &queue.name, out).await {
         Ok(()) => info!(task_id = %id, queue = %queue.name, "task re-published for another worker"),
-        Err(e) => error!(task_id = %id, queue = %queue.name, "cannot re-publish interrupted task: {e}"),
+        Err(e) => {
+            error!(task_id = %id, queue = %queue.name, "cannot re-publish interrupted task: {e}")
+        }
     }
 }
 

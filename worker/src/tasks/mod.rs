@@ -22,7 +22,10 @@ pub enum TaskOutcome {
     /// Stored as `SUCCESS` with this return value.
     Success(Value),
     /// Stored as `FAILURE`.
-    Failure { exc: ExceptionInfo, traceback: Option<String> },
+    Failure {
+        exc: ExceptionInfo,
+        traceback: Option<String>,
+    },
     /// The task was revoked with `terminate` (or the worker is shutting down past its grace period)
     /// and stopped before finishing: stored as `REVOKED`.
     Terminated,

@@ -14,7 +14,9 @@ use tracing::{info, warn};
 
 use super::{Task, TaskContext, TaskOutcome};
 use crate::dagster::command::{command_args, job_name};
-use crate::dagster::events::{engine_event, step_failure, ErrorInfo, Event, Meta, StepRef, DELEGATE_MARKER};
+use crate::dagster::events::{
+    engine_event, step_failure, ErrorInfo, Event, Meta, StepRef, DELEGATE_MARKER,
+};
 use crate::dagster::instance::{Instance, Instances};
 use crate::dagster::step_args::StepTaskArgs;
 use crate::launcher::{LaunchError, StepLauncher, StepSpec};
@@ -29,7 +31,10 @@ pub struct ExecuteStepK8sJob {
 
 impl ExecuteStepK8sJob {
     pub fn new(launcher: Arc<dyn StepLauncher>) -> Self {
-        Self { launcher, instances: Instances::default() }
+        Self {
+            launcher,
+            instances: Instances::default(),
+        }
     }
 }
 
@@ -55,16 +60,45 @@ impl Task for ExecuteStepK8sJob {
                 return failure(t, m, e.to_string());
             }
         };
-        let instance = match self.instances.open(args.run_storage_yaml.as_deref(), args.event_storage_yaml.as_deref()).await {
+        let instance = match self
+            .instances
+            .open(
+                args.run_storage_yaml.as_deref(),
+                args.event_storage_yaml.as_deref(),
+            )
+            .await
+        {
             Ok(i) => i,
-            Err(e) => return failure("DagsterInstanceError", "dagster._core.errors", e.to_string()),
+            Err(e) => {
+                return failure(
+                    "DagsterInstanceError",
+                    "dagster._core.errors",
+                    e.to_string(),
+                )
+            }
         };
         let run = match instance.get_run(&args.run_id).await {
             Ok(Some(r)) => r,
-            Ok(None) => return failure("CheckError", "dagster._check", format!("Could not load run {}", args.run_id)),
-            Err(e) => return failure("DagsterInstanceError", "dagster._core.errors", e.to_string()),
+            Ok(None) => {
+                return failure(
+                    "CheckError",
+                    "dagster._check",
+                    format!("Could not load run {}", args.run_id),
+                )
+            }
+            Err(e) => {
+                return failure(
+                    "DagsterInstanceError",
+                    "dagster._core.errors",
+                    e.to_string(),
+                )
+            }
         };
-        let step = StepRef { run_id: &args.run_id, job_name: &run.job_name, step_key: &args.step_key };
+        let step = StepRef {
+            run_id: &args.run_id,
+            job_name: &run.job_name,
+            step_key: &args.step_key,
+        };
         let store = |event: Event| {
             let instance = &instance;
             let run_id = args.run_id.clone();
@@ -82,7 +116,10 @@ impl Task for ExecuteStepK8sJob {
             &format!("Task for step {} picked up by Celery", args.step_key),
             &[
                 ("Celery worker name", Meta::Text(ctx.hostname.clone())),
-                ("Celery worker Kubernetes Pod name", pod_name.map_or(Meta::Null, Meta::Text)),
+                (
+                    "Celery worker Kubernetes Pod name",
+                    pod_name.map_or(Meta::Null, Meta::Text),
+                ),
             ],
             None,
             None,
@@ -104,17 +141,44 @@ impl Task for ExecuteStepK8sJob {
 
         let job = job_name(&args.run_id, &args.step_key, args.attempt);
         let image = args.job_config_str("job_image").map(str::to_owned);
-        let pull_secrets = args.job_config.get("image_pull_secrets").cloned().unwrap_or(json!([]));
+        let pull_secrets = args
+            .job_config
+            .get("image_pull_secrets")
+            .cloned()
+            .unwrap_or(json!([]));
         let executing = store(engine_event(
             &step,
-            &format!("Executing step \"{}\" in Kubernetes job {job}.", args.step_key),
+            &format!(
+                "Executing step \"{}\" in Kubernetes job {job}.",
+                args.step_key
+            ),
             &[
                 ("Step key", Meta::Text(args.step_key.clone())),
                 ("Kubernetes Job name", Meta::Text(job.clone())),
-                ("Job image", Meta::Text(image.clone().unwrap_or_else(|| "None".into()))),
-                ("Image pull policy", Meta::Text(args.job_config_str("image_pull_policy").unwrap_or("None").to_string())),
-                ("Image pull secrets", Meta::Text(python_list_repr(&pull_secrets))),
-                ("Service account name", Meta::Text(args.job_config_str("service_account_name").unwrap_or("None").to_string())),
+                (
+                    "Job image",
+                    Meta::Text(image.clone().unwrap_or_else(|| "None".into())),
+                ),
+                (
+                    "Image pull policy",
+                    Meta::Text(
+                        args.job_config_str("image_pull_policy")
+                            .unwrap_or("None")
+                            .to_string(),
+                    ),
+                ),
+                (
+                    "Image pull secrets",
+                    Meta::Text(python_list_repr(&pull_secrets)),
+                ),
+                (
+                    "Service account name",
+                    Meta::Text(
+                        args.job_config_str("service_account_name")
+                            .unwrap_or("None")
+                            .to_string(),
+                    ),
+                ),
             ],
             Some(DELEGATE_MARKER),
             None,
@@ -130,7 +194,10 @@ impl Task for ExecuteStepK8sJob {
             image,
             job_config: Value::Object(args.job_config.clone()),
             user_defined_k8s_config: merged_user_config(&args),
-            wait_timeout: args.job_wait_timeout.filter(|t| *t > 0.0).map(Duration::from_secs_f64),
+            wait_timeout: args
+                .job_wait_timeout
+                .filter(|t| *t > 0.0)
+                .map(Duration::from_secs_f64),
         };
         info!(run_id = %args.run_id, step = %args.step_key, job = %job, launcher = self.launcher.kind(), "launching step");
 
@@ -173,7 +240,10 @@ impl Task for ExecuteStepK8sJob {
             Ok(r) => r,
             Err(LaunchError::Cancelled(_)) => return TaskOutcome::Terminated,
             Err(e @ LaunchError::Start { .. }) => {
-                let err = ErrorInfo { message: e.to_string(), cls_name: "DagsterK8sError".into() };
+                let err = ErrorInfo {
+                    message: e.to_string(),
+                    cls_name: "DagsterK8sError".into(),
+                };
                 store(engine_event(
                     &step,
                     &format!("Encountered unexpected error while creating Kubernetes job {job} for step {}, exiting.", args.step_key),
@@ -186,13 +256,18 @@ impl Task for ExecuteStepK8sJob {
             }
         };
         if !run_result.succeeded {
-            let reason = run_result.failure_message.clone().unwrap_or_else(|| "the step failed".into());
+            let reason = run_result
+                .failure_message
+                .clone()
+                .unwrap_or_else(|| "the step failed".into());
             let err = ErrorInfo {
                 message: format!("dagster_k8s.client.DagsterK8sError: Encountered failed job pods for job {job}: {reason}\n"),
                 cls_name: "DagsterK8sError".into(),
             };
             let mut ev = step_failure(&step, &err);
-            ev.entry["user_message"] = json!(format!("Encountered failed job pods for job {job}: {reason}"));
+            ev.entry["user_message"] = json!(format!(
+                "Encountered failed job pods for job {job}: {reason}"
+            ));
             events.push(store(ev).await.dagster_event_json());
         }
         let retrieving = store(engine_event(
@@ -205,7 +280,9 @@ impl Task for ExecuteStepK8sJob {
         .await;
         events.push(retrieving.dagster_event_json());
         events.extend(crate::dagster::events::filter_events(&run_result.logs));
-        TaskOutcome::Success(Value::Array(events.into_iter().map(Value::String).collect()))
+        TaskOutcome::Success(Value::Array(
+            events.into_iter().map(Value::String).collect(),
+        ))
     }
 }
 
@@ -288,7 +365,10 @@ fn step_env(args: &StepTaskArgs, job_name: &str) -> Vec<(String, String)> {
     let user = merged_user_config(args);
     if let Some(Value::Array(entries)) = user.pointer("/container_config/env") {
         for e in entries {
-            if let (Some(name), Some(value)) = (e.get("name").and_then(Value::as_str), e.get("value").and_then(Value::as_str)) {
+            if let (Some(name), Some(value)) = (
+                e.get("name").and_then(Value::as_str),
+                e.get("value").and_then(Value::as_str),
+            ) {
                 env.push((name.to_string(), value.to_string()));
             }
         }
@@ -305,7 +385,13 @@ mod tests {
         let a = json!({"container_config": {"env": [{"name": "A", "value": "1"}], "resources": {"limits": {"cpu": "1"}}}});
         let b = json!({"container_config": {"env": [{"name": "B", "value": "2"}], "resources": {"limits": {"memory": "1Gi"}}}});
         let m = deep_merge(a, b);
-        assert_eq!(m["container_config"]["env"].as_array().map(Vec::len), Some(2));
-        assert_eq!(m["container_config"]["resources"]["limits"], json!({"cpu": "1", "memory": "1Gi"}));
+        assert_eq!(
+            m["container_config"]["env"].as_array().map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(
+            m["container_config"]["resources"]["limits"],
+            json!({"cpu": "1", "memory": "1Gi"})
+        );
     }
 }
