@@ -10,6 +10,7 @@ pub mod connect;
 pub mod dagster;
 pub mod events;
 pub mod http;
+pub mod kubernetes;
 pub mod launcher;
 pub mod metrics;
 pub mod runtime;

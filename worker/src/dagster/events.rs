@@ -22,14 +22,31 @@ pub enum Meta {
 /// An error as Dagster's `SerializableErrorInfo`.
 #[derive(Debug, Clone)]
 pub struct ErrorInfo {
+    /// `traceback.format_exception_only` text: `"<module>.<Class>: <str(err)>\n"`.
     pub message: String,
     pub cls_name: String,
+    /// Traceback frames (`"  File …, line …, in …\n    code\n"`); may be empty.
+    pub stack: Vec<String>,
 }
 
 impl ErrorInfo {
-    fn to_value(&self) -> Value {
+    /// An error of class `module.name` whose `str()` is `text`, as `serializable_error_info_from_exc_info` renders it.
+    pub fn new(module: &str, name: &str, text: &str) -> Self {
+        let qualified = if module.is_empty() || module == "builtins" {
+            name.to_string()
+        } else {
+            format!("{module}.{name}")
+        };
+        ErrorInfo {
+            message: format!("{qualified}: {text}\n"),
+            cls_name: name.to_string(),
+            stack: Vec::new(),
+        }
+    }
+
+    pub fn to_value(&self) -> Value {
         json!({"__class__": "SerializableErrorInfo", "cause": null, "cls_name": self.cls_name, "context": null,
-               "message": self.message, "stack": []})
+               "message": self.message, "stack": self.stack})
     }
 }
 
@@ -120,8 +137,9 @@ pub fn engine_event(
     }
 }
 
-/// The STEP_FAILURE the Python worker synthesises when the step's Job fails (label `K8sError`).
-pub fn step_failure(step: &StepRef, error: &ErrorInfo) -> Event {
+/// The STEP_FAILURE the Python worker synthesises when the step's Job fails (label `K8sError`);
+/// `user_message` is `str(err)`.
+pub fn step_failure(step: &StepRef, error: &ErrorInfo, user_message: &str) -> Event {
     let data = json!({
         "__class__": "StepFailureData", "error": error.to_value(),
         "error_source": {"__enum__": "ErrorSource.FRAMEWORK_ERROR"},
@@ -130,7 +148,7 @@ pub fn step_failure(step: &StepRef, error: &ErrorInfo) -> Event {
     let ev = dagster_event(step, "STEP_FAILURE", data, Value::Null);
     Event {
         event_type: "STEP_FAILURE",
-        entry: entry(step, &ev, 40, &error.message),
+        entry: entry(step, &ev, 40, user_message),
         dagster_event: ev,
     }
 }

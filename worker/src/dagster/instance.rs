@@ -6,10 +6,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Client, Config, NoTls};
 use tracing::{debug, warn};
 
 use super::events::Event;
@@ -39,9 +41,16 @@ pub struct RunInfo {
 /// Connection parameters resolved from a `config_yaml`, with a log-safe description.
 #[derive(Clone)]
 struct Target {
-    conn_str: String,
+    config: Config,
+    /// Identity of the connection in the cache (includes the password; never logged).
+    key: String,
     display: String,
 }
+
+/// Default connect timeout when the storage config sets none.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for one query.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn resolve(v: &Value, key: &str) -> Result<Option<String>, InstanceError> {
     match v {
@@ -55,15 +64,46 @@ fn resolve(v: &Value, key: &str) -> Result<Option<String>, InstanceError> {
                 .map(Some)
                 .map_err(|_| InstanceError::MissingEnv(var.to_string()))
         }
-        other => Err(InstanceError::Config(format!(
-            "{key}: unexpected value {}",
-            other
+        _ => Err(InstanceError::Config(format!(
+            "{key}: expected a string or {{env: VAR}}"
         ))),
     }
 }
 
-fn quote(v: &str) -> String {
-    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+fn apply_param(config: &mut Config, key: &str, value: &str) -> Result<(), InstanceError> {
+    let bad = || InstanceError::Config(format!("postgres_db.params.{key}: unsupported value"));
+    match key {
+        "sslmode" => {
+            let mode = match value {
+                "disable" => SslMode::Disable,
+                "allow" | "prefer" => SslMode::Prefer,
+                _ => {
+                    return Err(InstanceError::Unsupported(format!(
+                        "postgres_db.params.sslmode={value} (the worker connects without TLS)"
+                    )))
+                }
+            };
+            config.ssl_mode(mode);
+        }
+        "connect_timeout" => {
+            let secs: u64 = value.parse().map_err(|_| bad())?;
+            config.connect_timeout(Duration::from_secs(secs));
+        }
+        "application_name" => {
+            config.application_name(value);
+        }
+        "options" => {
+            config.options(value);
+        }
+        "keepalives" => {
+            config.keepalives(value != "0");
+        }
+        _ => warn!(
+            param = key,
+            "ignoring an unsupported Postgres connection parameter of the Dagster storage"
+        ),
+    }
+    Ok(())
 }
 
 /// Parses a `PostgresRunStorage` / `PostgresEventLogStorage` / `DagsterPostgresStorage` config_yaml.
@@ -74,8 +114,24 @@ fn target_from_yaml(yaml: &str) -> Result<Target, InstanceError> {
         let url = resolve(url, "postgres_url")?
             .ok_or_else(|| InstanceError::Config("postgres_url is empty".into()))?;
         let display = celeriac_wire::url::redact(&url);
+        // SQLAlchemy URLs may name a driver (`postgresql+psycopg2://`); libpq-style parsers do not know it.
+        let normalized = match url.split_once("://") {
+            Some((scheme, rest))
+                if scheme.starts_with("postgresql+") || scheme.starts_with("postgres+") =>
+            {
+                format!("postgresql://{rest}")
+            }
+            _ => url.clone(),
+        };
+        let mut config: Config = normalized.parse().map_err(|e: tokio_postgres::Error| {
+            InstanceError::Config(format!("postgres_url {display}: {e}"))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         return Ok(Target {
-            conn_str: url,
+            config,
+            key: url,
             display,
         });
     }
@@ -86,31 +142,40 @@ fn target_from_yaml(yaml: &str) -> Result<Target, InstanceError> {
         db.get(k).map_or(Ok(None), |v| resolve(v, k))
     };
     let host = get("hostname")?.unwrap_or_else(|| "localhost".into());
-    let port = get("port")?.unwrap_or_else(|| "5432".into());
+    let port_s = get("port")?.unwrap_or_else(|| "5432".into());
+    let port: u16 = port_s.parse().map_err(|_| {
+        InstanceError::Config(format!("postgres_db.port: not a port number: {port_s}"))
+    })?;
     let user = get("username")?.unwrap_or_else(|| "postgres".into());
     let dbname = get("db_name")?
         .ok_or_else(|| InstanceError::Config("postgres_db.db_name is required".into()))?;
-    let mut conn_str = format!(
-        "host={} port={} user={} dbname={}",
-        quote(&host),
-        quote(&port),
-        quote(&user),
-        quote(&dbname)
-    );
-    if let Some(pw) = get("password")? {
-        conn_str.push_str(&format!(" password={}", quote(&pw)));
+    let password = get("password")?;
+    let mut config = Config::new();
+    config
+        .host(&host)
+        .port(port)
+        .user(&user)
+        .dbname(&dbname)
+        .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(pw) = &password {
+        config.password(pw);
     }
+    let mut params_key = String::new();
     if let Some(Value::Object(params)) = db.get("params") {
         for (k, v) in params {
             if let Some(v) = resolve(v, k)? {
-                if k == "sslmode" || k == "connect_timeout" || k == "application_name" {
-                    conn_str.push_str(&format!(" {k}={}", quote(&v)));
-                }
+                apply_param(&mut config, k, &v)?;
+                params_key.push_str(&format!("&{k}={v}"));
             }
         }
     }
+    let key = format!(
+        "{host}\u{0}{port}\u{0}{user}\u{0}{dbname}\u{0}{}\u{0}{params_key}",
+        password.unwrap_or_default()
+    );
     Ok(Target {
-        conn_str,
+        config,
+        key,
         display: format!("postgresql://{user}@{host}:{port}/{dbname}"),
     })
 }
@@ -121,10 +186,12 @@ pub struct Instances {
     clients: Arc<Mutex<HashMap<String, Arc<Client>>>>,
 }
 
-/// A handle on one run's storages.
+/// A handle on one run's storages. Every operation takes the cached connection (re-opened if the
+/// server closed it), so a handle stays usable across a step that runs for hours.
 pub struct Instance {
-    runs: Arc<Client>,
-    events: Arc<Client>,
+    instances: Instances,
+    runs: Target,
+    events: Target,
 }
 
 impl Instances {
@@ -137,28 +204,43 @@ impl Instances {
         let run_yaml = run_yaml.ok_or_else(|| {
             InstanceError::Unsupported("the instance_ref has no run storage".into())
         })?;
-        let runs = self.client(target_from_yaml(run_yaml)?).await?;
+        let runs = target_from_yaml(run_yaml)?;
         let events = match event_yaml {
-            Some(y) => self.client(target_from_yaml(y)?).await?,
+            Some(y) => target_from_yaml(y)?,
             None => runs.clone(),
         };
-        Ok(Instance { runs, events })
+        // Connect now, so configuration and connectivity problems surface before any work.
+        self.client(&runs).await?;
+        self.client(&events).await?;
+        Ok(Instance {
+            instances: self.clone(),
+            runs,
+            events,
+        })
     }
 
-    async fn client(&self, target: Target) -> Result<Arc<Client>, InstanceError> {
+    /// Number of cached connections (for tests and metrics).
+    pub async fn cached(&self) -> usize {
+        self.clients.lock().await.len()
+    }
+
+    async fn client(&self, target: &Target) -> Result<Arc<Client>, InstanceError> {
         let mut clients = self.clients.lock().await;
-        if let Some(c) = clients.get(&target.conn_str) {
+        if let Some(c) = clients.get(&target.key) {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
             warn!(database = %target.display, "Dagster database connection was closed; reconnecting");
         }
-        let (client, connection) = tokio_postgres::connect(&target.conn_str, NoTls)
-            .await
-            .map_err(|e| InstanceError::Connect {
-                target: target.display.clone(),
-                reason: e.to_string(),
-            })?;
+        let (client, connection) =
+            target
+                .config
+                .connect(NoTls)
+                .await
+                .map_err(|e| InstanceError::Connect {
+                    target: target.display.clone(),
+                    reason: e.to_string(),
+                })?;
         let db = target.display.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -167,25 +249,59 @@ impl Instances {
         });
         debug!(database = %target.display, "connected to the Dagster database");
         let client = Arc::new(client);
-        clients.insert(target.conn_str, client.clone());
+        clients.insert(target.key.clone(), client.clone());
         Ok(client)
+    }
+}
+
+/// Runs `op` on the target's connection, once more on a fresh connection if the first one turned out closed.
+async fn with_client<T, F, Fut>(
+    instances: &Instances,
+    target: &Target,
+    what: &'static str,
+    op: F,
+) -> Result<T, InstanceError>
+where
+    F: Fn(Arc<Client>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        let client = instances.client(target).await?;
+        let result = tokio::time::timeout(QUERY_TIMEOUT, op(client.clone())).await;
+        match result {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if client.is_closed() && attempt == 0 => {
+                warn!(database = %target.display, "Dagster database connection lost during {what}: {e}; retrying");
+            }
+            Ok(Err(e)) => {
+                return Err(InstanceError::Query {
+                    what,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(InstanceError::Query {
+                    what,
+                    reason: format!("no answer within {}s", QUERY_TIMEOUT.as_secs()),
+                })
+            }
+        }
+        attempt += 1;
     }
 }
 
 impl Instance {
     /// `instance.get_run_by_id`: status column (authoritative), job name and code location from the body.
     pub async fn get_run(&self, run_id: &str) -> Result<Option<RunInfo>, InstanceError> {
-        let row = self
-            .runs
-            .query_opt(
+        let row = with_client(&self.instances, &self.runs, "read run", |c| async move {
+            c.query_opt(
                 "SELECT run_body, status FROM runs WHERE run_id = $1",
                 &[&run_id],
             )
             .await
-            .map_err(|e| InstanceError::Query {
-                what: "read run",
-                reason: e.to_string(),
-            })?;
+        })
+        .await?;
         let Some(row) = row else { return Ok(None) };
         let body: String = row.try_get(0).map_err(|e| InstanceError::Query {
             what: "read run body",
@@ -212,36 +328,48 @@ impl Instance {
         }))
     }
 
-    /// Stores an event and notifies listeners (`NOTIFY run_events, '<run_id>_<id>'`), as dagster-postgres does.
-    pub async fn report(&self, run_id: &str, event: &Event) -> Result<(), InstanceError> {
-        let ts = chrono::DateTime::from_timestamp_micros((event.timestamp() * 1e6) as i64)
+    /// Stores an event and notifies listeners (`NOTIFY run_events, '<run_id>_<id>'`), as dagster-postgres
+    /// does. Returns the `event_logs.id`.
+    pub async fn report(&self, run_id: &str, event: &Event) -> Result<i64, InstanceError> {
+        let ts = chrono::DateTime::from_timestamp_micros((event.timestamp() * 1e6).round() as i64)
             .map(|d| d.naive_utc())
             .unwrap_or_default();
-        let step_key = event.entry.get("step_key").and_then(Value::as_str);
-        let row = self
-            .events
-            .query_one(
-                "INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key, asset_key, partition) \
-                 VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id",
-                &[&run_id, &event.entry_json(), &event.event_type, &ts, &step_key],
-            )
-            .await
-            .map_err(|e| InstanceError::Query { what: "insert event", reason: e.to_string() })?;
+        let step_key = event
+            .entry
+            .get("step_key")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let body = event.entry_json();
+        let event_type = event.event_type;
+        let row = with_client(&self.instances, &self.events, "insert event", |c| {
+            let (body, step_key) = (&body, &step_key);
+            async move {
+                c.query_one(
+                    "INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key, asset_key, partition) \
+                     VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id",
+                    &[&run_id, body, &event_type, &ts, step_key],
+                )
+                .await
+            }
+        })
+        .await?;
         let id: i64 = row
             .try_get::<_, i64>(0)
             .or_else(|_| row.try_get::<_, i32>(0).map(i64::from))
-            .unwrap_or_default();
-        self.events
-            .execute(
-                "SELECT pg_notify('run_events', $1)",
-                &[&format!("{run_id}_{id}")],
-            )
-            .await
             .map_err(|e| InstanceError::Query {
-                what: "notify run_events",
+                what: "read event id",
                 reason: e.to_string(),
             })?;
-        Ok(())
+        let notify = format!("{run_id}_{id}");
+        with_client(&self.instances, &self.events, "notify run_events", |c| {
+            let notify = &notify;
+            async move {
+                c.execute("SELECT pg_notify('run_events', $1)", &[notify])
+                    .await
+            }
+        })
+        .await?;
+        Ok(id)
     }
 }
 
@@ -256,7 +384,13 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.display, "postgresql://postgres@db:5432/dagster");
         assert!(!t.display.contains("s3cr"));
-        assert!(t.conn_str.contains(r"password='s3cr\'et'"));
+        assert_eq!(t.config.get_password(), Some("s3cr'et".as_bytes()));
+        assert_eq!(t.config.get_dbname(), Some("dagster"));
+        let u = target_from_yaml("postgres_url: postgresql+psycopg2://u:p%40ss@h:6543/d\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!u.display.contains("p%40ss"), "{}", u.display);
+        assert_eq!(u.config.get_ports(), &[6543]);
+        assert_eq!(u.config.get_password(), Some("p@ss".as_bytes()));
         assert!(matches!(
             target_from_yaml("postgres_db:\n  db_name: x\n  password:\n    env: CELERIAC_NOPE_X\n"),
             Err(InstanceError::MissingEnv(_))

@@ -1,6 +1,9 @@
 //! `execute_step_k8s_job`: Dagster's celery-k8s step task (`dagster_celery_k8s/executor.py`), in the
 //! order of spec §3.1. The result is the list of serialized `DagsterEvent`s the run worker replays:
 //! `[Executing…, (STEP_FAILURE), Retrieving logs…, *the step's own events]`.
+//!
+//! Nothing secret is logged: not the kwargs, the command (it embeds the instance config), the storage
+//! config or environment values.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,51 +18,150 @@ use tracing::{info, warn};
 use super::{Task, TaskContext, TaskOutcome};
 use crate::dagster::command::{command_args, job_name};
 use crate::dagster::events::{
-    engine_event, step_failure, ErrorInfo, Event, Meta, StepRef, DELEGATE_MARKER,
+    engine_event, filter_events, step_failure, ErrorInfo, Event, Meta, StepRef, DELEGATE_MARKER,
 };
-use crate::dagster::instance::{Instance, Instances};
+use crate::dagster::instance::{Instance, InstanceError, Instances};
+use crate::dagster::k8s_config::merge_user_config;
 use crate::dagster::step_args::StepTaskArgs;
-use crate::launcher::{LaunchError, StepLauncher, StepSpec};
+use crate::launcher::{LaunchError, StepLauncher, StepRun, StepSpec};
 
-/// How often the run's status is checked while its step runs.
-const RUN_STATUS_INTERVAL: Duration = Duration::from_secs(3);
+/// The registered task name.
+pub const TASK_NAME: &str = "execute_step_k8s_job";
+/// How often the run's status is checked while its step runs (Python: every 10 s with the Job status).
+pub const DEFAULT_RUN_STATUS_INTERVAL: Duration = Duration::from_secs(3);
 
+/// The step task. Cheap to share: one instance serves every concurrent step of the worker.
 pub struct ExecuteStepK8sJob {
     launcher: Arc<dyn StepLauncher>,
     instances: Instances,
+    run_status_interval: Duration,
 }
 
 impl ExecuteStepK8sJob {
+    /// A step task running steps with `launcher`, with its own Postgres connection cache.
     pub fn new(launcher: Arc<dyn StepLauncher>) -> Self {
+        Self::with_instances(launcher, Instances::default())
+    }
+
+    /// A step task sharing an existing connection cache.
+    pub fn with_instances(launcher: Arc<dyn StepLauncher>, instances: Instances) -> Self {
         Self {
             launcher,
-            instances: Instances::default(),
+            instances,
+            run_status_interval: DEFAULT_RUN_STATUS_INTERVAL,
         }
+    }
+
+    /// Changes how often the run status is polled while a step runs.
+    pub fn with_run_status_interval(mut self, interval: Duration) -> Self {
+        self.run_status_interval = interval.max(Duration::from_millis(100));
+        self
+    }
+
+    /// The connection cache (shared with other users of the run's instance).
+    pub fn instances(&self) -> &Instances {
+        &self.instances
     }
 }
 
 fn failure(exc_type: &str, module: &str, message: impl Into<String>) -> TaskOutcome {
     let message = message.into();
+    let qualified = if module == "builtins" {
+        exc_type.to_string()
+    } else {
+        format!("{module}.{exc_type}")
+    };
     TaskOutcome::Failure {
-        traceback: Some(format!("Traceback (most recent call last):\n  celeriac execute_step_k8s_job\n{exc_type}: {message}\n")),
+        traceback: Some(format!(
+            "Traceback (most recent call last):\n  File \"celeriac/worker/src/tasks/step.rs\", in execute_step_k8s_job\n{qualified}: {message}\n"
+        )),
         exc: ExceptionInfo::new(exc_type, module, message),
+    }
+}
+
+fn instance_failure(e: &InstanceError) -> TaskOutcome {
+    match e {
+        InstanceError::Connect { .. } | InstanceError::Query { .. } => {
+            failure("OperationalError", "sqlalchemy.exc", e.to_string())
+        }
+        InstanceError::Unsupported(_) | InstanceError::Config(_) | InstanceError::MissingEnv(_) => {
+            failure(
+                "DagsterInvalidConfigError",
+                "dagster._core.errors",
+                e.to_string(),
+            )
+        }
+    }
+}
+
+/// Stores events in the run's event log; a failed write is logged, not fatal (the step still runs and
+/// its result still reaches the run worker).
+struct Reporter<'a> {
+    instance: &'a Instance,
+    step: StepRef<'a>,
+}
+
+impl Reporter<'_> {
+    async fn store(&self, event: Event) -> Event {
+        if let Err(e) = self.instance.report(self.step.run_id, &event).await {
+            warn!(run_id = %self.step.run_id, step = %self.step.step_key, "cannot write a Dagster event: {e}");
+        }
+        event
+    }
+
+    async fn engine(
+        &self,
+        message: &str,
+        metadata: &[(&str, Meta)],
+        marker_end: Option<&str>,
+        error: Option<&ErrorInfo>,
+    ) -> Event {
+        self.store(engine_event(
+            &self.step, message, metadata, marker_end, error,
+        ))
+        .await
+    }
+}
+
+fn text(s: &str) -> Meta {
+    Meta::Text(s.to_string())
+}
+
+/// A metadata value Python passes through as-is: a string, or `None` (→ `NullMetadataEntryData`).
+fn optional(v: Option<&Value>) -> Meta {
+    match v {
+        Some(Value::String(s)) => Meta::Text(s.clone()),
+        Some(Value::Null) | None => Meta::Null,
+        Some(other) => Meta::Text(celeriac_wire::json::python_repr(other)),
+    }
+}
+
+/// Python's `str(x)`: `"None"` for a missing value.
+fn python_str(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "None".into(),
+        Some(other) => celeriac_wire::json::python_repr(other),
     }
 }
 
 #[async_trait]
 impl Task for ExecuteStepK8sJob {
     fn name(&self) -> &'static str {
-        "execute_step_k8s_job"
+        TASK_NAME
     }
 
     async fn run(&self, ctx: TaskContext, request: &TaskRequest) -> TaskOutcome {
+        // 1. Arguments.
         let args = match StepTaskArgs::from_kwargs(&request.kwargs) {
             Ok(a) => a,
             Err(e) => {
+                warn!(task_id = %request.id, "invalid execute_step_k8s_job arguments: {e}");
                 let (t, m) = e.python_type();
                 return failure(t, m, e.to_string());
             }
         };
+        // 3. Instance and run.
         let instance = match self
             .instances
             .open(
@@ -70,11 +172,8 @@ impl Task for ExecuteStepK8sJob {
         {
             Ok(i) => i,
             Err(e) => {
-                return failure(
-                    "DagsterInstanceError",
-                    "dagster._core.errors",
-                    e.to_string(),
-                )
+                warn!(task_id = %request.id, run_id = %args.run_id, "cannot open the run's Dagster instance: {e}");
+                return instance_failure(&e);
             }
         };
         let run = match instance.get_run(&args.run_id).await {
@@ -86,200 +185,229 @@ impl Task for ExecuteStepK8sJob {
                     format!("Could not load run {}", args.run_id),
                 )
             }
-            Err(e) => {
-                return failure(
-                    "DagsterInstanceError",
-                    "dagster._core.errors",
-                    e.to_string(),
-                )
-            }
+            Err(e) => return instance_failure(&e),
         };
-        let step = StepRef {
-            run_id: &args.run_id,
-            job_name: &run.job_name,
-            step_key: &args.step_key,
-        };
-        let store = |event: Event| {
-            let instance = &instance;
-            let run_id = args.run_id.clone();
-            async move {
-                if let Err(e) = instance.report(&run_id, &event).await {
-                    warn!(run_id = %run_id, "cannot write a Dagster engine event: {e}");
-                }
-                event
-            }
+        let step_key = args.step_key.as_str();
+        let reporter = Reporter {
+            instance: &instance,
+            step: StepRef {
+                run_id: &args.run_id,
+                job_name: &run.job_name,
+                step_key,
+            },
         };
 
+        // 4. E1, stored only.
         let pod_name = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty());
-        store(engine_event(
-            &step,
-            &format!("Task for step {} picked up by Celery", args.step_key),
-            &[
-                ("Celery worker name", Meta::Text(ctx.hostname.clone())),
-                (
-                    "Celery worker Kubernetes Pod name",
-                    pod_name.map_or(Meta::Null, Meta::Text),
-                ),
-            ],
-            None,
-            None,
-        ))
-        .await;
-
-        if run.status != "STARTED" {
-            info!(run_id = %args.run_id, step = %args.step_key, status = %run.status, "run is not STARTED; not scheduling the step");
-            store(engine_event(
-                &step,
-                "Not scheduling step because dagster run status is not STARTED",
-                &[("Step key", Meta::Text(args.step_key.clone()))],
+        reporter
+            .engine(
+                &format!("Task for step {step_key} picked up by Celery"),
+                &[
+                    ("Celery worker name", text(&ctx.hostname)),
+                    (
+                        "Celery worker Kubernetes Pod name",
+                        pod_name.map_or(Meta::Null, Meta::Text),
+                    ),
+                ],
                 None,
                 None,
-            ))
+            )
             .await;
+
+        // 5. Only STARTED runs get their steps executed.
+        if run.status != "STARTED" {
+            info!(run_id = %args.run_id, step = step_key, status = %run.status, "run is not STARTED; not scheduling the step");
+            reporter
+                .engine(
+                    "Not scheduling step because dagster run status is not STARTED",
+                    &[("Step key", text(step_key))],
+                    None,
+                    None,
+                )
+                .await;
             return TaskOutcome::Success(json!([]));
         }
 
-        let job = job_name(&args.run_id, &args.step_key, args.attempt);
-        let image = args.job_config_str("job_image").map(str::to_owned);
-        let pull_secrets = args
-            .job_config
-            .get("image_pull_secrets")
+        // 6–10. Names, command, labels, k8s config.
+        let job = job_name(&args.run_id, step_key, args.attempt);
+        let mut labels = vec![
+            ("dagster/job".to_string(), run.job_name.clone()),
+            ("dagster/op".to_string(), step_key.to_string()),
+            ("dagster/run-id".to_string(), args.run_id.clone()),
+        ];
+        if let Some(location) = &run.location_name {
+            labels.push(("dagster/code-location".to_string(), location.clone()));
+        }
+        let tag_config = Value::Object(args.user_defined_k8s_config.clone());
+        let per_step = args
+            .per_step_k8s_config
+            .get(step_key)
             .cloned()
-            .unwrap_or(json!([]));
-        let executing = store(engine_event(
-            &step,
-            &format!(
-                "Executing step \"{}\" in Kubernetes job {job}.",
-                args.step_key
-            ),
-            &[
-                ("Step key", Meta::Text(args.step_key.clone())),
-                ("Kubernetes Job name", Meta::Text(job.clone())),
-                (
-                    "Job image",
-                    Meta::Text(image.clone().unwrap_or_else(|| "None".into())),
-                ),
-                (
-                    "Image pull policy",
-                    Meta::Text(
-                        args.job_config_str("image_pull_policy")
-                            .unwrap_or("None")
-                            .to_string(),
-                    ),
-                ),
-                (
-                    "Image pull secrets",
-                    Meta::Text(python_list_repr(&pull_secrets)),
-                ),
-                (
-                    "Service account name",
-                    Meta::Text(
-                        args.job_config_str("service_account_name")
-                            .unwrap_or("None")
-                            .to_string(),
-                    ),
-                ),
-            ],
-            Some(DELEGATE_MARKER),
-            None,
-        ))
-        .await;
-        let mut events = vec![executing.dagster_event_json()];
-
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
         let spec = StepSpec {
             job_name: job.clone(),
             namespace: args.job_namespace.clone(),
+            run_id: args.run_id.clone(),
+            step_key: step_key.to_string(),
             command: command_args(&args),
-            env: step_env(&args, &run.job_name),
-            image,
+            env: vec![
+                ("DAGSTER_RUN_JOB_NAME".into(), run.job_name.clone()),
+                ("DAGSTER_RUN_STEP_KEY".into(), step_key.to_string()),
+            ],
+            image: args.job_config_str("job_image").map(str::to_owned),
+            labels,
             job_config: Value::Object(args.job_config.clone()),
-            user_defined_k8s_config: merged_user_config(&args),
+            merged_user_config: merge_user_config(&tag_config, &per_step),
+            user_defined_k8s_config: tag_config,
+            per_step_k8s_config: per_step,
+            load_incluster_config: args.load_incluster_config,
+            kubeconfig_file: args.kubeconfig_file.clone(),
             wait_timeout: args
                 .job_wait_timeout
-                .filter(|t| *t > 0.0)
+                .filter(|t| *t > 0.0 && t.is_finite())
                 .map(Duration::from_secs_f64),
         };
-        info!(run_id = %args.run_id, step = %args.step_key, job = %job, launcher = self.launcher.kind(), "launching step");
 
+        // 11. E2, stored and returned.
+        let jc = &args.job_config;
+        let executing = reporter
+            .engine(
+                &format!("Executing step \"{step_key}\" in Kubernetes job {job}."),
+                &[
+                    ("Step key", text(step_key)),
+                    ("Kubernetes Job name", text(&job)),
+                    ("Job image", optional(jc.get("job_image"))),
+                    ("Image pull policy", optional(jc.get("image_pull_policy"))),
+                    (
+                        "Image pull secrets",
+                        Meta::Text(python_str(Some(
+                            jc.get("image_pull_secrets")
+                                .unwrap_or(&Value::Array(vec![])),
+                        ))),
+                    ),
+                    (
+                        "Service account name",
+                        Meta::Text(python_str(jc.get("service_account_name"))),
+                    ),
+                ],
+                Some(DELEGATE_MARKER),
+                None,
+            )
+            .await;
+        let mut events = vec![executing.dagster_event_json()];
+
+        // 12–13. Run the step, watching for revocation and for the run leaving STARTED.
+        info!(run_id = %args.run_id, step = step_key, job = %job, attempt = args.attempt, launcher = self.launcher.kind(), "launching step");
         let stop = CancellationToken::new();
         let launch = self.launcher.launch(&spec, stop.clone());
         tokio::pin!(launch);
-        let mut run_check = tokio::time::interval(RUN_STATUS_INTERVAL);
+        let mut run_check = tokio::time::interval(self.run_status_interval);
+        run_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         run_check.tick().await;
         let outcome = loop {
             tokio::select! {
                 r = &mut launch => break r,
                 _ = ctx.terminate.cancelled() => {
+                    info!(run_id = %args.run_id, step = step_key, job = %job, "task revoked with terminate; stopping the step");
                     stop.cancel();
                     let _ = (&mut launch).await;
                     return TaskOutcome::Terminated;
                 }
                 _ = run_check.tick() => {
                     if !run_still_started(&instance, &args.run_id).await {
-                        warn!(run_id = %args.run_id, step = %args.step_key, "run left STARTED; terminating its step");
+                        warn!(run_id = %args.run_id, step = step_key, job = %job, "run left STARTED; terminating its step");
+                        reporter
+                            .engine(
+                                "Terminating Kubernetes Job because dagster run status is not STARTED",
+                                &[
+                                    ("Step key", text(step_key)),
+                                    ("Kubernetes Job name", text(&job)),
+                                    ("Kubernetes Job namespace", text(&args.job_namespace)),
+                                ],
+                                None,
+                                None,
+                            )
+                            .await;
                         stop.cancel();
                         let _ = (&mut launch).await;
-                        store(engine_event(
-                            &step,
-                            "Terminating Kubernetes Job because dagster run status is not STARTED",
-                            &[
-                                ("Step key", Meta::Text(args.step_key.clone())),
-                                ("Kubernetes Job name", Meta::Text(job.clone())),
-                                ("Kubernetes Job namespace", Meta::Text(args.job_namespace.clone())),
-                            ],
-                            None,
-                            None,
-                        ))
-                        .await;
                         return TaskOutcome::Success(json!([]));
                     }
                 }
             }
         };
-        let run_result = match outcome {
+        let class = self.launcher.failure_class();
+        let step_run: StepRun = match outcome {
             Ok(r) => r,
             Err(LaunchError::Cancelled(_)) => return TaskOutcome::Terminated,
-            Err(e @ LaunchError::Start { .. }) => {
-                let err = ErrorInfo {
-                    message: e.to_string(),
-                    cls_name: "DagsterK8sError".into(),
+            Err(e) => {
+                let (message, what) = match &e {
+                    LaunchError::Create { .. } => (format!("Encountered unexpected error while creating Kubernetes job {job} for step {step_key}, exiting."), "create"),
+                    LaunchError::Wait { .. } => (format!("Encountered unexpected error while waiting on Kubernetes job {job} for step {step_key}, exiting."), "wait for"),
+                    _ => (format!("Encountered unexpected error retreiving Pods for Kubernetes job {job} for step {step_key}, exiting."), "list the pods of"),
                 };
-                store(engine_event(
-                    &step,
-                    &format!("Encountered unexpected error while creating Kubernetes job {job} for step {}, exiting.", args.step_key),
-                    &[("Step key", Meta::Text(args.step_key.clone()))],
-                    None,
-                    Some(&err),
-                ))
-                .await;
+                warn!(run_id = %args.run_id, step = step_key, job = %job, "cannot {what} the step: {e}");
+                let err = ErrorInfo::new(class.module, class.name, &e.to_string());
+                reporter
+                    .engine(&message, &[("Step key", text(step_key))], None, Some(&err))
+                    .await;
                 return TaskOutcome::Success(json!([]));
             }
         };
-        if !run_result.succeeded {
-            let reason = run_result
+        if step_run.adopted_existing {
+            reporter
+                .engine(
+                    &format!("Did not create Kubernetes job {job} for step {step_key} since job name already exists, proceeding with existing job."),
+                    &[("Step key", text(step_key)), ("Kubernetes Job name", text(&job))],
+                    Some(DELEGATE_MARKER),
+                    None,
+                )
+                .await;
+        }
+        if !step_run.succeeded {
+            let reason = step_run
                 .failure_message
                 .clone()
-                .unwrap_or_else(|| "the step failed".into());
-            let err = ErrorInfo {
-                message: format!("dagster_k8s.client.DagsterK8sError: Encountered failed job pods for job {job}: {reason}\n"),
-                cls_name: "DagsterK8sError".into(),
-            };
-            let mut ev = step_failure(&step, &err);
-            ev.entry["user_message"] = json!(format!(
-                "Encountered failed job pods for job {job}: {reason}"
-            ));
-            events.push(store(ev).await.dagster_event_json());
+                .unwrap_or_else(|| format!("Step {step_key} of job {job} failed"));
+            info!(run_id = %args.run_id, step = step_key, job = %job, "step failed: {reason}");
+            let err = ErrorInfo::new(class.module, class.name, &reason);
+            events.push(
+                reporter
+                    .store(step_failure(&reporter.step, &err, &reason))
+                    .await
+                    .dagster_event_json(),
+            );
         }
-        let retrieving = store(engine_event(
-            &step,
-            "Retrieving logs from Kubernetes Job pods",
-            &[("Pod names", Meta::Text(run_result.pod_names.join("\n")))],
-            None,
-            None,
-        ))
-        .await;
+
+        // 15. E3, stored and returned.
+        let retrieving = reporter
+            .engine(
+                "Retrieving logs from Kubernetes Job pods",
+                &[("Pod names", Meta::Text(step_run.pod_names.join("\n")))],
+                None,
+                None,
+            )
+            .await;
         events.push(retrieving.dagster_event_json());
-        events.extend(crate::dagster::events::filter_events(&run_result.logs));
+        for log_error in &step_run.log_errors {
+            let err = ErrorInfo::new(class.module, class.name, &log_error.message);
+            reporter
+                .engine(
+                    &format!(
+                        "Encountered unexpected error while fetching pod logs for Kubernetes job {job}, Pod name {} for step {step_key}. Will attempt to continue with other pods.",
+                        log_error.pod_name
+                    ),
+                    &[("Step key", text(step_key))],
+                    None,
+                    Some(&err),
+                )
+                .await;
+        }
+
+        // 16–17. The step's own events.
+        let step_events = filter_events(&step_run.logs);
+        info!(run_id = %args.run_id, step = step_key, job = %job, succeeded = step_run.succeeded, step_events = step_events.len(), "step finished");
+        events.extend(step_events);
         TaskOutcome::Success(Value::Array(
             events.into_iter().map(Value::String).collect(),
         ))
@@ -289,6 +417,7 @@ impl Task for ExecuteStepK8sJob {
 async fn run_still_started(instance: &Instance, run_id: &str) -> bool {
     match instance.get_run(run_id).await {
         Ok(Some(r)) => r.status == "STARTED",
+        // Python: `if not run or run.status != STARTED` → terminate.
         Ok(None) => false,
         // A database hiccup is not a reason to kill a running step.
         Err(e) => {
@@ -298,100 +427,18 @@ async fn run_still_started(instance: &Instance, run_id: &str) -> bool {
     }
 }
 
-/// Python's `str(list)` for the "Image pull secrets" metadata (`[]`, `[{'name': 'x'}]`).
-fn python_list_repr(v: &Value) -> String {
-    celeriac_wire::json::python_repr(v)
-}
-
-/// The user-defined k8s config of this step: the op tag's config with the step's `per_step_k8s_config`
-/// merged onto it (deep merge: dicts recursively, lists concatenated).
-fn merged_user_config(args: &StepTaskArgs) -> Value {
-    let base = Value::Object(args.user_defined_k8s_config.clone());
-    match args.per_step_k8s_config.get(&args.step_key) {
-        Some(per_step @ Value::Object(_)) => deep_merge(base, per_step.clone()),
-        _ => base,
-    }
-}
-
-fn deep_merge(onto: Value, from: Value) -> Value {
-    match (onto, from) {
-        (Value::Object(mut a), Value::Object(b)) => {
-            for (k, v) in b {
-                let merged = match a.remove(&k) {
-                    Some(old) => deep_merge(old, v),
-                    None => v,
-                };
-                a.insert(k, merged);
-            }
-            Value::Object(a)
-        }
-        (Value::Array(mut a), Value::Array(b)) => {
-            for item in b {
-                if !a.contains(&item) {
-                    a.push(item);
-                }
-            }
-            Value::Array(a)
-        }
-        (_, b) => b,
-    }
-}
-
-/// The environment the step's container would get (besides the worker's own): Dagster's run/step
-/// variables, `DAGSTER_HOME`, the job config's `env_vars`, and literal `env` entries of the container config.
-fn step_env(args: &StepTaskArgs, job_name: &str) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("DAGSTER_RUN_JOB_NAME".to_string(), job_name.to_string()),
-        ("DAGSTER_RUN_STEP_KEY".to_string(), args.step_key.clone()),
-    ];
-    if let Some(home) = args.job_config_str("dagster_home") {
-        // Only when it exists here: a path inside a container image is meaningless to a local process.
-        if std::path::Path::new(home).is_dir() {
-            env.push(("DAGSTER_HOME".into(), home.to_string()));
-        }
-    }
-    if let Some(Value::Array(vars)) = args.job_config.get("env_vars") {
-        for v in vars.iter().filter_map(Value::as_str) {
-            match v.split_once('=') {
-                Some((k, val)) => env.push((k.to_string(), val.to_string())),
-                None => {
-                    if let Ok(val) = std::env::var(v) {
-                        env.push((v.to_string(), val));
-                    }
-                }
-            }
-        }
-    }
-    let user = merged_user_config(args);
-    if let Some(Value::Array(entries)) = user.pointer("/container_config/env") {
-        for e in entries {
-            if let (Some(name), Some(value)) = (
-                e.get("name").and_then(Value::as_str),
-                e.get("value").and_then(Value::as_str),
-            ) {
-                env.push((name.to_string(), value.to_string()));
-            }
-        }
-    }
-    env
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn deep_merge_concatenates_lists_and_recurses() {
-        let a = json!({"container_config": {"env": [{"name": "A", "value": "1"}], "resources": {"limits": {"cpu": "1"}}}});
-        let b = json!({"container_config": {"env": [{"name": "B", "value": "2"}], "resources": {"limits": {"memory": "1Gi"}}}});
-        let m = deep_merge(a, b);
-        assert_eq!(
-            m["container_config"]["env"].as_array().map(Vec::len),
-            Some(2)
-        );
-        assert_eq!(
-            m["container_config"]["resources"]["limits"],
-            json!({"cpu": "1", "memory": "1Gi"})
+    fn python_str_and_optional_metadata() {
+        assert_eq!(python_str(None), "None");
+        assert_eq!(python_str(Some(&json!([]))), "[]");
+        assert_eq!(python_str(Some(&json!([{"name": "s"}]))), "[{'name': 's'}]");
+        assert!(matches!(optional(Some(&Value::Null)), Meta::Null));
+        assert!(
+            matches!(optional(Some(&json!("IfNotPresent"))), Meta::Text(t) if t == "IfNotPresent")
         );
     }
 }
