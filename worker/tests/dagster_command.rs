@@ -82,7 +82,9 @@ fn command_and_job_name_match_dagster() {
     }
     let last = StepTaskArgs::from_kwargs(&cases[4]).expect("decode");
     assert_eq!(last.entry_point, ["/usr/local/bin/python3", "-m", "dagster"]);
-    assert!(job_name(&StepTaskArgs::from_kwargs(&cases[2]).expect("decode").run_id, &step, 2).ends_with("-2"));
+    let retried = StepTaskArgs::from_kwargs(&cases[2]).expect("decode");
+    assert_eq!(retried.attempt, 2);
+    assert!(job_name(&retried.run_id, &retried.step_key, retried.attempt).ends_with("-2"));
 }
 
 #[test]

@@ -21,8 +21,8 @@ fn schema() -> &'static HashMap<String, Model> {
 }
 
 /// Converts `value` of Kubernetes type `ty` to API JSON: known attributes (given in snake_case or
-/// camelCase) get their JSON names; map values and unknown keys are kept as given; nulls are dropped,
-/// as the Kubernetes client's serializer does.
+/// camelCase) get their JSON names; map values and unknown keys are kept as given; null attributes are
+/// dropped, as the Kubernetes client's serializer does.
 pub fn to_api(value: &Value, ty: &str) -> Value {
     if let Some(inner) = ty.strip_prefix("list[").and_then(|t| t.strip_suffix(']')) {
         return match value {
@@ -75,7 +75,7 @@ mod tests {
     #[test]
     fn converts_by_schema_and_keeps_map_keys() {
         let container = json!({"image_pull_policy": "Always", "env": [{"name": "A", "value_from": {"secret_key_ref": {"name": "s", "key": "k"}}}],
-                               "resources": {"limits": {"nvidia.com/gpu": "1", "cpu_count": null}}, "securityContext": {"run_as_user": 1}});
+                               "resources": {"limits": {"nvidia.com/gpu": "1"}, "claims": null}, "securityContext": {"run_as_user": 1}});
         assert_eq!(
             to_api(&container, "V1Container"),
             json!({"imagePullPolicy": "Always", "env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
