@@ -29,7 +29,7 @@ trap 'kill -TERM $WORKER 2>/dev/null; wait $WORKER 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do grep -q "consuming" "$HOME_DIR/worker.log" && break; sleep 0.2; done
 
 echo "== running Dagster job '$JOB' with celery_k8s_job_executor"
-SUMMARY="$("$VENV/bin/python" tests/peers/run_job.py --home "$HOME_DIR" --job "$JOB" --timeout 300)"
+SUMMARY="$("$VENV/bin/python" tests/peers/run_job.py --home "$HOME_DIR" --job "$JOB" --timeout 300 2>"$HOME_DIR/run.log")"
 echo "$SUMMARY" | "$VENV/bin/python" -c '
 import json, sys
 s = json.loads(sys.stdin.read().strip().splitlines()[-1])
@@ -38,4 +38,4 @@ for e in s["step_events"]:
     print("  %-14s %s" % (e["event_type"], e["step_key"]))
 sys.exit(0 if s["status"] == "SUCCESS" else 1)
 '
-echo "== worker log: $HOME_DIR/worker.log"
+echo "== logs: $HOME_DIR/worker.log (celeriac), $HOME_DIR/run.log (Dagster run)"
