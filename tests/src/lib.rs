@@ -203,6 +203,18 @@ impl WorkerProcess {
         Ok(worker)
     }
 
+    /// `celeriac worker -b <broker> --result-backend <backend> -Q <queues> <extra…>`.
+    pub fn consuming(
+        broker: &str,
+        backend: &str,
+        queues: &str,
+        extra: &[&str],
+    ) -> Result<WorkerProcess> {
+        let mut args = vec!["-b", broker, "--result-backend", backend, "-Q", queues];
+        args.extend_from_slice(extra);
+        WorkerProcess::start(&args, &[])
+    }
+
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
         let start = Instant::now();

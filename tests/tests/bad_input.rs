@@ -49,10 +49,7 @@ fn check(broker: &str) -> Result<()> {
     ensure_services();
     let backend = "redis://127.0.0.1:6379/1";
     let queue = unique("bad");
-    let mut worker = WorkerProcess::start(
-        &["-b", broker, "--result-backend", backend, "-Q", &queue],
-        &[],
-    )?;
+    let mut worker = WorkerProcess::consuming(broker, backend, &queue, &[])?;
     let mut expected_results = Vec::new();
     for (kind, _, result) in CASES {
         let out = client(broker, backend, &["bad", "--queue", &queue, "--kind", kind])?;

@@ -40,20 +40,16 @@ fn check(broker: &str, backend: &str) -> Result<()> {
     let home = DagsterHome::create(broker, backend)?;
     let queues = format!("{qa},{qb}");
     let (limit_a, limit_b) = (format!("{qa}=2"), format!("{qb}=3"));
-    let mut worker = WorkerProcess::start(
+    let mut worker = WorkerProcess::consuming(
+        broker,
+        backend,
+        &queues,
         &[
-            "-b",
-            broker,
-            "--result-backend",
-            backend,
-            "-Q",
-            &queues,
             "--queue-concurrency",
             &limit_a,
             "--queue-concurrency",
             &limit_b,
         ],
-        &[],
     )?;
     let summary = home.run_job(
         "two_queues",

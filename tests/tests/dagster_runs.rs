@@ -16,19 +16,7 @@ fn run(broker: &str, backend: &str, job: &str) -> Result<(RunSummary, String)> {
     ensure_services();
     let queue = unique("dag");
     let home = DagsterHome::create(broker, backend)?;
-    let mut worker = WorkerProcess::start(
-        &[
-            "-b",
-            broker,
-            "--result-backend",
-            backend,
-            "-Q",
-            &queue,
-            "-c",
-            "3",
-        ],
-        &[],
-    )?;
+    let mut worker = WorkerProcess::consuming(broker, backend, &queue, &["-c", "3"])?;
     let summary = home.run_job(job, Duration::from_secs(240), &[("CELERIAC_QUEUE", &queue)])?;
     worker.terminate(Duration::from_secs(60))?;
     Ok((summary, worker.log_text()))

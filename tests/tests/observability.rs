@@ -44,6 +44,17 @@ fn reply_of(stdout: &str, node: &str) -> Result<Value> {
 }
 
 /// An HTTP request from Python's urllib (the tests carry no HTTP client of their own): (status, body).
+/// `celery inspect <cmd> -d <node> --json`: the node's reply.
+fn inspect_node(broker: &str, node: &str, cmd: &str) -> Result<Value> {
+    reply_of(
+        &celery(
+            broker,
+            &["inspect", cmd, "-d", node, "--json", "--timeout", "5"],
+        )?,
+        node,
+    )
+}
+
 fn http(method: &str, url: &str) -> Result<(u16, String)> {
     let code = r#"
 import sys, urllib.request, urllib.error
@@ -86,20 +97,7 @@ impl Drop for Background {
 fn inspect_and_control(broker: &str) -> Result<()> {
     ensure_services();
     let queue = unique("obs");
-    let mut worker = WorkerProcess::start(
-        &[
-            "-b",
-            broker,
-            "--result-backend",
-            "rpc://",
-            "-Q",
-            &queue,
-            "-c",
-            "2",
-            "-E",
-        ],
-        &[],
-    )?;
+    let mut worker = WorkerProcess::consuming(broker, "rpc://", &queue, &["-c", "2", "-E"])?;
     let node = worker.hostname.clone();
     let d = ["-d", node.as_str(), "--json", "--timeout", "5"];
     let inspect = |cmd: &str| -> Result<Value> {
@@ -282,20 +280,7 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    let worker = WorkerProcess::start(
-        &[
-            "-b",
-            broker,
-            "--result-backend",
-            backend,
-            "-Q",
-            &queue,
-            "-c",
-            "3",
-            "-E",
-        ],
-        &[],
-    )?;
+    let worker = WorkerProcess::consuming(broker, backend, &queue, &["-c", "3", "-E"])?;
     let node = worker.hostname.clone();
     let online_at = Instant::now();
     loop {
@@ -345,12 +330,8 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
     );
     let (code, body) = http_post(&format!("{base}/api/worker/pool/grow/{node}?n=2"))?;
     assert_eq!(code, 200, "{body}");
-    let stats_out = celery(
-        broker,
-        &["inspect", "stats", "-d", &node, "--json", "--timeout", "5"],
-    )?;
     assert_eq!(
-        reply_of(&stats_out, &node)?["pool"]["max-concurrency"],
+        inspect_node(broker, &node, "stats")?["pool"]["max-concurrency"],
         5,
         "Flower's pool grow took effect"
     );
@@ -358,21 +339,7 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
         "{base}/api/worker/queue/add-consumer/{node}?queue={queue}_x"
     ))?;
     assert_eq!(code, 200, "{body}");
-    let aq = reply_of(
-        &celery(
-            broker,
-            &[
-                "inspect",
-                "active_queues",
-                "-d",
-                &node,
-                "--json",
-                "--timeout",
-                "5",
-            ],
-        )?,
-        &node,
-    )?;
+    let aq = inspect_node(broker, &node, "active_queues")?;
     assert!(
         aq.to_string().contains(&format!("{queue}_x")),
         "Flower's add-consumer took effect: {aq}"
@@ -381,54 +348,22 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
         "{base}/api/worker/queue/cancel-consumer/{node}?queue={queue}_x"
     ))?;
     assert_eq!(code, 200, "{body}");
-    let aq = reply_of(
-        &celery(
-            broker,
-            &[
-                "inspect",
-                "active_queues",
-                "-d",
-                &node,
-                "--json",
-                "--timeout",
-                "5",
-            ],
-        )?,
-        &node,
-    )?;
+    let aq = inspect_node(broker, &node, "active_queues")?;
     assert!(
         !aq.to_string().contains(&format!("{queue}_x")),
         "Flower's cancel-consumer took effect: {aq}"
     );
     let (code, body) = http_post(&format!("{base}/api/worker/pool/shrink/{node}?n=1"))?;
     assert_eq!(code, 200, "{body}");
-    let stats_out = celery(
-        broker,
-        &["inspect", "stats", "-d", &node, "--json", "--timeout", "5"],
-    )?;
     assert_eq!(
-        reply_of(&stats_out, &node)?["pool"]["max-concurrency"],
+        inspect_node(broker, &node, "stats")?["pool"]["max-concurrency"],
         4,
         "Flower's pool shrink took effect"
     );
     let revoke_id = uuid_like();
     let (code, body) = http_post(&format!("{base}/api/task/revoke/{revoke_id}"))?;
     assert_eq!(code, 200, "{body}");
-    let revoked = reply_of(
-        &celery(
-            broker,
-            &[
-                "inspect",
-                "revoked",
-                "-d",
-                &node,
-                "--json",
-                "--timeout",
-                "5",
-            ],
-        )?,
-        &node,
-    )?;
+    let revoked = inspect_node(broker, &node, "revoked")?;
     assert!(revoked.to_string().contains(&revoke_id), "{revoked}");
 
     // `celery events --dump` saw each step's lifecycle.

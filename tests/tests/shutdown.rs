@@ -43,10 +43,7 @@ fn graceful(broker: &str, backend: &str) -> Result<()> {
     ensure_services();
     let queue = unique("term");
     let home = DagsterHome::create(broker, backend)?;
-    let mut worker = WorkerProcess::start(
-        &["-b", broker, "--result-backend", backend, "-Q", &queue],
-        &[],
-    )?;
+    let mut worker = WorkerProcess::consuming(broker, backend, &queue, &[])?;
     let run = start_sleepy_run(home, &queue, "10");
     wait_step_running(&mut worker)?;
     let status = worker.terminate(Duration::from_secs(90))?;
@@ -79,19 +76,7 @@ fn past_grace(broker: &str, backend: &str) -> Result<()> {
     ensure_services();
     let queue = unique("term");
     let home = DagsterHome::create(broker, backend)?;
-    let mut first = WorkerProcess::start(
-        &[
-            "-b",
-            broker,
-            "--result-backend",
-            backend,
-            "-Q",
-            &queue,
-            "--shutdown-grace",
-            "1",
-        ],
-        &[],
-    )?;
+    let mut first = WorkerProcess::consuming(broker, backend, &queue, &["--shutdown-grace", "1"])?;
     let run = start_sleepy_run(home, &queue, "60");
     let task_id = wait_step_running(&mut first)?;
     let status = first.terminate(Duration::from_secs(90))?;
@@ -110,10 +95,7 @@ fn past_grace(broker: &str, backend: &str) -> Result<()> {
         "the interrupted step's message is back on the broker, ready"
     );
 
-    let mut second = WorkerProcess::start(
-        &["-b", broker, "--result-backend", backend, "-Q", &queue],
-        &[],
-    )?;
+    let mut second = WorkerProcess::consuming(broker, backend, &queue, &[])?;
     second.wait_for_log(
         &format!("execute_step_k8s_job[{task_id}] received"),
         Duration::from_secs(30),

@@ -12,12 +12,14 @@ use crate::json::parse_lenient;
 use crate::result::ResultMeta;
 use crate::url::redact;
 
+/// Celery's `redis://` result backend.
 pub struct RedisBackend {
     con: ConnectionManager,
     expires: Duration,
 }
 
 impl RedisBackend {
+    /// Connects (10 s timeout); results expire after `result_expires` (Celery's default: 86400 s).
     pub async fn connect(
         url: &str,
         result_expires: Duration,
@@ -42,12 +44,12 @@ impl ResultBackend for RedisBackend {
     async fn store(&self, target: &ReplyTarget, meta: &ResultMeta) -> Result<(), BackendError> {
         let key = format!("celery-task-meta-{}", target.task_id);
         let mut con = self.con.clone();
-        let existing: Option<String> = con
+        let existing: Option<Vec<u8>> = con
             .get(&key)
             .await
             .map_err(|e| BackendError::Unavailable(format!("GET {key}: {e}")))?;
         if let Some(existing) = existing {
-            let stored_success = parse_lenient(existing.as_bytes())
+            let stored_success = parse_lenient(&existing)
                 .ok()
                 .and_then(|v| {
                     v.get("status")

@@ -30,8 +30,8 @@ use serde_json::{Map, Number, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    Acker, Broker, BrokerError, Consumer, Delivery, ExchangeKind, ExchangeSpec, OutgoingMessage,
-    QueueSpec, Subscription,
+    Acker, Broker, BrokerError, Consumer, Delivery, ExchangeKind, ExchangeSpec, NoAck,
+    OutgoingMessage, QueueSpec, Subscription,
 };
 use crate::message::{DeliveryInfo, Properties, RawMessage};
 
@@ -625,19 +625,6 @@ impl Acker for AmqpAcker {
     async fn reject(&self, requeue: bool) -> Result<(), BrokerError> {
         let r = self.acker.reject(BasicRejectOptions { requeue }).await;
         self.settled("basic.reject", r)
-    }
-}
-
-/// Deliveries of `no_ack` subscriptions need no settling.
-struct NoAck;
-
-#[async_trait]
-impl Acker for NoAck {
-    async fn ack(&self) -> Result<(), BrokerError> {
-        Ok(())
-    }
-    async fn reject(&self, _requeue: bool) -> Result<(), BrokerError> {
-        Ok(())
     }
 }
 

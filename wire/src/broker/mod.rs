@@ -158,6 +158,19 @@ pub trait Acker: Send + Sync {
     }
 }
 
+/// The acker of deliveries that need no settling (broadcast subscriptions consume with `no_ack`).
+pub struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+    async fn reject(&self, _requeue: bool) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}
+
 /// Receives deliveries from one queue.
 #[async_trait]
 pub trait Consumer: Send {

@@ -3,6 +3,10 @@
 //! hash and `unacked_index` sorted set for acknowledgement emulation; the visibility-timeout restore
 //! guarded by `unacked_mutex`; `_kombu.binding.*` routing tables; pub/sub for fanout exchanges.
 //!
+//! Where messages go back, exactly as kombu does it (spec §9.2, gotcha 17):
+//! * [`Acker::reject`] with `requeue = true` → `LPUSH`: the **back** of the line (`leftmost=True`);
+//! * the visibility sweep ([`RedisBroker::restore_visible`]) → `RPUSH`: the **front**, consumed next.
+//!
 //! Two improvements over Python Celery, both compatible with it:
 //! * a held message's `unacked_index` score is refreshed ([`Acker::keep_alive`]) while its step runs, so
 //!   no worker's sweep restores (and duplicates) a long step, while a dead worker's messages are still
@@ -20,7 +24,7 @@ use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::AsyncCommands;
 use serde_json::{json, Map, Value};
 use tokio::sync::{Mutex, OnceCell};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     Acker, Broker, BrokerError, Consumer, Delivery, ExchangeKind, ExchangeSpec, OutgoingMessage,
@@ -33,28 +37,35 @@ use crate::url::redact;
 const UNACKED: &str = "unacked";
 const UNACKED_INDEX: &str = "unacked_index";
 const UNACKED_MUTEX: &str = "unacked_mutex";
+/// How long the sweep's mutex lives if its holder dies (kombu: `unacked_mutex_expire` 300 s).
+const MUTEX_EXPIRE_MS: u64 = 300_000;
+/// BRPOP's blocking timeout in seconds (kombu: `brpop_timeout`).
+const BRPOP_TIMEOUT_S: u64 = 1;
 /// Content type given to list elements that are not kombu envelopes, so the worker rejects them visibly.
 pub const INVALID_ENVELOPE: &str = "application/x-invalid-envelope";
 
 /// Which priority bucket BRPOP serves first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PriorityOrder {
-    /// kombu's order: bucket 0 first (lower number = higher priority on Redis).
+    /// kombu's order: `q, q\x06\x163, q\x06\x166, q\x06\x169` (lower number = higher priority on Redis).
     #[default]
     Kombu,
-    /// Reverse: bucket 9 first, so a higher Dagster priority runs first as on RabbitMQ.
+    /// Reverse: `q\x06\x169` first, so a higher Dagster priority runs first as on RabbitMQ.
     Dagster,
 }
 
 /// kombu transport options celeriac honours.
 #[derive(Debug, Clone)]
 pub struct RedisTransportOptions {
+    /// Age after which an unacknowledged message is restored by anyone's sweep (default 3600 s).
     pub visibility_timeout: Duration,
     pub priority_order: PriorityOrder,
+    /// kombu `priority_steps` (default `[0, 3, 6, 9]`); producers, consumers and Flower must agree.
     pub priority_steps: Vec<u8>,
+    /// kombu `sep` (default `"\x06\x16"`).
     pub sep: String,
-    /// How often the visibility sweep runs; default `visibility_timeout / 2` within [1 s, 60 s].
-    pub restore_interval: Option<Duration>,
+    /// How often the visibility sweep runs (default 60 s); it also runs once at the first `consume`.
+    pub restore_interval: Duration,
 }
 
 impl Default for RedisTransportOptions {
@@ -64,7 +75,7 @@ impl Default for RedisTransportOptions {
             priority_order: PriorityOrder::Kombu,
             priority_steps: vec![0, 3, 6, 9],
             sep: "\x06\x16".into(),
-            restore_interval: None,
+            restore_interval: Duration::from_secs(60),
         }
     }
 }
@@ -74,7 +85,10 @@ struct Inner {
     url: String,
     db: i64,
     options: RedisTransportOptions,
+    /// Auto-reconnecting, multiplexed: publishing, acking, bindings, the sweep's mutex.
     commands: ConnectionManager,
+    /// A connection of its own for WATCH transactions (restore, requeue); `None` after an error.
+    watch_con: Mutex<Option<MultiplexedConnection>>,
     sweeper: OnceCell<()>,
 }
 
@@ -91,18 +105,44 @@ fn now() -> f64 {
         .unwrap_or_default()
 }
 
-fn lost(what: &str, e: impl std::fmt::Display) -> BrokerError {
+fn lost(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BrokerError {
     BrokerError::ConnectionLost(format!("redis {what}: {e}"))
 }
 
+/// `properties.priority` as kombu reads it (`int(...)`, missing/invalid → 0), clamped to 0..=9.
+fn priority_of(v: Option<&Value>) -> u8 {
+    let p = match v {
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f.trunc() as i64))
+            .unwrap_or(0),
+        Some(Value::String(s)) => s.trim().parse::<i64>().unwrap_or(0),
+        _ => 0,
+    };
+    // Lossless: clamped to 0..=9 first.
+    p.clamp(0, 9) as u8
+}
+
 impl RedisBroker {
+    /// Connects the command connection (10 s timeout). Blocking connections are opened per consumer.
     pub async fn connect(
         url: &str,
         options: RedisTransportOptions,
     ) -> Result<RedisBroker, BrokerError> {
         let db = match crate::url::parse_broker(url) {
             Ok(crate::url::BrokerUrl::Redis { db, .. }) => db,
-            _ => 0,
+            Ok(_) => {
+                return Err(BrokerError::Connect {
+                    url: redact(url),
+                    reason: "not a redis:// or rediss:// URL".into(),
+                })
+            }
+            Err(e) => {
+                return Err(BrokerError::Connect {
+                    url: redact(url),
+                    reason: e.to_string(),
+                })
+            }
         };
         let connect_err = |e: redis::RedisError| BrokerError::Connect {
             url: redact(url),
@@ -127,6 +167,7 @@ impl RedisBroker {
                 db,
                 options,
                 commands,
+                watch_con: Mutex::new(None),
                 sweeper: OnceCell::new(),
             }),
         })
@@ -141,15 +182,15 @@ impl RedisBroker {
     async fn dedicated(&self) -> Result<MultiplexedConnection, BrokerError> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(10)))
-            .set_response_timeout(Some(Duration::from_secs(10)));
+            .set_response_timeout(Some(Duration::from_secs(BRPOP_TIMEOUT_S + 9)));
         self.inner
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| lost("connect", e))
+            .map_err(|e| lost(format!("connect to {}", redact(&self.inner.url)), e))
     }
 
-    /// The list a message of `priority` lives in.
+    /// The list a message of `priority` lives in: `q` for step 0, else `q<sep><step>`.
     pub fn list_for(&self, queue: &str, priority: u8) -> String {
         let p = priority.min(9);
         let step = self
@@ -168,37 +209,44 @@ impl RedisBroker {
         }
     }
 
-    /// BRPOP key order for `queue`.
-    fn brpop_keys(&self, queue: &str) -> Vec<String> {
+    /// BRPOP key order for `queue` ([`PriorityOrder`]).
+    pub fn brpop_keys(&self, queue: &str) -> Vec<String> {
         let mut steps = self.inner.options.priority_steps.clone();
         steps.sort_unstable();
+        steps.dedup();
         if self.inner.options.priority_order == PriorityOrder::Dagster {
             steps.reverse();
         }
-        steps.into_iter().map(|s| self.list_for(queue, s)).collect()
+        let mut keys: Vec<String> = Vec::with_capacity(steps.len());
+        for key in steps.into_iter().map(|s| self.list_for(queue, s)) {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        keys
     }
 
-    fn restore_interval(&self) -> Duration {
-        self.inner.options.restore_interval.unwrap_or_else(|| {
-            (self.inner.options.visibility_timeout / 2)
-                .clamp(Duration::from_secs(1), Duration::from_secs(60))
-        })
-    }
-
-    /// Starts the visibility sweep once per broker.
+    /// Starts the visibility sweep once per broker: now, then every `restore_interval`.
     async fn ensure_sweeper(&self) {
         let this = self.clone();
         self.inner
             .sweeper
             .get_or_init(|| async move {
-                let interval = this.restore_interval();
+                let interval = this
+                    .inner
+                    .options
+                    .restore_interval
+                    .max(Duration::from_millis(10));
                 let weak = Arc::downgrade(&this.inner);
+                drop(this);
                 tokio::spawn(async move {
                     loop {
                         let Some(inner) = weak.upgrade() else { return };
                         let broker = RedisBroker { inner };
-                        if let Err(e) = broker.restore_visible().await {
-                            debug!("visibility sweep failed: {e}");
+                        match broker.restore_visible().await {
+                            Ok(0) => {}
+                            Ok(n) => info!(restored = n, "visibility sweep restored messages"),
+                            Err(e) => debug!("visibility sweep failed: {e}"),
                         }
                         drop(broker);
                         tokio::time::sleep(interval).await;
@@ -208,8 +256,9 @@ impl RedisBroker {
             .await;
     }
 
-    /// kombu's `restore_visible`: puts every unacknowledged message older than `visibility_timeout`
-    /// back at the front of its queue. Returns how many were restored.
+    /// kombu's `restore_visible`: under `unacked_mutex`, puts every unacknowledged message older than
+    /// `visibility_timeout` back at the front of its queue (RPUSH) with `redelivered = true`. Returns how
+    /// many were restored (0 also when another process holds the mutex).
     pub async fn restore_visible(&self) -> Result<usize, BrokerError> {
         let mut con = self.cmd();
         let token = uuid::Uuid::new_v4().simple().to_string();
@@ -218,16 +267,19 @@ impl RedisBroker {
             .arg(&token)
             .arg("NX")
             .arg("PX")
-            .arg(300_000)
+            .arg(MUTEX_EXPIRE_MS)
             .query_async(&mut con)
             .await
-            .map_err(|e| lost("SET unacked_mutex", e))?;
+            .map_err(|e| lost(format!("SET {UNACKED_MUTEX} NX"), e))?;
         if acquired.is_none() {
             return Ok(0);
         }
         let ceiling = now() - self.inner.options.visibility_timeout.as_secs_f64();
         let result = async {
-            let tags: Vec<String> = con.zrangebyscore(UNACKED_INDEX, "-inf", ceiling).await.map_err(|e| lost("ZRANGEBYSCORE", e))?;
+            let tags: Vec<String> = con
+                .zrangebyscore(UNACKED_INDEX, "-inf", ceiling)
+                .await
+                .map_err(|e| lost(format!("ZRANGEBYSCORE {UNACKED_INDEX}"), e))?;
             let mut restored = 0;
             for tag in tags {
                 if self.restore(&tag, true).await? {
@@ -238,53 +290,85 @@ impl RedisBroker {
             Ok(restored)
         }
         .await;
-        let release = redis::Script::new("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end");
-        let _: Result<i64, _> = release
+        let release = redis::Script::new(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
+        );
+        if let Err(e) = release
             .key(UNACKED_MUTEX)
             .arg(&token)
-            .invoke_async(&mut con)
-            .await;
+            .invoke_async::<i64>(&mut con)
+            .await
+        {
+            warn!("cannot release {UNACKED_MUTEX} (it expires by itself): {e}");
+        }
         result
     }
 
-    /// Moves one unacked message back to its queue: RPUSH (front) for restores, LPUSH (back) for requeue.
+    /// Moves one unacked message back to its queue, kombu's `restore_by_tag`: RPUSH (front) for the
+    /// sweep, LPUSH (back) for a requeue. `Ok(false)` when the entry was already gone (settled or restored
+    /// by someone else).
     async fn restore(&self, tag: &str, front: bool) -> Result<bool, BrokerError> {
-        let mut con = self.dedicated().await?;
+        let mut slot = self.inner.watch_con.lock().await;
+        let mut con = match slot.take() {
+            Some(con) => con,
+            None => self.dedicated().await?,
+        };
+        let result = self.restore_on(&mut con, tag, front).await;
+        if result.is_ok() {
+            *slot = Some(con); // an errored connection may still be WATCHing: drop it
+        }
+        result
+    }
+
+    async fn restore_on(
+        &self,
+        con: &mut MultiplexedConnection,
+        tag: &str,
+        front: bool,
+    ) -> Result<bool, BrokerError> {
         redis::cmd("WATCH")
             .arg(UNACKED)
-            .query_async::<()>(&mut con)
+            .query_async::<()>(con)
             .await
-            .map_err(|e| lost("WATCH", e))?;
-        let stored: Option<String> = con
+            .map_err(|e| lost(format!("WATCH {UNACKED}"), e))?;
+        let stored: Option<Vec<u8>> = con
             .hget(UNACKED, tag)
             .await
-            .map_err(|e| lost("HGET unacked", e))?;
+            .map_err(|e| lost(format!("HGET {UNACKED} {tag}"), e))?;
         let Some(stored) = stored else {
-            let _: Result<(), _> = redis::cmd("UNWATCH").query_async(&mut con).await;
+            redis::cmd("UNWATCH")
+                .query_async::<()>(con)
+                .await
+                .map_err(|e| lost("UNWATCH", e))?;
             return Ok(false);
         };
-        let Ok(Value::Array(parts)) = parse_lenient(stored.as_bytes()) else {
-            warn!(delivery_tag = %tag, "dropping a malformed unacked entry");
-            let _: Result<(), _> = redis::pipe()
-                .atomic()
-                .zrem(UNACKED_INDEX, tag)
-                .hdel(UNACKED, tag)
-                .query_async(&mut con)
-                .await;
-            return Ok(false);
+        let parts = match parse_lenient(&stored) {
+            Ok(Value::Array(parts)) if !parts.is_empty() => parts,
+            _ => {
+                // Python kombu would fail on it too; keep it out of the way, but say so loudly.
+                error!(delivery_tag = %tag, entry = %String::from_utf8_lossy(&stored), "dropping an unacked entry that is not [envelope, exchange, routing_key]");
+                let _: () = redis::pipe()
+                    .atomic()
+                    .zrem(UNACKED_INDEX, tag)
+                    .ignore()
+                    .hdel(UNACKED, tag)
+                    .ignore()
+                    .query_async(con)
+                    .await
+                    .map_err(|e| lost(format!("ZREM/HDEL {tag}"), e))?;
+                return Ok(false);
+            }
         };
         let mut envelope = parts.first().cloned().unwrap_or(Value::Null);
-        let routing_key = parts
-            .get(2)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let exchange = parts.get(1).and_then(Value::as_str).unwrap_or_default();
+        let routing_key = parts.get(2).and_then(Value::as_str).unwrap_or_default();
+        let mut queues = self.lookup(con, exchange, routing_key).await?;
+        if queues.is_empty() {
+            warn!(delivery_tag = %tag, exchange, routing_key, "no queue bound for a restored message; putting it on the routing key's queue");
+            queues.push(routing_key.to_string());
+        }
         mark_redelivered(&mut envelope);
-        let priority = envelope
-            .pointer("/properties/priority")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let list = self.list_for(&routing_key, u8::try_from(priority).unwrap_or(9));
+        let priority = priority_of(envelope.pointer("/properties/priority"));
         let body = match &envelope {
             Value::String(original) => original.clone(), // an element that never was an envelope
             other => to_python_string(other, false),
@@ -295,17 +379,53 @@ impl RedisBroker {
             .ignore()
             .hdel(UNACKED, tag)
             .ignore();
-        if front {
-            pipe.rpush(&list, body).ignore();
-        } else {
-            pipe.lpush(&list, body).ignore();
+        for queue in &queues {
+            let list = self.list_for(queue, priority);
+            if front {
+                pipe.rpush(list, &body).ignore();
+            } else {
+                pipe.lpush(list, &body).ignore();
+            }
         }
         // EXEC answers nil when `unacked` changed meanwhile (someone else settled or restored it).
         let done: redis::Value = pipe
-            .query_async(&mut con)
+            .query_async(con)
             .await
-            .map_err(|e| lost("restore transaction", e))?;
+            .map_err(|e| lost(format!("restore transaction for {tag}"), e))?;
         Ok(!matches!(done, redis::Value::Nil))
+    }
+
+    /// kombu's `_lookup` with direct semantics: the default exchange routes to the queue named by the
+    /// routing key; any other exchange through `_kombu.binding.<exchange>`.
+    async fn lookup<C: redis::aio::ConnectionLike + Send>(
+        &self,
+        con: &mut C,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Vec<String>, BrokerError> {
+        if exchange.is_empty() {
+            return Ok(vec![routing_key.to_string()]);
+        }
+        let table = format!("_kombu.binding.{exchange}");
+        let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+            .arg(&table)
+            .query_async(con)
+            .await
+            .map_err(|e| lost(format!("SMEMBERS {table}"), e))?;
+        let sep = self.inner.options.sep.as_str();
+        let mut queues = Vec::new();
+        for m in &members {
+            let m = String::from_utf8_lossy(m);
+            let mut parts = m.splitn(3, sep);
+            if let (Some(rk), Some(_pattern), Some(queue)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                if rk == routing_key && !queues.iter().any(|q| q == queue) {
+                    queues.push(queue.to_string());
+                }
+            }
+        }
+        Ok(queues)
     }
 
     fn envelope(&self, exchange: &str, routing_key: &str, msg: &OutgoingMessage) -> Value {
@@ -352,19 +472,7 @@ impl RedisBroker {
         msg: &OutgoingMessage,
     ) -> Result<(), BrokerError> {
         let mut con = self.cmd();
-        let members: Vec<String> = con
-            .smembers(format!("_kombu.binding.{exchange}"))
-            .await
-            .map_err(|e| lost("SMEMBERS", e))?;
-        let sep = &self.inner.options.sep;
-        let queues: Vec<String> = members
-            .iter()
-            .filter_map(|m| {
-                let mut parts = m.splitn(3, sep.as_str());
-                let (rk, _pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
-                (rk == routing_key).then(|| queue.to_string())
-            })
-            .collect();
+        let queues = self.lookup(&mut con, exchange, routing_key).await?;
         if queues.is_empty() {
             warn!(
                 exchange,
@@ -376,10 +484,11 @@ impl RedisBroker {
         let env = to_python_string(&self.envelope(exchange, routing_key, msg), false);
         let priority = msg.properties.priority.unwrap_or(0);
         for q in queues {
+            let list = self.list_for(&q, priority);
             let _: () = con
-                .lpush(self.list_for(&q, priority), &env)
+                .lpush(&list, &env)
                 .await
-                .map_err(|e| lost("LPUSH", e))?;
+                .map_err(|e| lost(format!("LPUSH {list:?}"), e))?;
         }
         Ok(())
     }
@@ -408,6 +517,7 @@ fn mark_redelivered(envelope: &mut Value) {
 
 /// Turns a kombu envelope into a [`RawMessage`]; an element that is not an envelope becomes a message
 /// with [`INVALID_ENVELOPE`] content so the worker logs and rejects it instead of losing it silently.
+/// Also returns the parsed envelope (`Null` when the element is not a JSON object).
 fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
     let invalid = |raw: &[u8]| RawMessage {
         body: raw.to_vec(),
@@ -453,11 +563,12 @@ fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
                 .get("delivery_mode")
                 .and_then(Value::as_u64)
                 .and_then(|d| u8::try_from(d).ok()),
-            priority: props
-                .get("priority")
-                .and_then(Value::as_u64)
-                .map(|p| p.min(255) as u8),
-            expiration: s(&props, "expiration"),
+            priority: props.get("priority").map(|p| priority_of(Some(p))),
+            expiration: match props.get("expiration") {
+                Some(Value::String(e)) => Some(e.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            },
         },
         delivery_info: DeliveryInfo {
             exchange: s(&di, "exchange").unwrap_or_default(),
@@ -484,17 +595,19 @@ impl Broker for RedisBroker {
         queue: &QueueSpec,
         _prefetch: u16,
     ) -> Result<Box<dyn Consumer>, BrokerError> {
+        // Prefetch is exact on Redis: one BRPOP per `next()`, and the caller asks only with a free slot.
         let mut con = self.cmd();
         let sep = &self.inner.options.sep;
         let member = format!("{0}{sep}{sep}{0}", queue.name);
         let _: () = redis::pipe()
+            .atomic()
             .sadd(format!("_kombu.binding.{}", queue.name), &member)
             .ignore()
             .sadd(format!("_kombu.binding_permanent.{}", queue.name), &member)
             .ignore()
             .query_async(&mut con)
             .await
-            .map_err(|e| lost("SADD binding", e))?;
+            .map_err(|e| lost(format!("SADD _kombu.binding.{}", queue.name), e))?;
         let blocking = self.dedicated().await?;
         self.ensure_sweeper().await;
         Ok(Box::new(RedisConsumer {
@@ -502,6 +615,7 @@ impl Broker for RedisBroker {
             queue: queue.name.clone(),
             keys: self.brpop_keys(&queue.name),
             con: blocking,
+            cancelled: false,
         }))
     }
 
@@ -517,7 +631,10 @@ impl Broker for RedisBroker {
         let env = to_python_string(&self.envelope(exchange, routing_key, &message), false);
         let list = self.list_for(routing_key, message.properties.priority.unwrap_or(0));
         let mut con = self.cmd();
-        let _: () = con.lpush(&list, env).await.map_err(|e| lost("LPUSH", e))?;
+        let _: () = con
+            .lpush(&list, env)
+            .await
+            .map_err(|e| lost(format!("LPUSH {list:?}"), e))?;
         Ok(())
     }
 
@@ -533,11 +650,12 @@ impl Broker for RedisBroker {
                 .await;
         }
         let env = to_python_string(&self.envelope(&exchange.name, routing_key, &message), false);
+        let channel = self.channel(&exchange.name, routing_key);
         let mut con = self.cmd();
         let _: () = con
-            .publish(self.channel(&exchange.name, routing_key), env)
+            .publish(&channel, env)
             .await
-            .map_err(|e| lost("PUBLISH", e))?;
+            .map_err(|e| lost(format!("PUBLISH {channel}"), e))?;
         Ok(())
     }
 
@@ -545,14 +663,15 @@ impl Broker for RedisBroker {
         if sub.exchange.kind == ExchangeKind::Direct {
             // A reply queue: register the binding so repliers can route to it, then pop its list.
             let sep = &self.inner.options.sep;
+            let table = format!("_kombu.binding.{}", sub.exchange.name);
             let mut con = self.cmd();
             let _: () = con
                 .sadd(
-                    format!("_kombu.binding.{}", sub.exchange.name),
+                    &table,
                     format!("{}{sep}{sep}{}", sub.binding_key, sub.queue),
                 )
                 .await
-                .map_err(|e| lost("SADD binding", e))?;
+                .map_err(|e| lost(format!("SADD {table}"), e))?;
             let blocking = self.dedicated().await?;
             return Ok(Box::new(ListSubscriber {
                 keys: vec![sub.queue.clone()],
@@ -574,7 +693,7 @@ impl Broker for RedisBroker {
         pubsub
             .psubscribe(&pattern)
             .await
-            .map_err(|e| lost("PSUBSCRIBE", e))?;
+            .map_err(|e| lost(format!("PSUBSCRIBE {pattern}"), e))?;
         Ok(Box::new(PubSubSubscriber {
             pubsub: Mutex::new(pubsub),
             queue: sub.queue.clone(),
@@ -585,7 +704,10 @@ impl Broker for RedisBroker {
         let mut con = self.cmd();
         let mut total = 0u64;
         for key in self.brpop_keys(queue) {
-            let n: u64 = con.llen(key).await.map_err(|e| lost("LLEN", e))?;
+            let n: u64 = con
+                .llen(&key)
+                .await
+                .map_err(|e| lost(format!("LLEN {key:?}"), e))?;
             total += n;
         }
         Ok(total)
@@ -594,7 +716,7 @@ impl Broker for RedisBroker {
     fn keep_alive_interval(&self) -> Option<Duration> {
         Some(
             (self.inner.options.visibility_timeout / 4)
-                .clamp(Duration::from_millis(500), Duration::from_secs(60)),
+                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
         )
     }
 
@@ -607,6 +729,7 @@ impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
             .field("url", &redact(&self.inner.url))
+            .field("options", &self.inner.options)
             .finish()
     }
 }
@@ -616,19 +739,25 @@ struct RedisConsumer {
     broker: RedisBroker,
     queue: String,
     keys: Vec<String>,
+    /// This consumer's own connection: BRPOP blocks it for up to a second.
     con: MultiplexedConnection,
+    cancelled: bool,
 }
 
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn next(&mut self) -> Result<Option<Delivery>, BrokerError> {
+        if self.cancelled {
+            tokio::time::sleep(Duration::from_secs(BRPOP_TIMEOUT_S)).await;
+            return Ok(None);
+        }
         let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
             .arg(&self.keys)
-            .arg(1)
+            .arg(BRPOP_TIMEOUT_S)
             .query_async(&mut self.con)
             .await
-            .map_err(|e| lost("BRPOP", e))?;
-        let Some((_list, raw)) = popped else {
+            .map_err(|e| lost(format!("BRPOP {:?}", self.keys), e))?;
+        let Some((list, raw)) = popped else {
             return Ok(None);
         };
         let (message, envelope) = decode_envelope(&raw, &self.queue);
@@ -637,25 +766,54 @@ impl Consumer for RedisConsumer {
             .and_then(Value::as_str)
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        // Bookkeeping right after the pop, as kombu does; an unparseable element is stored as a string
-        // inside the same triple so a restore puts the original bytes back.
+        // Bookkeeping right after the pop, as kombu does (`[message._raw, exchange, routing_key]`); an
+        // element that is not a JSON object is stored as a string so a restore puts the original bytes back.
         let stored_env = if envelope.is_null() {
             Value::String(String::from_utf8_lossy(&raw).into_owned())
         } else {
             envelope
         };
-        let exchange = message.delivery_info.exchange.clone();
-        let entry = to_python_string(&json!([stored_env, exchange, self.queue]), false);
-        let mut con = self.broker.cmd();
-        let _: () = redis::pipe()
+        let entry = to_python_string(
+            &json!([
+                stored_env,
+                message.delivery_info.exchange,
+                message.delivery_info.routing_key
+            ]),
+            false,
+        );
+        let booked: Result<(), redis::RedisError> = redis::pipe()
             .atomic()
             .zadd(UNACKED_INDEX, &tag, now())
             .ignore()
             .hset(UNACKED, &tag, entry)
             .ignore()
-            .query_async(&mut con)
-            .await
-            .map_err(|e| lost("ZADD/HSET unacked", e))?;
+            .query_async(&mut self.con)
+            .await;
+        if let Err(e) = booked {
+            // Not recorded as held: put it back where it was (the front) rather than risk losing it.
+            let mut cmd = self.broker.cmd();
+            let back: Result<(), _> = cmd.rpush(&list, &raw).await;
+            return match back {
+                Ok(()) => Err(lost(
+                    format!(
+                        "ZADD {UNACKED_INDEX}/HSET {UNACKED} {tag} (message put back on {list:?})"
+                    ),
+                    e,
+                )),
+                Err(e2) => {
+                    // Both failed: running it untracked beats dropping it.
+                    error!(delivery_tag = %tag, list = %list, "cannot record the delivery ({e}) nor put it back ({e2}); delivering it untracked");
+                    Ok(Some(Delivery {
+                        message,
+                        acker: Box::new(RedisAcker {
+                            broker: self.broker.clone(),
+                            tag,
+                            settled: AtomicBool::new(false),
+                        }),
+                    }))
+                }
+            };
+        }
         Ok(Some(Delivery {
             message,
             acker: Box::new(RedisAcker {
@@ -667,6 +825,8 @@ impl Consumer for RedisConsumer {
     }
 
     async fn cancel(&mut self) -> Result<(), BrokerError> {
+        // Nothing is buffered: messages are popped one per `next()`.
+        self.cancelled = true;
         Ok(())
     }
 }
@@ -688,7 +848,12 @@ impl RedisAcker {
             .ignore()
             .query_async(&mut con)
             .await
-            .map_err(|e| lost("ack", e))?;
+            .map_err(|e| {
+                lost(
+                    format!("ZREM {UNACKED_INDEX}/HDEL {UNACKED} {}", self.tag),
+                    e,
+                )
+            })?;
         Ok(())
     }
 }
@@ -707,8 +872,10 @@ impl Acker for RedisAcker {
             return Ok(());
         }
         if requeue {
-            // Celery's warm shutdown restores held messages to the front (RPUSH): they run next.
-            self.broker.restore(&self.tag, true).await.map(|_| ())
+            // kombu `QoS.reject(requeue=True)`: `restore_by_tag(leftmost=True)` → LPUSH, the back of the line.
+            self.broker.restore(&self.tag, false).await?;
+            // kombu then acks: a no-op unless the restore found nothing to move.
+            self.remove().await
         } else {
             self.remove().await
         }
@@ -726,7 +893,7 @@ impl Acker for RedisAcker {
             .arg(&self.tag)
             .query_async(&mut con)
             .await
-            .map_err(|e| lost("ZADD XX", e))?;
+            .map_err(|e| lost(format!("ZADD {UNACKED_INDEX} XX {}", self.tag), e))?;
         Ok(())
     }
 }
@@ -756,10 +923,10 @@ impl Consumer for ListSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>, BrokerError> {
         let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
             .arg(&self.keys)
-            .arg(1)
+            .arg(BRPOP_TIMEOUT_S)
             .query_async(&mut self.con)
             .await
-            .map_err(|e| lost("BRPOP", e))?;
+            .map_err(|e| lost(format!("BRPOP {:?}", self.keys), e))?;
         Ok(popped.map(|(_, raw)| Delivery {
             message: decode_envelope(&raw, &self.queue).0,
             acker: Box::new(NoAck),
@@ -811,11 +978,44 @@ mod tests {
         assert_eq!(m.body, br#"[[2, 3], {"z": 1}, {}]"#);
         assert_eq!(m.properties.priority, Some(7));
         assert_eq!(m.properties.reply_to.as_deref(), Some("oid"));
+        assert!(!m.delivery_info.redelivered);
         assert_eq!(
             env.pointer("/properties/delivery_tag"),
             Some(&json!("tag-1"))
         );
-        let (bad, _) = decode_envelope(b"not json", "q");
+        let (bad, env) = decode_envelope(b"not json", "q");
         assert_eq!(bad.content_type, INVALID_ENVELOPE);
+        assert_eq!(bad.body, b"not json");
+        assert!(env.is_null());
+        let (no_body, _) = decode_envelope(br#"{"headers": {}}"#, "q");
+        assert_eq!(no_body.content_type, INVALID_ENVELOPE);
+    }
+
+    #[test]
+    fn redelivered_from_headers_or_delivery_info() {
+        let mut env = json!({"body": "", "headers": {}, "properties": {"body_encoding": "base64", "delivery_info": {"exchange": "", "routing_key": "q"}}});
+        mark_redelivered(&mut env);
+        assert_eq!(env.pointer("/headers/redelivered"), Some(&json!(true)));
+        assert_eq!(
+            env.pointer("/properties/delivery_info/redelivered"),
+            Some(&json!(true))
+        );
+        let raw = to_python_string(&env, false);
+        assert!(
+            decode_envelope(raw.as_bytes(), "q")
+                .0
+                .delivery_info
+                .redelivered
+        );
+    }
+
+    #[test]
+    fn priority_parsing_like_kombu() {
+        assert_eq!(priority_of(None), 0);
+        assert_eq!(priority_of(Some(&json!(-3))), 0);
+        assert_eq!(priority_of(Some(&json!(12))), 9);
+        assert_eq!(priority_of(Some(&json!(4.7))), 4);
+        assert_eq!(priority_of(Some(&json!("6"))), 6);
+        assert_eq!(priority_of(Some(&json!("x"))), 0);
     }
 }
