@@ -641,3 +641,35 @@ async fn broadcast_reaches_subscriptions() -> Result<()> {
     conn.close(200, "OK".into()).await?;
     Ok(())
 }
+
+/// Task consumers carry a per-consumer acknowledgement timeout above Dagster's 24 h `job_wait_timeout`,
+/// so a long step held for late ack does not hit RabbitMQ's 30-minute default (3.12+ honour it).
+#[tokio::test]
+async fn task_consumers_carry_a_long_ack_timeout() -> Result<()> {
+    let q = unique("ackto");
+    let _guard = QueueGuard::new(&q);
+    let broker = AmqpBroker::connect(URI).await?;
+    let _consumer = broker.consume(&QueueSpec::dagster(&q), 1).await?;
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_consumers",
+            "queue_name",
+            "arguments",
+            "--formatter",
+            "json",
+        ])
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let all: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
+    let ours = all
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["queue_name"] == q.as_str()))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert!(
+        ours.to_string().contains("x-consumer-timeout") && ours.to_string().contains("90000000"),
+        "consumer arguments: {ours} (rabbitmqctl said: {text})"
+    );
+    Ok(())
+}
