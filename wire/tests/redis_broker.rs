@@ -455,19 +455,21 @@ async fn keep_alive_prevents_restore() -> Result<()> {
 
     let b = RedisBroker::connect(&url(db), short_visibility(Duration::from_millis(500))).await?;
     let mut cb = b.consume(&QueueSpec::dagster(q), 1).await?;
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(6) {
-        held.acker.keep_alive().await?;
-        let polled = tokio::time::timeout(Duration::from_millis(500), cb.next()).await;
-        if let Ok(Ok(Some(d))) = polled {
-            bail!(
-                "a kept-alive message was restored after {:?}: {:?}",
-                start.elapsed(),
-                d.message.headers
-            );
+    // The holder refreshes every 500 ms for 6 s while B polls (never cancelling `next()` mid-flight).
+    let keeper = tokio::spawn(async move {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(6) {
+            held.acker.keep_alive().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        // A timed-out BRPOP future is dropped; the connection stays usable for the next call.
+        Ok::<Delivery, BrokerError>(held)
+    });
+    while !keeper.is_finished() {
+        if let Some(d) = cb.next().await? {
+            bail!("a kept-alive message was restored: {:?}", d.message.headers);
+        }
     }
+    let held = keeper.await??;
     let (entry, _) = unacked_entry(&mut con, &tag).await?;
     assert!(entry.is_some(), "still held after 6 s");
     let len: u64 = con.llen(q).await?;

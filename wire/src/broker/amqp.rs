@@ -805,6 +805,24 @@ fn lost(operation: &str, e: &lapin::Error) -> BrokerError {
     BrokerError::ConnectionLost(format!("{operation}: {e}"))
 }
 
+/// Per-consumer delivery-acknowledgement timeout for task consumers: 25 hours, above Dagster's default
+/// `job_wait_timeout` (24 h). RabbitMQ's server default (30 min) would close the channel under a step that
+/// runs longer while its message is held for late ack. RabbitMQ 3.12+ honours `x-consumer-timeout` per
+/// consumer; older servers ignore the argument (their `consumer_timeout` must then be raised in
+/// rabbitmq.conf, as for Python Celery with `acks_late`).
+pub const CONSUMER_TIMEOUT_MS: i64 = 25 * 3600 * 1000;
+
+fn consumer_arguments(no_ack: bool) -> FieldTable {
+    let mut args = FieldTable::default();
+    if !no_ack {
+        args.insert(
+            ShortString::from("x-consumer-timeout"),
+            lapin::types::AMQPValue::LongLongInt(CONSUMER_TIMEOUT_MS),
+        );
+    }
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -878,22 +896,4 @@ mod tests {
             Err(BrokerError::Refused { .. })
         ));
     }
-}
-
-/// Per-consumer delivery-acknowledgement timeout for task consumers: 25 hours, above Dagster's default
-/// `job_wait_timeout` (24 h). RabbitMQ's server default (30 min) would close the channel under a step that
-/// runs longer while its message is held for late ack. RabbitMQ 3.12+ honours `x-consumer-timeout` per
-/// consumer; older servers ignore the argument (their `consumer_timeout` must then be raised in
-/// rabbitmq.conf, as for Python Celery with `acks_late`).
-pub const CONSUMER_TIMEOUT_MS: i64 = 25 * 3600 * 1000;
-
-fn consumer_arguments(no_ack: bool) -> FieldTable {
-    let mut args = FieldTable::default();
-    if !no_ack {
-        args.insert(
-            ShortString::from("x-consumer-timeout"),
-            lapin::types::AMQPValue::LongLongInt(CONSUMER_TIMEOUT_MS),
-        );
-    }
-    args
 }
