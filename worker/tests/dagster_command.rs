@@ -11,7 +11,10 @@ use serde_json::{json, Map, Value};
 
 fn captured_kwargs() -> Vec<Map<String, Value>> {
     match fixture_json("step_task_kwargs.json") {
-        Value::Array(items) => items.into_iter().filter_map(|v| v.as_object().cloned()).collect(),
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|v| v.as_object().cloned())
+            .collect(),
         other => panic!("unexpected fixture {other}"),
     }
 }
@@ -25,7 +28,10 @@ fn command_matches_the_jobs_python_posted() {
         let args = StepTaskArgs::from_kwargs(&kw).expect("captured kwargs decode");
         let name = job_name(&args.run_id, &args.step_key, args.attempt);
         let job = &posted[&name];
-        assert!(job.is_object(), "the Python worker posted no job named {name}");
+        assert!(
+            job.is_object(),
+            "the Python worker posted no job named {name}"
+        );
         let want: Vec<String> = serde_json::from_value(job["args"].clone()).expect("args");
         assert_eq!(command_args(&args), want, "step {}", args.step_key);
         assert_eq!(job["labels"]["dagster/op"], json!(args.step_key));
@@ -59,29 +65,43 @@ fn command_and_job_name_match_dagster() {
     let mut retry = base[0].clone();
     let step = retry["execute_step_args_packed"]["step_keys_to_execute"][0].clone();
     let step = step.as_str().expect("step key").to_string();
-    retry["execute_step_args_packed"]["known_state"]["previous_retry_attempts"] = json!({ step: 2 });
+    retry["execute_step_args_packed"]["known_state"]["previous_retry_attempts"] =
+        json!({ step: 2 });
     cases.push(retry);
     let mut unicode = base[1].clone();
-    unicode["execute_step_args_packed"]["pipeline_origin"]["repository_origin"]["code_pointer"]["working_directory"] =
-        json!("/opt/dägster/研究/\u{1F680} \"q\" \\ \t");
+    unicode["execute_step_args_packed"]["pipeline_origin"]["repository_origin"]["code_pointer"]
+        ["working_directory"] = json!("/opt/dägster/研究/\u{1F680} \"q\" \\ \t");
     cases.push(unicode);
     let mut no_entry = base[0].clone();
-    no_entry["execute_step_args_packed"]["pipeline_origin"]["repository_origin"]["entry_point"] = Value::Null;
+    no_entry["execute_step_args_packed"]["pipeline_origin"]["repository_origin"]["entry_point"] =
+        Value::Null;
     cases.push(no_entry);
 
-    let input: Vec<Value> = cases.iter().map(|kw| json!({"packed": kw["execute_step_args_packed"]})).collect();
+    let input: Vec<Value> = cases
+        .iter()
+        .map(|kw| json!({"packed": kw["execute_step_args_packed"]}))
+        .collect();
     let python = run_python(PY_COMMAND, &Value::Array(input));
     let python = python.as_array().expect("python list");
     assert_eq!(python.len(), cases.len());
     for (kw, py) in cases.iter().zip(python) {
         let args = StepTaskArgs::from_kwargs(kw).expect("decode");
-        assert_eq!(compressed_input_json(&args), py["raw"].as_str().unwrap_or_default());
+        assert_eq!(
+            compressed_input_json(&args),
+            py["raw"].as_str().unwrap_or_default()
+        );
         let want: Vec<String> = serde_json::from_value(py["command"].clone()).expect("command");
         assert_eq!(command_args(&args), want);
-        assert_eq!(job_name(&args.run_id, &args.step_key, args.attempt), py["job_name"].as_str().unwrap_or_default());
+        assert_eq!(
+            job_name(&args.run_id, &args.step_key, args.attempt),
+            py["job_name"].as_str().unwrap_or_default()
+        );
     }
     let last = StepTaskArgs::from_kwargs(&cases[4]).expect("decode");
-    assert_eq!(last.entry_point, ["/usr/local/bin/python3", "-m", "dagster"]);
+    assert_eq!(
+        last.entry_point,
+        ["/usr/local/bin/python3", "-m", "dagster"]
+    );
     let retried = StepTaskArgs::from_kwargs(&cases[2]).expect("decode");
     assert_eq!(retried.attempt, 2);
     assert!(job_name(&retried.run_id, &retried.step_key, retried.attempt).ends_with("-2"));
@@ -92,10 +112,18 @@ fn bad_kwargs_are_named() {
     let good = captured_kwargs().remove(0);
     let cases: Vec<(&str, Value, &str)> = vec![
         ("job_namespace", json!(3), "job_namespace"),
-        ("load_incluster_config", json!("yes"), "load_incluster_config"),
+        (
+            "load_incluster_config",
+            json!("yes"),
+            "load_incluster_config",
+        ),
         ("job_config_dict", json!([]), "job_config_dict"),
         ("job_wait_timeout", json!("soon"), "job_wait_timeout"),
-        ("execute_step_args_packed", json!("x"), "execute_step_args_packed"),
+        (
+            "execute_step_args_packed",
+            json!("x"),
+            "execute_step_args_packed",
+        ),
     ];
     for (key, value, named) in cases {
         let mut kw = good.clone();
@@ -106,7 +134,10 @@ fn bad_kwargs_are_named() {
     }
     let mut kw = good.clone();
     kw.remove("job_namespace");
-    assert!(matches!(StepTaskArgs::from_kwargs(&kw), Err(StepArgsError::Missing("job_namespace"))));
+    assert!(matches!(
+        StepTaskArgs::from_kwargs(&kw),
+        Err(StepArgsError::Missing("job_namespace"))
+    ));
 
     // Tolerated: unknown job config keys, per_step_k8s_config missing or null, user config null.
     let mut kw = good.clone();
@@ -122,7 +153,10 @@ fn bad_kwargs_are_named() {
     let mut kw = good;
     kw["execute_step_args_packed"]["step_keys_to_execute"] = json!(["a", "b"]);
     let err = StepTaskArgs::from_kwargs(&kw).expect_err("two steps");
-    assert_eq!(err.to_string(), "Celery K8s task executor can only execute 1 step at a time");
+    assert_eq!(
+        err.to_string(),
+        "Celery K8s task executor can only execute 1 step at a time"
+    );
 }
 
 #[test]
@@ -134,7 +168,13 @@ fn captured_args_are_read() {
     assert_eq!(args.entry_point, ["dagster"]);
     assert_eq!(args.job_namespace, "default");
     assert!(!args.load_incluster_config);
-    assert!(args.run_storage_yaml.as_deref().is_some_and(|y| y.contains("db_name: dagster_research")));
-    assert!(args.event_storage_yaml.as_deref().is_some_and(|y| y.contains("env: DAGSTER_PG_PASSWORD")));
+    assert!(args
+        .run_storage_yaml
+        .as_deref()
+        .is_some_and(|y| y.contains("db_name: dagster_research")));
+    assert!(args
+        .event_storage_yaml
+        .as_deref()
+        .is_some_and(|y| y.contains("env: DAGSTER_PG_PASSWORD")));
     assert!(args.per_step_k8s_config.contains_key("add_one"));
 }

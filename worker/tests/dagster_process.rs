@@ -1,0 +1,164 @@
+//! The process launcher: output capture, exit codes, env, large output, and killing the whole process
+//! group on cancel.
+
+use std::time::{Duration, Instant};
+
+use celeriac_worker::launcher::process::ProcessLauncher;
+use celeriac_worker::launcher::{LaunchError, StepLauncher, StepSpec};
+use celeriac_worker::CancellationToken;
+use serde_json::json;
+
+fn spec(cmd: &str) -> StepSpec {
+    StepSpec {
+        job_name: "dagster-step-test".into(),
+        namespace: "default".into(),
+        run_id: "run".into(),
+        step_key: "op".into(),
+        command: vec!["sh".into(), "-c".into(), cmd.into()],
+        env: vec![
+            ("DAGSTER_RUN_JOB_NAME".into(), "my_job".into()),
+            ("DAGSTER_RUN_STEP_KEY".into(), "op".into()),
+        ],
+        image: None,
+        labels: vec![],
+        job_config: json!({"env_vars": ["FROM_JOB_CONFIG=jc"]}),
+        user_defined_k8s_config: json!({}),
+        per_step_k8s_config: json!({}),
+        merged_user_config: json!({"container_config": {"env": [{"name": "FROM_USER", "value": "u"}]}}),
+        load_incluster_config: false,
+        kubeconfig_file: None,
+        wait_timeout: None,
+    }
+}
+
+#[tokio::test]
+async fn captures_output_env_and_exit_codes() {
+    let l = ProcessLauncher::default();
+    let run = l
+        .launch(&spec("echo out $DAGSTER_RUN_JOB_NAME $DAGSTER_RUN_STEP_KEY $FROM_JOB_CONFIG $FROM_USER; echo err >&2"), CancellationToken::new())
+        .await
+        .expect("runs");
+    assert!(run.succeeded);
+    assert_eq!(run.failure_message, None);
+    assert_eq!(run.logs, "out my_job op jc u\nerr\n");
+    assert_eq!(run.pod_names, ["dagster-step-test"]);
+
+    let run = l
+        .launch(&spec("echo partial; exit 3"), CancellationToken::new())
+        .await
+        .expect("runs");
+    assert!(!run.succeeded);
+    assert_eq!(
+        run.failure_message.as_deref(),
+        Some("Step process of job dagster-step-test exited with code 3")
+    );
+    assert_eq!(run.logs, "partial\n");
+
+    let run = l
+        .launch(&spec("kill -9 $$"), CancellationToken::new())
+        .await
+        .expect("runs");
+    assert!(!run.succeeded);
+    assert!(run
+        .failure_message
+        .unwrap_or_default()
+        .contains("killed by a signal"));
+}
+
+#[tokio::test]
+async fn large_output_on_both_streams_does_not_deadlock() {
+    let run = ProcessLauncher::default()
+        .launch(&spec("head -c 3000000 /dev/zero | tr '\\0' x; head -c 2000000 /dev/zero | tr '\\0' y >&2"), CancellationToken::new())
+        .await
+        .expect("runs");
+    assert!(run.succeeded);
+    assert_eq!(run.logs.len(), 3_000_000 + 1 + 2_000_000);
+}
+
+#[tokio::test]
+async fn working_dir_is_used() {
+    let dir = std::env::temp_dir();
+    let run = ProcessLauncher::new(Some(dir.clone()))
+        .launch(&spec("pwd"), CancellationToken::new())
+        .await
+        .expect("runs");
+    let want = dir.canonicalize().unwrap_or(dir);
+    assert_eq!(run.logs.trim(), want.display().to_string());
+}
+
+/// Running (not gone, not a zombie waiting for a reaper).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn cancel_kills_the_process_group() {
+    let pidfile =
+        std::env::temp_dir().join(format!("celeriac-t-{}.pid", uuid::Uuid::new_v4().simple()));
+    let cmd = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c2.cancel();
+    });
+    let started = Instant::now();
+    let r = ProcessLauncher::default().launch(&spec(&cmd), cancel).await;
+    assert!(matches!(r, Err(LaunchError::Cancelled(_))), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let grandchild: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .expect("grandchild pid");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!alive(grandchild), "grandchild {grandchild} survived");
+    let _ = std::fs::remove_file(pidfile);
+}
+
+#[tokio::test]
+async fn sigterm_ignoring_step_is_killed_after_the_grace_period() {
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c2.cancel();
+    });
+    let started = Instant::now();
+    let r = ProcessLauncher::default()
+        .launch(
+            &spec("trap '' TERM; while true; do sleep 0.1; done"),
+            cancel,
+        )
+        .await;
+    assert!(matches!(r, Err(LaunchError::Cancelled(_))));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_launch_kills_the_group() {
+    let pidfile =
+        std::env::temp_dir().join(format!("celeriac-t-{}.pid", uuid::Uuid::new_v4().simple()));
+    let cmd = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+    let s = spec(&cmd);
+    let l = ProcessLauncher::default();
+    let fut = l.launch(&s, CancellationToken::new());
+    let _ = tokio::time::timeout(Duration::from_millis(500), fut).await;
+    let grandchild: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .expect("grandchild pid");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!alive(grandchild), "grandchild {grandchild} survived");
+    let _ = std::fs::remove_file(pidfile);
+}
