@@ -21,8 +21,20 @@ impl Drop for DagsterHome {
     /// Drops the run's database (best effort), so repeated test runs do not pile up databases.
     fn drop(&mut self) {
         let _ = std::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-q", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-q",
+                "-c",
+            ])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.db
+            ))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();

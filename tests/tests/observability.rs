@@ -431,6 +431,9 @@ print(json.dumps(out))
         "celery_worker_up",
         "celery_worker_tasks_active",
         "celery_queue_length",
+        "celeriac_queue_backlog",
+        "celeriac_queue_in_flight",
+        "celeriac_queue_free_slots",
     ] {
         assert!(
             metrics.get(name).is_some(),

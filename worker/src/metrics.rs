@@ -28,6 +28,7 @@ pub struct Metrics {
     broker_reconnects: CounterVec,
     result_store_seconds: HistogramVec,
     queue_length: GaugeVec,
+    backlog: GaugeVec,
 }
 
 /// Buckets from seconds to hours: Dagster steps run long.
@@ -153,6 +154,20 @@ impl Metrics {
                     .expect("unique metric name");
                 g
             },
+            backlog: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "celeriac_queue_backlog",
+                        "Steps waiting in the queue plus steps this worker runs: the autoscaling signal (early-acked running steps are invisible to broker metrics).",
+                    ),
+                    &["queue_name", "hostname"],
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric name");
+                g
+            },
             registry,
             hostname: hostname.to_string(),
         };
@@ -179,6 +194,7 @@ impl Metrics {
             .with_label_values(&[name, &self.hostname, "", queue]);
         self.task_runtime.with_label_values(&labels);
         self.queue_length.with_label_values(&[queue]);
+        self.backlog.with_label_values(&[queue, &self.hostname]);
         self.slots(queue, 0, limit);
     }
 
@@ -264,10 +280,14 @@ impl Metrics {
             .observe(seconds);
     }
 
-    pub fn queue_length(&self, queue: &str, ready: u64) {
+    /// Ready messages in `queue` and the steps of it running here.
+    pub fn queue_length(&self, queue: &str, ready: u64, running: usize) {
         self.queue_length
             .with_label_values(&[queue])
             .set(ready as f64);
+        self.backlog
+            .with_label_values(&[queue, &self.hostname])
+            .set(ready as f64 + running as f64);
     }
 
     /// The Prometheus text exposition of every metric.

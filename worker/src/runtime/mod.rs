@@ -82,7 +82,10 @@ async fn poll_queue_lengths(shared: Arc<Shared>, stop: CancellationToken) {
         }
         for q in shared.queues.all() {
             match shared.broker.queue_length(&q.config.name).await {
-                Ok(n) => shared.metrics.queue_length(&q.config.name, n),
+                Ok(n) => {
+                    let running = q.limit().saturating_sub(q.slots.available_permits());
+                    shared.metrics.queue_length(&q.config.name, n, running)
+                }
                 Err(e) => tracing::debug!(queue = %q.config.name, "queue length unavailable: {e}"),
             }
         }
