@@ -53,7 +53,8 @@ wait_for() {  # wait_for <what> <seconds> <command...>
 
 start_bg() {  # start_bg <name> <command...>
   local name=$1; shift
-  nohup "$@" >"$RUN/logs/$name.log" 2>&1 &
+  # fd 8 (the start lock) must not leak into the daemons, or the lock is held for their lifetime.
+  nohup "$@" >"$RUN/logs/$name.log" 2>&1 8>&- &
   echo $! >"$RUN/$name.pid"
 }
 

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use celeriac_worker::config::{AckPolicy, RedisPriorityOrder, Settings};
+use celeriac_worker::config::{
+    AckPolicy, JobRetention, LauncherKind, RedisPriorityOrder, Settings,
+};
 use celeriac_worker::runtime::Worker;
 use clap::Args;
 
@@ -59,6 +61,35 @@ pub struct WorkerArgs {
     /// Default `0.0.0.0:9808`.
     #[arg(long = "http-addr", env = "CELERIAC_HTTP_ADDR")]
     pub(crate) http_addr: Option<std::net::SocketAddr>,
+    /// Where steps run: `kubernetes` (a Job per step), `process` (local subprocess), or `auto`
+    /// (default: Kubernetes when in a cluster or KUBECONFIG is set).
+    #[arg(long = "launcher", value_parser = parse_launcher)]
+    pub(crate) launcher: Option<LauncherKind>,
+    /// Kubernetes: `delete` finished step Jobs once their logs are read (default) or `keep` them
+    /// until their ttlSecondsAfterFinished.
+    #[arg(long = "job-retention", value_parser = parse_retention)]
+    pub(crate) job_retention: Option<JobRetention>,
+}
+
+fn parse_launcher(s: &str) -> Result<LauncherKind, String> {
+    match s {
+        "kubernetes" | "k8s" => Ok(LauncherKind::Kubernetes),
+        "process" => Ok(LauncherKind::Process),
+        "auto" => Ok(LauncherKind::Auto),
+        other => Err(format!(
+            "launcher must be kubernetes, process or auto, got {other:?}"
+        )),
+    }
+}
+
+fn parse_retention(s: &str) -> Result<JobRetention, String> {
+    match s {
+        "delete" => Ok(JobRetention::Delete),
+        "keep" => Ok(JobRetention::Keep),
+        other => Err(format!(
+            "job retention must be delete or keep, got {other:?}"
+        )),
+    }
 }
 
 fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
@@ -110,8 +141,10 @@ impl WorkerArgs {
             task_track_started: self.track_started.then_some(true),
             worker_send_task_events: self.task_events.then_some(true),
             shutdown_grace_seconds: self.shutdown_grace,
+            step_launcher: self.launcher,
             ..Default::default()
         };
+        flags.kubernetes.job_retention = self.job_retention;
         for (q, a) in &self.queue_ack {
             flags
                 .queue_ack

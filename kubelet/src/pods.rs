@@ -193,15 +193,20 @@ async fn report(
             s.insert(k.clone(), v.clone());
         }
     }
-    if let Err(e) = api
-        .patch_status(
-            pod,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({ "status": status })),
-        )
-        .await
-    {
-        tracing::warn!(pod, "cannot report pod status: {e}");
+    // Retried (the API server may be restarting): a lost final status would leave the Job running
+    // forever.
+    let patch = Patch::Strategic(json!({ "status": status }));
+    for attempt in 0..120 {
+        match api.patch_status(pod, &PatchParams::default(), &patch).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(s)) if s.is_not_found() => return,
+            Err(e) => {
+                if attempt % 10 == 0 {
+                    tracing::warn!(pod, "cannot report pod status (retrying): {e}");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

@@ -92,4 +92,43 @@ def sleepy():
     sleepy_op()
 
 
-defs = Definitions(jobs=[diamond, diamond_failing, two_queues, sleepy])
+# Kubernetes-only variants (the step's k8s config comes from the op's `dagster-k8s/config` tag).
+STEP_IMAGE = "celeriac/dagster-step:test"
+SIDECAR = {"dagster-k8s/config": {"pod_spec_config": {"containers": [{
+    "name": "sidecar", "image": STEP_IMAGE,
+    "command": ["sh", "-c", "echo sidecar says hello; echo '{\"sidecar\": true}'"],
+}]}}}
+
+
+@op(tags={**QUEUE, **SIDECAR}, name="start")
+def start_with_sidecar():
+    return 1
+
+
+@job(executor_def=celery_k8s_job_executor)
+def diamond_sidecar():
+    s = start_with_sidecar()
+    finish(join(left(s), middle(s), right(s)))
+
+
+@op(tags={**QUEUE, "dagster-k8s/config": {"container_config": {"resources": {"limits": {"memory": "16Mi"}}}}})
+def hungry():
+    return len(bytearray(256 * 1024 * 1024))
+
+
+@job(executor_def=celery_k8s_job_executor)
+def oom():
+    hungry()
+
+
+@op(tags={**QUEUE, "dagster-k8s/config": {"container_config": {"image": "registry.invalid/celeriac/missing:1"}}})
+def unpullable():
+    return 1
+
+
+@job(executor_def=celery_k8s_job_executor)
+def bad_image():
+    unpullable()
+
+
+defs = Definitions(jobs=[diamond, diamond_failing, two_queues, sleepy, diamond_sidecar, oom, bad_image])

@@ -15,6 +15,9 @@ def main():
     p.add_argument("--db", required=True)
     p.add_argument("--broker", required=True)
     p.add_argument("--backend", required=True)
+    p.add_argument("--namespace", default="default", help="job_namespace of the step Jobs")
+    p.add_argument("--kubeconfig", help="kubeconfig_file for the step Jobs (default: a never-contacted one)")
+    p.add_argument("--image", default="celeriac/local-step:dev", help="job_image of the step Jobs")
     a = p.parse_args()
     home = os.path.abspath(a.dir)
     os.makedirs(home, exist_ok=True)
@@ -27,14 +30,15 @@ def main():
             cur.execute(f'CREATE DATABASE "{a.db}"')
     conn.close()
 
-    kubeconfig = os.path.join(home, "kubeconfig.yaml")
-    with open(kubeconfig, "w") as f:
-        yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "never-contacted",
-            "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1", "insecure-skip-tls-verify": True}}],
-            "users": [{"name": "none", "user": {"token": "unused"}}],
-            "contexts": [{"name": "never-contacted", "context": {"cluster": "none", "user": "none"}}],
-        }, f)
+    kubeconfig = a.kubeconfig or os.path.join(home, "kubeconfig.yaml")
+    if not a.kubeconfig:
+        with open(kubeconfig, "w") as f:
+            yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "never-contacted",
+                "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1", "insecure-skip-tls-verify": True}}],
+                "users": [{"name": "none", "user": {"token": "unused"}}],
+                "contexts": [{"name": "never-contacted", "context": {"cluster": "none", "user": "none"}}],
+            }, f)
 
     pg = {"username": "postgres", "password": {"env": "DAGSTER_PG_PASSWORD"}, "hostname": "127.0.0.1",
           "db_name": a.db, "port": 5432}
@@ -59,8 +63,8 @@ def main():
         yaml.safe_dump(instance, f)
 
     run_config = {"execution": {"config": {
-        "job_image": "celeriac/local-step:dev",
-        "job_namespace": "default",
+        "job_image": a.image,
+        "job_namespace": a.namespace,
         "load_incluster_config": False,
         "kubeconfig_file": kubeconfig,
         "job_wait_timeout": 600.0,

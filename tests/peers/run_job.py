@@ -46,7 +46,7 @@ def main():
                           "failure_messages": []}))
         return
     run = runs[0]
-    step_events, engine, failures = [], [], []
+    step_events, engine, failures, engine_meta = [], [], [], []
     for entry in instance.all_logs(run.run_id):
         ev = entry.dagster_event
         if ev is None:
@@ -56,6 +56,9 @@ def main():
             step_events.append({"step_key": ev.step_key, "event_type": kind, "timestamp": entry.timestamp})
         if kind == "ENGINE_EVENT":
             engine.append(ev.message)
+            data = ev.event_specific_data
+            labels = list(getattr(data, "metadata", {}) or {})
+            engine_meta.append({"message": ev.message, "labels": labels})
         if kind in ("STEP_FAILURE", "RUN_FAILURE"):
             data = ev.event_specific_data
             err = getattr(data, "error", None)
@@ -66,7 +69,8 @@ def main():
             if entry.user_message:
                 failures.append(entry.user_message)
     print(json.dumps({"run_id": run.run_id, "status": run.status.value, "step_events": step_events,
-                      "engine_messages": engine, "failure_messages": failures}))
+                      "engine_messages": engine, "failure_messages": failures,
+                      "engine_events": engine_meta}))
 
 
 if __name__ == "__main__":

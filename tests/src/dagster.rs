@@ -51,6 +51,15 @@ pub struct RunSummary {
     pub engine_messages: Vec<String>,
     #[serde(default)]
     pub failure_messages: Vec<String>,
+    /// Engine events with their metadata labels, in event-log order.
+    #[serde(default)]
+    pub engine_events: Vec<EngineEvent>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EngineEvent {
+    pub message: String,
+    pub labels: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,21 +93,50 @@ impl RunSummary {
 impl DagsterHome {
     /// Creates an instance (database, dagster.yaml, run config) for `broker`/`backend`.
     pub fn create(broker: &str, backend: &str) -> Result<DagsterHome> {
+        Self::create_with(broker, backend, &[])
+    }
+
+    /// Steps run as Kubernetes Jobs in `namespace`, with `kubeconfig` as the task's kubeconfig_file.
+    pub fn create_k8s(
+        broker: &str,
+        backend: &str,
+        namespace: &str,
+        kubeconfig: &std::path::Path,
+    ) -> Result<DagsterHome> {
+        let kc = kubeconfig.display().to_string();
+        Self::create_with(
+            broker,
+            backend,
+            &[
+                "--namespace",
+                namespace,
+                "--kubeconfig",
+                &kc,
+                "--image",
+                "celeriac/dagster-step:test",
+            ],
+        )
+    }
+
+    fn create_with(broker: &str, backend: &str, extra: &[&str]) -> Result<DagsterHome> {
         let db = unique("celeriac_t").to_lowercase();
         let dir = artifacts_dir().join(&db);
         std::fs::create_dir_all(&dir)?;
         let dir_s = dir.display().to_string();
+        let script = peer("make_instance.py").display().to_string();
+        let mut args: Vec<&str> = vec![
+            &script,
+            &dir_s,
+            "--db",
+            &db,
+            "--broker",
+            broker,
+            "--backend",
+            backend,
+        ];
+        args.extend_from_slice(extra);
         run_python(
-            &[
-                &peer("make_instance.py").display().to_string(),
-                &dir_s,
-                "--db",
-                &db,
-                "--broker",
-                broker,
-                "--backend",
-                backend,
-            ],
+            &args,
             &[("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")],
             Duration::from_secs(120),
         )

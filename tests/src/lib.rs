@@ -183,6 +183,11 @@ impl WorkerProcess {
         cmd.arg("worker")
             .args(["-n", &hostname, "--http-addr", "127.0.0.1:0"])
             .args(args);
+        // Steps run as local processes unless a test asks for Kubernetes (`auto` would follow a
+        // developer's KUBECONFIG).
+        if !args.contains(&"--launcher") {
+            cmd.args(["--launcher", "process"]);
+        }
         cmd.env("PATH", path_with_venv())
             .env("RUST_LOG", "info,celeriac=debug");
         cmd.env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
@@ -315,6 +320,7 @@ pub fn lines_of(child: &mut Child) -> impl Iterator<Item = String> + '_ {
 }
 
 pub mod dagster;
+pub mod k8s;
 
 /// Messages waiting in `queue` on `broker` (Redis: all priority lists; AMQP: ready messages), and on Redis
 /// the number of unacknowledged deliveries in kombu's `unacked` hash.

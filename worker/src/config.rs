@@ -5,7 +5,8 @@
 //! 2. Dagster's celery YAML (`-y celery.yaml`, as mounted by the Dagster Helm chart): `broker`, `backend`
 //!    and `config_source` under `execution.celery` or `execution.config`, with `{env: VAR}` indirections;
 //! 3. a celeriac config file (`--config`, YAML/TOML/JSON) using the same Celery keys plus celeriac's own;
-//! 4. environment: `CELERIAC_<KEY>` (e.g. `CELERIAC_WORKER_CONCURRENCY=4`), and Dagster's
+//! 4. environment: `CELERIAC_<KEY>` (e.g. `CELERIAC_WORKER_CONCURRENCY=4`; nested with `__`:
+//!    `CELERIAC_KUBERNETES__JOB_RETENTION=keep`), and Dagster's
 //!    `DAGSTER_CELERY_BROKER_URL` / `DAGSTER_CELERY_BACKEND_URL`;
 //! 5. command-line flags.
 
@@ -33,6 +34,74 @@ pub struct WorkerConfig {
     /// How long a warm shutdown waits for running steps before handing them back to the broker.
     pub shutdown_grace: Duration,
     pub redis: RedisConfig,
+    /// Where steps run.
+    pub launcher: LauncherKind,
+    pub kubernetes: KubernetesConfig,
+}
+
+/// Where step processes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherKind {
+    /// A local subprocess with the Job's environment (the embedded default, no cluster needed).
+    Process,
+    /// A Kubernetes Job per step, exactly as Dagster's Python worker creates it.
+    Kubernetes,
+    /// `kubernetes` when a cluster is configured (in-cluster service account or `KUBECONFIG`),
+    /// else `process`.
+    Auto,
+}
+
+impl LauncherKind {
+    /// `auto` decided from the environment.
+    pub fn decide(self) -> LauncherKind {
+        match self {
+            LauncherKind::Auto => {
+                let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+                let kubeconfig = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
+                if in_cluster || kubeconfig {
+                    LauncherKind::Kubernetes
+                } else {
+                    LauncherKind::Process
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// What happens to a finished step Job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobRetention {
+    /// Delete it (background propagation) as soon as its logs are read.
+    Delete,
+    /// Leave it to `ttlSecondsAfterFinished` (Dagster sets one day by default), as Python does.
+    Keep,
+}
+
+/// Kubernetes launcher settings (`kubernetes:` in a celeriac config file, `CELERIAC_KUBERNETES__*`).
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    pub job_retention: JobRetention,
+    /// A pod that cannot pull its image (or misses a Secret/ConfigMap) this long fails the step.
+    pub image_pull_timeout: Duration,
+    /// A pod the scheduler cannot place this long fails the step (`None`: wait, e.g. for a cluster
+    /// autoscaler, until `job_wait_timeout`).
+    pub unschedulable_timeout: Option<Duration>,
+    /// How long transient API failures (API server restarting, 5xx, 429) are retried.
+    pub api_retry_window: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            job_retention: JobRetention::Delete,
+            image_pull_timeout: Duration::from_secs(120),
+            unschedulable_timeout: Some(Duration::from_secs(900)),
+            api_retry_window: Duration::from_secs(180),
+        }
+    }
 }
 
 /// One consumed queue and its limits.
@@ -106,6 +175,19 @@ pub struct Settings {
     pub max_message_bytes: Option<usize>,
     pub shutdown_grace_seconds: Option<f64>,
     pub broker_transport_options: TransportOptions,
+    /// `process`, `kubernetes` or `auto` (default).
+    pub step_launcher: Option<LauncherKind>,
+    pub kubernetes: KubernetesSettings,
+}
+
+/// Raw `kubernetes:` settings (seconds as numbers; 0 disables the unschedulable timeout).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct KubernetesSettings {
+    pub job_retention: Option<JobRetention>,
+    pub image_pull_timeout: Option<f64>,
+    pub unschedulable_timeout: Option<f64>,
+    pub api_retry_window: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -125,6 +207,8 @@ impl Settings {
         }
         builder = builder.add_source(
             config::Environment::with_prefix("CELERIAC")
+                .prefix_separator("_")
+                .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("queues")
@@ -212,8 +296,21 @@ impl Settings {
             worker_send_task_events,
             result_expires,
             max_message_bytes,
-            shutdown_grace_seconds
+            shutdown_grace_seconds,
+            step_launcher
         );
+        {
+            let (mine, theirs) = (&mut self.kubernetes, other.kubernetes);
+            macro_rules! take_k {
+                ($($f:ident),*) => { $( if theirs.$f.is_some() { mine.$f = theirs.$f; } )* };
+            }
+            take_k!(
+                job_retention,
+                image_pull_timeout,
+                unschedulable_timeout,
+                api_retry_window
+            );
+        }
         if !other.queues.is_empty() {
             self.queues = other.queues;
         }
@@ -334,6 +431,30 @@ impl Settings {
                     .broker_transport_options
                     .priority_order
                     .unwrap_or(RedisPriorityOrder::Kombu),
+            },
+            launcher: self.step_launcher.unwrap_or(LauncherKind::Auto),
+            kubernetes: {
+                let k = &self.kubernetes;
+                let d = KubernetesConfig::default();
+                let unschedulable = secs(
+                    k.unschedulable_timeout,
+                    d.unschedulable_timeout.map_or(0.0, |t| t.as_secs_f64()),
+                    "kubernetes.unschedulable_timeout",
+                )?;
+                KubernetesConfig {
+                    job_retention: k.job_retention.unwrap_or(d.job_retention),
+                    image_pull_timeout: secs(
+                        k.image_pull_timeout,
+                        d.image_pull_timeout.as_secs_f64(),
+                        "kubernetes.image_pull_timeout",
+                    )?,
+                    unschedulable_timeout: (!unschedulable.is_zero()).then_some(unschedulable),
+                    api_retry_window: secs(
+                        k.api_retry_window,
+                        d.api_retry_window.as_secs_f64(),
+                        "kubernetes.api_retry_window",
+                    )?,
+                }
             },
         })
     }

@@ -293,7 +293,11 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        // The worker's own registry plus the process-wide one, where the Kubernetes launcher's
+        // `celeriac_kubernetes_*` / `celeriac_step_job*` series live.
+        let mut families = self.registry.gather();
+        families.extend(prometheus::gather());
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::warn!("cannot encode metrics: {e}");
         }
         String::from_utf8_lossy(&buf).into_owned()

@@ -2,9 +2,11 @@
 //! Dagster-provided environment); a launcher runs it and reports how it ended plus its logs.
 //!
 //! [`process::ProcessLauncher`] (the embedded default) runs the step as a local subprocess with the
-//! environment its Kubernetes Job would get; a Kubernetes launcher builds the Job from the same
-//! [`StepSpec`] (`construct_dagster_k8s_job`, spec §3.2), creates it, waits for it and reads its pod logs.
+//! environment its Kubernetes Job would get; [`kubernetes::KubernetesLauncher`] builds the Job from the
+//! same [`StepSpec`] (`construct_dagster_k8s_job`, spec §3.2), creates it, waits for it through shared
+//! watches and reads its step container's log.
 
+pub mod kubernetes;
 pub mod process;
 
 use std::time::Duration;

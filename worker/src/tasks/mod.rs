@@ -72,10 +72,22 @@ impl Registry {
 
 /// The tasks a celeriac worker serves: Dagster's `execute_step_k8s_job` and `celery.ping`, exactly
 /// the set Dagster's `dagster_celery_k8s.app` registers.
-pub fn default_registry(_config: &crate::config::WorkerConfig) -> anyhow::Result<Registry> {
+/// Steps run with the configured launcher (`auto`: Kubernetes when a cluster is configured).
+pub fn default_registry(config: &crate::config::WorkerConfig) -> anyhow::Result<Registry> {
+    use crate::config::LauncherKind;
     let mut registry = Registry::default();
     registry.register(Arc::new(ping::Ping));
-    let launcher = Arc::new(crate::launcher::process::ProcessLauncher::default());
+    let launcher: Arc<dyn crate::launcher::StepLauncher> = match config.launcher.decide() {
+        LauncherKind::Kubernetes => Arc::new(crate::launcher::kubernetes::KubernetesLauncher::new(
+            config.kubernetes.clone(),
+        )),
+        _ => Arc::new(crate::launcher::process::ProcessLauncher::default()),
+    };
+    tracing::info!(
+        launcher = launcher.kind(),
+        configured = ?config.launcher,
+        "step launcher selected"
+    );
     registry.register(Arc::new(step::ExecuteStepK8sJob::new(launcher)));
     Ok(registry)
 }

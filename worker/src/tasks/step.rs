@@ -28,7 +28,7 @@ use crate::launcher::{LaunchError, StepLauncher, StepRun, StepSpec};
 /// The registered task name.
 pub const TASK_NAME: &str = "execute_step_k8s_job";
 /// How often the run's status is checked while its step runs (Python: every 10 s with the Job status).
-pub const DEFAULT_RUN_STATUS_INTERVAL: Duration = Duration::from_secs(3);
+pub const DEFAULT_RUN_STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The step task. Cheap to share: one instance serves every concurrent step of the worker.
 pub struct ExecuteStepK8sJob {

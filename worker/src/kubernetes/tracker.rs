@@ -1,0 +1,307 @@
+//! Watch-based tracking of step Jobs: ONE shared LIST+WATCH of step Jobs and one of their pods per
+//! namespace (label selector `app.kubernetes.io/component=step_worker`, which every Job Dagster's
+//! `construct_dagster_k8s_job` builds for a step carries), fanned out to per-step waiters. The cost
+//! on the API server is two long-running watches per namespace, whatever the number of steps:
+//! no per-Job polling (the Python worker reads each Job's status every 10 s) and no per-Job watch.
+//!
+//! Only subscribed Jobs are kept in memory (the steps this worker is running), so memory follows
+//! the worker's concurrency, not the namespace's history. A subscriber that arrives after its Job's
+//! events (adoption after a crash) seeds its view with one GET; events newer than the seed win.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Resource};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Label selector shared by every step Job (and its pods).
+pub const STEP_SELECTOR: &str = "app.kubernetes.io/component=step_worker";
+
+/// What is known about one step's Job.
+#[derive(Debug, Clone, Default)]
+pub struct StepView {
+    pub job: Option<Arc<Job>>,
+    /// The Job was deleted after being seen.
+    pub job_deleted: bool,
+    /// Pods of the Job, by name.
+    pub pods: BTreeMap<String, Arc<Pod>>,
+}
+
+impl StepView {
+    /// Pods owned by the current Job (a recreated Job of the same name has a new uid), oldest first.
+    pub fn current_pods(&self) -> Vec<&Pod> {
+        let uid = self.job.as_ref().and_then(|j| j.metadata.uid.clone());
+        let mut pods: Vec<&Pod> = self
+            .pods
+            .values()
+            .map(Arc::as_ref)
+            .filter(|p| match (&uid, p.metadata.owner_references.as_ref()) {
+                (Some(uid), Some(owners)) => owners.iter().any(|o| &o.uid == uid),
+                _ => true,
+            })
+            .collect();
+        pods.sort_by(|a, b| {
+            let key = |p: &Pod| {
+                (
+                    p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    p.metadata.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        pods
+    }
+}
+
+fn newer(current: Option<&Job>, candidate: &Job) -> bool {
+    let rv = |j: &Job| {
+        j.metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    match current {
+        None => true,
+        Some(c) => match (rv(c), rv(candidate)) {
+            (Some(a), Some(b)) => b >= a,
+            _ => true,
+        },
+    }
+}
+
+/// The Job a pod belongs to: `job-name` (every version), `batch.kubernetes.io/job-name` (≥1.27), or
+/// its controller owner reference.
+pub fn pod_job_name(pod: &Pod) -> Option<String> {
+    let labels = pod.metadata.labels.as_ref();
+    labels
+        .and_then(|l| {
+            l.get("batch.kubernetes.io/job-name")
+                .or_else(|| l.get("job-name"))
+        })
+        .cloned()
+        .or_else(|| {
+            pod.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "Job" && o.controller == Some(true))
+                .map(|o| o.name.clone())
+        })
+}
+
+/// The shared watches of one namespace.
+pub struct NamespaceWatch {
+    namespace: String,
+    steps: Mutex<HashMap<String, watch::Sender<StepView>>>,
+    synced: watch::Sender<bool>,
+    stop: CancellationToken,
+}
+
+impl Drop for NamespaceWatch {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A step's subscription: its view, updated by the shared watches; unsubscribes on drop.
+pub struct StepWatch {
+    pub name: String,
+    pub rx: watch::Receiver<StepView>,
+    owner: Arc<NamespaceWatch>,
+}
+
+impl Drop for StepWatch {
+    fn drop(&mut self) {
+        if let Ok(mut steps) = self.owner.steps.lock() {
+            let unused = steps
+                .get(&self.name)
+                .is_some_and(|tx| tx.receiver_count() <= 1);
+            if unused {
+                steps.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl StepWatch {
+    /// Puts `job` in the view unless a newer version is already there.
+    pub fn seed_job(&self, job: Job) {
+        self.owner.update(&self.name, |v| {
+            if newer(v.job.as_deref(), &job) {
+                v.job = Some(Arc::new(job));
+                v.job_deleted = false;
+            }
+        });
+    }
+
+    /// Adds pods listed directly (adoption: they existed before this subscription).
+    pub fn seed_pods(&self, pods: Vec<Pod>) {
+        self.owner.update(&self.name, |v| {
+            for p in pods {
+                if let Some(n) = p.metadata.name.clone() {
+                    v.pods.entry(n).or_insert_with(|| Arc::new(p));
+                }
+            }
+        });
+    }
+
+    pub fn view(&self) -> StepView {
+        self.rx.borrow().clone()
+    }
+
+    /// Whether the namespace's watches have completed their first LIST.
+    pub async fn synced(&self) {
+        let mut rx = self.owner.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+impl NamespaceWatch {
+    fn update(&self, name: &str, f: impl FnOnce(&mut StepView)) {
+        if let Ok(steps) = self.steps.lock() {
+            if let Some(tx) = steps.get(name) {
+                tx.send_modify(f);
+            }
+        }
+    }
+
+    fn subscribe(self: &Arc<Self>, name: &str) -> StepWatch {
+        let rx = match self.steps.lock() {
+            Ok(mut steps) => steps
+                .entry(name.to_string())
+                .or_insert_with(|| watch::channel(StepView::default()).0)
+                .subscribe(),
+            Err(_) => watch::channel(StepView::default()).1,
+        };
+        StepWatch {
+            name: name.to_string(),
+            rx,
+            owner: self.clone(),
+        }
+    }
+
+    async fn watch_jobs(self: Arc<Self>, client: kube::Client) {
+        let api: Api<Job> = Api::namespaced(client, &self.namespace);
+        let config = watcher::Config::default().labels(STEP_SELECTOR);
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
+        loop {
+            let event = tokio::select! {
+                e = events.next() => e,
+                _ = self.stop.cancelled() => return,
+            };
+            let Some(event) = event else { return };
+            match event {
+                Ok(Event::Apply(job)) | Ok(Event::InitApply(job)) => {
+                    let Some(name) = job.meta().name.clone() else {
+                        continue;
+                    };
+                    self.update(&name, |v| {
+                        if newer(v.job.as_deref(), &job) {
+                            v.job = Some(Arc::new(job));
+                            v.job_deleted = false;
+                        }
+                    });
+                }
+                Ok(Event::Delete(job)) => {
+                    let Some(name) = job.meta().name.clone() else {
+                        continue;
+                    };
+                    self.update(&name, |v| {
+                        v.job_deleted = true;
+                        v.job = Some(Arc::new(job));
+                    });
+                }
+                Ok(Event::InitDone) => {
+                    self.synced.send_replace(true);
+                }
+                Ok(Event::Init) => {}
+                Err(e) => tracing::warn!(namespace = %self.namespace, "step Job watch: {e}"),
+            }
+        }
+    }
+
+    async fn watch_pods(self: Arc<Self>, client: kube::Client) {
+        let api: Api<Pod> = Api::namespaced(client, &self.namespace);
+        let config = watcher::Config::default().labels(STEP_SELECTOR);
+        let mut events = watcher::watcher(api, config).default_backoff().boxed();
+        loop {
+            let event = tokio::select! {
+                e = events.next() => e,
+                _ = self.stop.cancelled() => return,
+            };
+            let Some(event) = event else { return };
+            match event {
+                Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => {
+                    let (Some(job), Some(name)) = (pod_job_name(&pod), pod.metadata.name.clone())
+                    else {
+                        continue;
+                    };
+                    self.update(&job, |v| {
+                        v.pods.insert(name, Arc::new(pod));
+                    });
+                }
+                Ok(Event::Delete(pod)) => {
+                    let (Some(job), Some(name)) = (pod_job_name(&pod), pod.metadata.name.clone())
+                    else {
+                        continue;
+                    };
+                    self.update(&job, |v| {
+                        v.pods.remove(&name);
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(namespace = %self.namespace, "step pod watch: {e}"),
+            }
+        }
+    }
+}
+
+/// Shared watches for every namespace the worker launches steps in.
+pub struct Tracker {
+    client: kube::Client,
+    namespaces: Mutex<HashMap<String, Arc<NamespaceWatch>>>,
+}
+
+impl Tracker {
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            namespaces: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Subscribes to `job_name` in `namespace`, starting the namespace's watches on first use.
+    pub fn subscribe(&self, namespace: &str, job_name: &str) -> StepWatch {
+        let ns = {
+            let mut map = match self.namespaces.lock() {
+                Ok(m) => m,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            map.entry(namespace.to_string())
+                .or_insert_with(|| {
+                    let ns = Arc::new(NamespaceWatch {
+                        namespace: namespace.to_string(),
+                        steps: Mutex::new(HashMap::new()),
+                        synced: watch::channel(false).0,
+                        stop: CancellationToken::new(),
+                    });
+                    tracing::info!(
+                        namespace,
+                        selector = STEP_SELECTOR,
+                        "starting the shared step Job and pod watches"
+                    );
+                    tokio::spawn(ns.clone().watch_jobs(self.client.clone()));
+                    tokio::spawn(ns.clone().watch_pods(self.client.clone()));
+                    ns
+                })
+                .clone()
+        };
+        ns.subscribe(job_name)
+    }
+}
