@@ -5,6 +5,7 @@ usage: celery_client.py --broker URL --backend URL <command> ...
   bad --queue Q --kind KIND                                                  publishes a malformed message, prints its id
   wait --ids JSON [--timeout S]                                              prints [{id, state, result, date_done}]
   purge --queue Q
+  revoke --id ID [--terminate]                                               broadcasts revoke
 
 Bad kinds (each really malformed on the wire, published with kombu so both brokers get kombu's layout):
   malformed-json   a v2 task whose body is not JSON
@@ -95,6 +96,9 @@ def main():
     w = sub.add_parser("wait")
     w.add_argument("--ids", required=True)
     w.add_argument("--timeout", type=float, default=60)
+    rv = sub.add_parser("revoke")
+    rv.add_argument("--id", required=True)
+    rv.add_argument("--terminate", action="store_true")
     pu = sub.add_parser("purge")
     pu.add_argument("--queue", required=True)
     a = p.parse_args()
@@ -121,6 +125,9 @@ def main():
                         "result": result if isinstance(result, (str, int, float, list, dict, type(None))) else repr(result),
                         "date_done": r.date_done.isoformat() if r.date_done else None})
         print(json.dumps(out))
+    elif a.cmd == "revoke":
+        app.control.revoke(a.id, terminate=a.terminate)
+        print(json.dumps({"revoked": a.id}))
     elif a.cmd == "purge":
         with app.connection_for_write() as conn:
             print(conn.default_channel.queue_purge(a.queue) or 0)
