@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${CELERIAC_CACHE:-$HOME/.cache/celeriac}/target}"
 bash scripts/services.sh
 bash scripts/python-peers.sh >/dev/null
+# The Kubernetes 1.20.2 control plane for the Kubernetes tests: built once into the cache (~5 min on
+# a fresh machine), started by the first test that needs it, with this run's binaries.
+bash scripts/k8s-build.sh >/dev/null
+bash scripts/k8s-cluster.sh down
+trap 'bash scripts/k8s-cluster.sh down' EXIT
 cargo build --workspace --bins
 # Integration tests start worker processes and Dagster step processes: two at a time fit 2 cores.
 cargo test --workspace -- --test-threads="${CELERIAC_TEST_THREADS:-2}"
