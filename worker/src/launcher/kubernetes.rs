@@ -115,12 +115,15 @@ impl KubernetesLauncher {
 
     /// Checks once per namespace that the worker may do everything a step needs.
     async fn check_access(&self, cluster: &Cluster, namespace: &str) -> Result<(), String> {
-        if cluster.allowed.lock().await.contains(namespace) {
+        // Held across the review: concurrent first steps in a namespace wait for one check instead
+        // of each sending their own.
+        let mut allowed = cluster.allowed.lock().await;
+        if allowed.contains(namespace) {
             return Ok(());
         }
         match access::missing(&cluster.client, namespace).await {
             Ok(missing) if missing.is_empty() => {
-                cluster.allowed.lock().await.insert(namespace.to_string());
+                allowed.insert(namespace.to_string());
                 Ok(())
             }
             Ok(missing) => Err(format!(
