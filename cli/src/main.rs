@@ -1,6 +1,7 @@
 //! `celeriac`: one binary, one subcommand per component.
 //!
 //! * `celeriac worker …` — the Celery worker that runs Dagster steps.
+//! * `celeriac flower …` — Flower's API, metrics and dashboard for the fleet (crate `celeriac-flower`).
 
 mod dagster_celery;
 mod worker;
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Consume step tasks and run them.
     Worker(worker::WorkerArgs),
+    /// Flower-compatible API, metrics and live dashboard, with persistent task history.
+    Flower(celeriac_flower::FlowerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +47,7 @@ fn main() -> std::process::ExitCode {
     block_on("celeriac", async {
         match cli.command {
             Command::Worker(args) => worker::run(args).await,
+            Command::Flower(args) => Ok(celeriac_flower::run(args).await?),
         }
     })
 }

@@ -1,0 +1,780 @@
+//! Flower 2.2's REST API (`flower/api/*.py`) with the same paths, parameters, JSON shapes, status codes
+//! and error texts, plus a few `celeriac` extensions the dashboard uses (`/api/queues/detail`,
+//! `/api/celeriac/*`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Map, Value};
+
+use crate::dagster;
+use crate::events::cast;
+use crate::queues;
+use crate::results::{self, SendOptions};
+use crate::state::{EventsState, TaskQuery, SORT_KEYS};
+use crate::Shared;
+
+type Params = Query<HashMap<String, String>>;
+type AppState = State<Arc<Shared>>;
+
+/// An error answered the way Tornado answers `HTTPError(status, message)` on API handlers: the message
+/// as plain text.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            [(header::CONTENT_TYPE, "text/plain; charset=UTF-8")],
+            self.1,
+        )
+            .into_response()
+    }
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
+    ApiError(status, msg.into())
+}
+
+/// A JSON body as Tornado's `write(dict)` sends it.
+fn json_response(v: Value) -> Response {
+    let text = serde_json::to_string(&v)
+        .unwrap_or_else(|_| "{}".into())
+        .replace("</", "<\\/");
+    (
+        [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
+        text,
+    )
+        .into_response()
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn read_state(shared: &Shared) -> std::sync::RwLockReadGuard<'_, EventsState> {
+    match shared.state.read() {
+        Ok(s) => s,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Tornado's `strtobool`.
+fn arg_bool(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match q.get(name).map(|s| s.trim().to_lowercase()) {
+        None => Ok(false),
+        Some(v) => match v.as_str() {
+            "y" | "yes" | "t" | "true" | "on" | "1" => Ok(true),
+            "n" | "no" | "f" | "false" | "off" | "0" => Ok(false),
+            other => Err(err(
+                StatusCode::BAD_REQUEST,
+                format!("Invalid argument '{other}' of type 'bool'"),
+            )),
+        },
+    }
+}
+
+fn arg_int(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    match q.get(name).map(|s| s.trim()) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("Invalid argument '{v}' of type 'int'"),
+            )
+        }),
+    }
+}
+
+fn arg_float(q: &HashMap<String, String>, name: &str) -> Result<Option<f64>, ApiError> {
+    match q.get(name).map(|s| s.trim()) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("Invalid argument '{v}' of type 'float'"),
+            )
+        }),
+    }
+}
+
+fn required<'a>(q: &'a HashMap<String, String>, name: &str) -> Result<&'a str, ApiError> {
+    match q.get(name).map(|s| s.trim()) {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("Missing argument {name}"),
+        )),
+    }
+}
+
+fn guard_read_only(shared: &Shared) -> Result<(), ApiError> {
+    if shared.config.read_only {
+        return Err(err(StatusCode::FORBIDDEN, "Read only mode is enabled"));
+    }
+    Ok(())
+}
+
+fn guard_worker(shared: &Shared, name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || !shared.inspector.contains(name) {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            format!("Unknown worker '{name}'"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/workers", get(list_workers))
+        .route("/api/worker/shutdown/{*name}", post(worker_shutdown))
+        .route("/api/worker/pool/restart/{*name}", post(pool_restart))
+        .route("/api/worker/pool/grow/{*name}", post(pool_grow))
+        .route("/api/worker/pool/shrink/{*name}", post(pool_shrink))
+        .route("/api/worker/pool/autoscale/{*name}", post(pool_autoscale))
+        .route("/api/worker/queue/add-consumer/{*name}", post(add_consumer))
+        .route(
+            "/api/worker/queue/cancel-consumer/{*name}",
+            post(cancel_consumer),
+        )
+        .route("/api/tasks", get(list_tasks))
+        .route("/api/task/types", get(task_types))
+        .route("/api/queues/length", get(queue_lengths))
+        .route("/api/queues/detail", get(queue_details))
+        .route("/api/task/info/", get(task_info_empty))
+        .route("/api/task/info/{*id}", get(task_info))
+        .route("/api/task/apply/{*name}", post(task_apply))
+        .route("/api/task/async-apply/{*name}", post(task_async_apply))
+        .route("/api/task/send-task/{*name}", post(task_send))
+        .route("/api/task/result/{*id}", get(task_result))
+        .route("/api/task/abort/{*id}", post(task_abort))
+        .route("/api/task/timeout/{*name}", post(task_timeout))
+        .route("/api/task/rate-limit/{*name}", post(task_rate_limit))
+        .route("/api/task/revoke/{*id}", post(task_revoke))
+        .route("/api/celeriac/overview", get(overview))
+        .route("/api/celeriac/tasks", get(celeriac_tasks))
+        .route("/api/celeriac/task/{*id}", get(celeriac_task))
+        .route("/metrics", get(metrics))
+        .route("/healthcheck", get(|| async { "OK" }))
+        .with_state(shared)
+}
+
+async fn list_workers(State(shared): AppState, Query(q): Params) -> ApiResult {
+    let refresh = arg_bool(&q, "refresh")?;
+    let status = arg_bool(&q, "status")?;
+    let workername = q.get("workername").filter(|w| !w.is_empty()).cloned();
+    if refresh {
+        shared
+            .inspector
+            .update(shared.broker.as_ref(), workername.as_deref(), true)
+            .await;
+    }
+    if status {
+        let now = celeriac_wire::events::now_epoch();
+        let state = read_state(&shared);
+        let mut names: Vec<&String> = state.workers.keys().collect();
+        names.sort();
+        let out: Map<String, Value> = names
+            .into_iter()
+            .map(|n| (n.clone(), json!(state.workers[n].alive(now))))
+            .collect();
+        return Ok(json_response(Value::Object(out)));
+    }
+    if let Some(w) = workername {
+        return match shared.inspector.worker(&w) {
+            Some(info) => Ok(json_response(json!({ w: info }))),
+            None => Err(err(StatusCode::NOT_FOUND, format!("Unknown worker '{w}'"))),
+        };
+    }
+    Ok(json_response(Value::Object(shared.inspector.snapshot())))
+}
+
+async fn worker_shutdown(State(shared): AppState, Path(name): Path<String>) -> ApiResult {
+    guard_read_only(&shared)?;
+    guard_worker(&shared, &name)?;
+    tracing::info!("shutting down {name}");
+    cast(
+        shared.broker.as_ref(),
+        "shutdown",
+        json!({}),
+        Some(vec![name]),
+    )
+    .await
+    .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(json_response(json!({"message": "Shutting down!"})))
+}
+
+/// Sends `method` to one worker and returns its reply's `ok` text, or the 403 Flower answers.
+async fn control(
+    shared: &Shared,
+    name: &str,
+    method: &str,
+    arguments: Value,
+    failure: impl FnOnce(&str) -> String,
+) -> Result<String, ApiError> {
+    let replies = shared
+        .inspector
+        .call(
+            shared.broker.as_ref(),
+            method,
+            arguments,
+            vec![name.to_string()],
+        )
+        .await
+        .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let reply = replies
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, r)| r.clone());
+    if let Some(ok) = reply.as_ref().and_then(|r| r.get("ok")) {
+        return Ok(ok.as_str().map(str::to_owned).unwrap_or_else(|| ok.to_string()));
+    }
+    let reason = reply
+        .as_ref()
+        .and_then(|r| r.get("error"))
+        .map(|e| e.as_str().map(str::to_owned).unwrap_or_else(|| e.to_string()))
+        .unwrap_or_else(|| "Unknown reason".into());
+    tracing::error!("{method} on {name}: {replies:?}");
+    Err(err(StatusCode::FORBIDDEN, failure(&reason)))
+}
+
+async fn pool_restart(State(shared): AppState, Path(name): Path<String>) -> ApiResult {
+    guard_read_only(&shared)?;
+    guard_worker(&shared, &name)?;
+    control(&shared, &name, "pool_restart", json!({"reload": false}), |r| {
+        format!("Failed to restart the '{name}' pool: {r}")
+    })
+    .await?;
+    Ok(json_response(
+        json!({"message": format!("Restarting '{name}' worker's pool")}),
+    ))
+}
+
+async fn pool_grow(State(shared): AppState, Path(name): Path<String>, Query(q): Params) -> ApiResult {
+    guard_read_only(&shared)?;
+    guard_worker(&shared, &name)?;
+    let n = arg_int(&q, "n")?.unwrap_or(1);
+    control(&shared, &name, "pool_grow", json!({"n": n}), |r| {
+        format!("Failed to grow '{name}' worker's pool: {r}")
+    })
+    .await?;
+    Ok(json_response(
+        json!({"message": format!("Growing '{name}' worker's pool by {n}")}),
+    ))
+}
+
+async fn pool_shrink(
+    State(shared): AppState,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
+    guard_read_only(&shared)?;
+    guard_worker(&shared, &name)?;
+    let n = arg_int(&q, "n")?.unwrap_or(1);
+    control(&shared, &name, "pool_shrink", json!({"n": n}), |r| {
+        format!("Failed to shrink '{name}' worker's pool: {r}")
+    })
+    .await?;
+    Ok(json_response(
+        json!({"message": format!("Shrinking '{name}' worker's pool by {n}")}),
+    ))
+}
+
+async fn pool_autoscale(
+    State(shared): AppState,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
+    guard_read_only(&shared)?;
+    guard_worker(&shared, &name)?;
+    required(&q, "min")?;
+    required(&q, "max")?;
+    let min = arg_int(&q, "min")?.unwrap_or(0);
+    let max = arg_int(&q, "max")?.unwrap_or(0);
+    control(
+        &shared,
+        &name,
+        "autoscale",
+        json!({"min": min, "max": max}),
+        |r| format!("Failed to autoscale '{name}' worker: {r}"),
+    )
+    .await?;
+    Ok(json_response(
+        json!({"message": format!("Autoscaling '{name}' worker (min={min}, max={max})")}),
+    ))
+}
+
+async fn add_consumer(
+    State(shared): AppState,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
+    guard_read_only(&shared)?;
+    guard_worker(&shared, &name)?;
+    let queue = required(&q, "queue")?.to_string();
+    let ok = control(
+        &shared,
+        &name,
+        "add_consumer",
+        json!({"queue": queue}),
+        |r| format!("Failed to add '{queue}' consumer to '{name}' worker: {r}"),
+    )
+    .await?;
+    Ok(json_response(json!({"message": ok})))
+}
+
+async fn cancel_consumer(
+    State(shared): AppState,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
+    guard_read_only(&shared)?;
+    guard_worker(&shared, &name)?;
+    let queue = required(&q, "queue")?.to_string();
+    let ok = control(
+        &shared,
+        &name,
+        "cancel_consumer",
+        json!({"queue": queue}),
+        |r| format!("Failed to cancel '{queue}' consumer from '{name}' worker: {r}"),
+    )
+    .await?;
+    Ok(json_response(json!({"message": ok})))
+}
+
+/// `'YYYY-MM-DD HH:MM'` in local time → epoch seconds (`time.mktime`).
+fn parse_received(v: Option<&String>) -> Result<Option<f64>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let bad = || {
+        err(
+            StatusCode::BAD_REQUEST,
+            "Invalid received_start or received_end, expected format 'YYYY-MM-DD HH:MM'",
+        )
+    };
+    let naive = chrono::NaiveDateTime::parse_from_str(v, "%Y-%m-%d %H:%M").map_err(|_| bad())?;
+    use chrono::TimeZone;
+    let local = chrono::Local
+        .from_local_datetime(&naive)
+        .earliest()
+        .ok_or_else(bad)?;
+    Ok(Some(local.timestamp() as f64))
+}
+
+fn task_query(q: &HashMap<String, String>) -> Result<TaskQuery, ApiError> {
+    let not_all = |k: &str| q.get(k).filter(|v| v.as_str() != "All" && !v.is_empty()).cloned();
+    let limit = arg_int(q, "limit")?;
+    let offset = arg_int(q, "offset")?.unwrap_or(0).max(0) as usize;
+    let sort_by = q.get("sort_by").filter(|s| !s.is_empty()).cloned();
+    if let Some(s) = &sort_by {
+        if !SORT_KEYS.contains(&s.trim_start_matches('-')) {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Invalid sort_by '{s}', expected one of {}",
+                    SORT_KEYS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(TaskQuery {
+        limit: limit.map(|l| l.max(0) as usize),
+        offset,
+        workername: not_all("workername"),
+        taskname: not_all("taskname"),
+        state: not_all("state"),
+        received_start: parse_received(q.get("received_start"))?,
+        received_end: parse_received(q.get("received_end"))?,
+        sort_by,
+        search: q.get("search").cloned(),
+    })
+}
+
+async fn list_tasks(State(shared): AppState, Query(q): Params) -> ApiResult {
+    let query = task_query(&q)?;
+    let state = read_state(&shared);
+    let page = match state.query(&query) {
+        Ok(p) => p,
+        Err(e) => {
+            let mut r = json_response(json!({"error": e.to_string()}));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return Ok(r);
+        }
+    };
+    let out: Map<String, Value> = page
+        .tasks
+        .iter()
+        .map(|t| (t.uuid.clone(), Value::Object(t.list_entry())))
+        .collect();
+    Ok(json_response(Value::Object(out)))
+}
+
+async fn task_types(State(shared): AppState) -> ApiResult {
+    let types = read_state(&shared).task_types();
+    Ok(json_response(json!({"task-types": types})))
+}
+
+fn queue_names(shared: &Shared) -> Vec<String> {
+    let names = shared.inspector.active_queue_names();
+    if names.is_empty() {
+        vec![shared.config.default_queue.clone()]
+    } else {
+        names
+    }
+}
+
+async fn queue_lengths(State(shared): AppState) -> ApiResult {
+    let names = queue_names(&shared);
+    Ok(json_response(
+        queues::lengths(&shared.queues, shared.broker.as_ref(), &names).await,
+    ))
+}
+
+async fn queue_details(State(shared): AppState) -> ApiResult {
+    let names = queue_names(&shared);
+    let details = queues::details(
+        &shared.queues,
+        shared.broker.as_ref(),
+        &shared.inspector,
+        &names,
+    )
+    .await;
+    for d in &details {
+        for (state, n) in [
+            ("ready", d.ready),
+            ("reserved", d.reserved),
+            ("running", d.running),
+        ] {
+            shared
+                .metrics
+                .queue_messages
+                .with_label_values(&[d.name.as_str(), state])
+                .set(n as f64);
+        }
+    }
+    Ok(json_response(json!(details)))
+}
+
+async fn task_info_empty() -> ApiResult {
+    Err(err(StatusCode::NOT_FOUND, "Unknown task ''"))
+}
+
+async fn task_info(State(shared): AppState, Path(id): Path<String>) -> ApiResult {
+    let state = read_state(&shared);
+    match state.task(&id) {
+        Some(t) => Ok(json_response(Value::Object(t.as_dict()))),
+        None => Err(err(StatusCode::NOT_FOUND, format!("Unknown task '{id}'"))),
+    }
+}
+
+/// `get_task_args`: the JSON body's `args`, `kwargs` and remaining options.
+fn task_args(body: &Bytes) -> Result<(Value, Value, Map<String, Value>), ApiError> {
+    let options: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?
+    };
+    let Value::Object(mut options) = options else {
+        return Err(err(StatusCode::BAD_REQUEST, "invalid options"));
+    };
+    let args = options.remove("args").unwrap_or_else(|| json!([]));
+    let kwargs = options.remove("kwargs").unwrap_or_else(|| json!({}));
+    if !args.is_array() {
+        return Err(err(StatusCode::BAD_REQUEST, "args must be an array"));
+    }
+    Ok((args, kwargs, options))
+}
+
+/// Whether a worker registered `name` (or it is a Celery built-in): `apply`'s "unknown task" check.
+fn known_task(shared: &Shared, name: &str) -> bool {
+    if name.starts_with("celery.") {
+        return true;
+    }
+    shared.inspector.snapshot().values().any(|info| {
+        info.get("registered")
+            .and_then(Value::as_array)
+            .is_some_and(|r| {
+                r.iter().any(|t| {
+                    t.as_str()
+                        .is_some_and(|s| s == name || s.starts_with(&format!("{name} ")))
+                })
+            })
+    })
+}
+
+async fn publish(
+    shared: &Shared,
+    name: &str,
+    args: Value,
+    kwargs: Value,
+    options: &Map<String, Value>,
+) -> Result<String, ApiError> {
+    let opts = SendOptions::from_body(options).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    results::send_task(
+        shared.broker.as_ref(),
+        &shared.results,
+        &shared.config.default_queue,
+        name,
+        args,
+        kwargs,
+        opts,
+    )
+    .await
+    .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+}
+
+async fn current_state(shared: &Shared, id: &str) -> Result<String, ApiError> {
+    let meta = shared
+        .results
+        .meta(id)
+        .await
+        .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(results::state_of(meta.as_ref()))
+}
+
+async fn task_apply(State(shared): AppState, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    guard_read_only(&shared)?;
+    let (args, kwargs, mut options) = task_args(&body)?;
+    if !known_task(&shared, &name) {
+        return Err(err(StatusCode::NOT_FOUND, format!("Unknown task '{name}'")));
+    }
+    let timeout = match options.remove("timeout") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_f64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                .ok_or_else(|| err(StatusCode::BAD_REQUEST, "Invalid timeout"))?,
+        ),
+    };
+    let id = publish(&shared, &name, args, kwargs, &options).await?;
+    let mut resp = Map::new();
+    resp.insert("task-id".into(), json!(id));
+    let (ready, meta) = shared
+        .results
+        .wait(&id, timeout.map(|t| Duration::from_secs_f64(t.max(0.0))))
+        .await
+        .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    if ready {
+        results::fill_response(&mut resp, meta.as_ref());
+        if shared.results.configured() {
+            resp.insert("state".into(), json!(results::state_of(meta.as_ref())));
+        }
+    } else {
+        resp.insert("state".into(), json!(results::state_of(meta.as_ref())));
+    }
+    Ok(json_response(Value::Object(resp)))
+}
+
+async fn task_async_apply(
+    State(shared): AppState,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    guard_read_only(&shared)?;
+    let (args, kwargs, options) = task_args(&body)?;
+    if !known_task(&shared, &name) {
+        return Err(err(StatusCode::NOT_FOUND, format!("Unknown task '{name}'")));
+    }
+    let id = publish(&shared, &name, args, kwargs, &options).await?;
+    let mut resp = json!({"task-id": id});
+    if shared.results.configured() {
+        resp["state"] = json!(current_state(&shared, &id).await?);
+    }
+    Ok(json_response(resp))
+}
+
+async fn task_send(State(shared): AppState, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    guard_read_only(&shared)?;
+    let (args, kwargs, options) = task_args(&body)?;
+    let id = publish(&shared, &name, args, kwargs, &options).await?;
+    let mut resp = json!({"task-id": id});
+    if shared.results.configured() {
+        resp["state"] = json!(current_state(&shared, &id).await?);
+    }
+    Ok(json_response(resp))
+}
+
+async fn task_result(State(shared): AppState, Path(id): Path<String>, Query(q): Params) -> ApiResult {
+    let timeout = arg_float(&q, "timeout")?;
+    if !shared.results.configured() {
+        return Err(err(StatusCode::SERVICE_UNAVAILABLE, ""));
+    }
+    let mut resp = Map::new();
+    resp.insert("task-id".into(), json!(id));
+    let (ready, meta) = match timeout.filter(|t| *t > 0.0) {
+        Some(t) => shared
+            .results
+            .wait(&id, Some(Duration::from_secs_f64(t)))
+            .await,
+        None => shared.results.wait(&id, Some(Duration::ZERO)).await,
+    }
+    .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    resp.insert("state".into(), json!(results::state_of(meta.as_ref())));
+    if ready {
+        results::fill_response(&mut resp, meta.as_ref());
+    }
+    Ok(json_response(Value::Object(resp)))
+}
+
+async fn task_abort(State(shared): AppState, Path(id): Path<String>) -> ApiResult {
+    guard_read_only(&shared)?;
+    if !shared.results.configured() {
+        return Err(err(StatusCode::SERVICE_UNAVAILABLE, ""));
+    }
+    shared
+        .results
+        .abort(&id)
+        .await
+        .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(json_response(json!({"message": format!("Aborted '{id}'")})))
+}
+
+async fn task_timeout(
+    State(shared): AppState,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
+    guard_read_only(&shared)?;
+    let worker = required(&q, "workername")?.to_string();
+    let hard = arg_float(&q, "hard")?;
+    let soft = arg_float(&q, "soft")?;
+    guard_worker(&shared, &worker)?;
+    let ok = control(
+        &shared,
+        &worker,
+        "time_limit",
+        json!({"task_name": name, "hard": hard, "soft": soft}),
+        |r| format!("Failed to set timeouts: '{r}'"),
+    )
+    .await?;
+    Ok(json_response(json!({"message": ok})))
+}
+
+async fn task_rate_limit(
+    State(shared): AppState,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
+    guard_read_only(&shared)?;
+    let worker = required(&q, "workername")?.to_string();
+    let rate = required(&q, "ratelimit")?.to_string();
+    guard_worker(&shared, &worker)?;
+    let ok = control(
+        &shared,
+        &worker,
+        "rate_limit",
+        json!({"task_name": name, "rate_limit": rate}),
+        |r| format!("Failed to set rate limit: '{r}'"),
+    )
+    .await?;
+    Ok(json_response(json!({"message": ok})))
+}
+
+async fn task_revoke(State(shared): AppState, Path(id): Path<String>, Query(q): Params) -> ApiResult {
+    guard_read_only(&shared)?;
+    let terminate = arg_bool(&q, "terminate")?;
+    let signal = q
+        .get("signal")
+        .cloned()
+        .unwrap_or_else(|| "SIGTERM".into());
+    tracing::info!("revoking task {id}");
+    cast(
+        shared.broker.as_ref(),
+        "revoke",
+        json!({"task_id": id, "terminate": terminate, "signal": signal}),
+        None,
+    )
+    .await
+    .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(json_response(json!({"message": format!("Revoked '{id}'")})))
+}
+
+async fn metrics(State(shared): AppState) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Everything the dashboard's first screen needs in one call.
+async fn overview(State(shared): AppState) -> ApiResult {
+    let now = celeriac_wire::events::now_epoch();
+    let details = shared.inspector.snapshot();
+    let state = read_state(&shared);
+    let mut names: Vec<&String> = state.workers.keys().collect();
+    names.sort();
+    let workers: Vec<Value> = names
+        .into_iter()
+        .map(|n| {
+            let w = &state.workers[n];
+            let info = details.get(n);
+            let queues: Vec<Value> = info
+                .and_then(|i| i.get("active_queues"))
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|q| q.get("name").cloned()).collect())
+                .unwrap_or_default();
+            json!({
+                "hostname": n, "online": w.alive(now), "active": w.active, "processed": w.processed,
+                "freq": w.freq, "last_heartbeat": w.heartbeats.last(), "loadavg": w.loadavg,
+                "sw_ident": w.sw_ident, "sw_ver": w.sw_ver, "pid": w.pid, "queues": queues,
+                "concurrency": info.and_then(|i| i.pointer("/stats/pool/max-concurrency")).cloned(),
+                "events": w.counter,
+            })
+        })
+        .collect();
+    let mut states: HashMap<String, u64> = HashMap::new();
+    for t in state.tasks() {
+        *states.entry(t.state.clone()).or_default() += 1;
+    }
+    Ok(json_response(json!({
+        "workers": workers,
+        "tasks": {"total": state.task_count(), "states": states},
+        "task_types": state.task_types(),
+        "read_only": shared.config.read_only,
+        "dagster_url": shared.config.dagster_url,
+        "history": shared.history_description,
+        "now": now,
+    })))
+}
+
+fn with_dagster(shared: &Shared, mut m: Map<String, Value>) -> Map<String, Value> {
+    let ctx = dagster::context(m.get("kwargs"), shared.config.dagster_url.as_deref());
+    m.insert("dagster".into(), json!(ctx));
+    m
+}
+
+async fn celeriac_tasks(State(shared): AppState, Query(q): Params) -> ApiResult {
+    let query = task_query(&q)?;
+    let state = read_state(&shared);
+    let page = state
+        .query(&query)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let tasks: Vec<Value> = page
+        .tasks
+        .iter()
+        .map(|t| Value::Object(with_dagster(&shared, t.as_dict())))
+        .collect();
+    Ok(json_response(json!({
+        "total": page.total, "filtered": page.filtered, "tasks": tasks,
+    })))
+}
+
+async fn celeriac_task(State(shared): AppState, Path(id): Path<String>) -> ApiResult {
+    let state = read_state(&shared);
+    match state.task(&id) {
+        Some(t) => Ok(json_response(Value::Object(with_dagster(
+            &shared,
+            t.as_dict(),
+        )))),
+        None => Err(err(StatusCode::NOT_FOUND, format!("Unknown task '{id}'"))),
+    }
+}
