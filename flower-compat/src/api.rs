@@ -46,9 +46,8 @@ fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
 
 /// A JSON body as Tornado's `write(dict)` sends it.
 fn json_response(v: Value) -> Response {
-    let text = serde_json::to_string(&v)
-        .unwrap_or_else(|_| "{}".into())
-        .replace("</", "<\\/");
+    // Byte for byte what Tornado writes: Python's `json.dumps` separators and escaping.
+    let text = celeriac_wire::json::to_python_string(&v, false).replace("</", "<\\/");
     (
         [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
         text,
@@ -438,8 +437,12 @@ async fn queue_lengths(State(shared): AppState) -> ApiResult {
     ))
 }
 
-async fn queue_details(State(shared): AppState) -> ApiResult {
-    let names = queue_names(&shared);
+/// Ready/reserved/running per queue: the workers' queues, or those named by `?queue=a,b`.
+async fn queue_details(State(shared): AppState, Query(q): Params) -> ApiResult {
+    let names = match q.get("queue").filter(|v| !v.is_empty()) {
+        Some(list) => list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        None => queue_names(&shared),
+    };
     let details = queues::details(
         &shared.queues,
         shared.broker.as_ref(),
@@ -493,9 +496,23 @@ fn task_args(body: &Bytes) -> Result<(Value, Value, Map<String, Value>), ApiErro
     Ok((args, kwargs, options))
 }
 
-/// Whether a worker registered `name` (or it is a Celery built-in): `apply`'s "unknown task" check.
+/// The tasks a bare Celery app registers (what Flower's own app knows without `-A`).
+const CELERY_BUILTINS: [&str; 9] = [
+    "celery.accumulate",
+    "celery.backend_cleanup",
+    "celery.chain",
+    "celery.chord",
+    "celery.chord_unlock",
+    "celery.chunks",
+    "celery.group",
+    "celery.map",
+    "celery.starmap",
+];
+
+/// `apply`'s "unknown task" check. Flower knows the tasks of the app it was started with (`-A`); this
+/// service knows the tasks the workers report as registered, plus Celery's built-ins.
 fn known_task(shared: &Shared, name: &str) -> bool {
-    if name.starts_with("celery.") {
+    if CELERY_BUILTINS.contains(&name) {
         return true;
     }
     shared.inspector.snapshot().values().any(|info| {

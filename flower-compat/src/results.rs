@@ -224,6 +224,12 @@ pub fn safe_result(meta: Option<&Value>) -> Value {
                 Some(Value::Null) | None => String::new(),
                 Some(other) => python_repr(other),
             };
+            // Celery exceptions with a repr of their own, as the client rebuilds them.
+            if exc_type == "NotRegistered" {
+                return json!(format!(
+                    "Task of kind {args} never registered, please make sure it's imported."
+                ));
+            }
             return json!(format!("{exc_type}({args})"));
         }
     }

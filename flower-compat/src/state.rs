@@ -206,8 +206,10 @@ impl Task {
     /// it and only puts the hostname back).
     pub fn list_entry(&self) -> Map<String, Value> {
         let mut m = self.as_dict();
-        if self.worker.is_none() {
-            m.remove("worker");
+        if let Some(w) = m.remove("worker") {
+            if !w.is_null() {
+                m.insert("worker".into(), w);
+            }
         }
         m
     }
