@@ -30,7 +30,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-async fn index(State(shared): State<Arc<Shared>>) -> Response {
+pub async fn index(State(shared): State<Arc<Shared>>) -> Response {
     let page = INDEX.replace("__PREFIX__", &shared.config.prefix());
     (
         [

@@ -74,7 +74,12 @@ pub fn app(shared: Arc<Shared>) -> axum::Router {
     let routed = if prefix.is_empty() {
         inner
     } else {
-        axum::Router::new().nest(&prefix, inner)
+        // `/prefix` and `/prefix/` both open the dashboard.
+        axum::Router::new().nest(&prefix, inner).merge(
+            axum::Router::new()
+                .route(&format!("{prefix}/"), axum::routing::get(dashboard::index))
+                .with_state(shared.clone()),
+        )
     };
     routed.layer(axum::middleware::from_fn_with_state(shared, auth::require_auth))
 }

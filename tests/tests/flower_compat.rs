@@ -290,7 +290,13 @@ impl FlowerCompat {
         let log = format!("{tag}.{}.log", unique("run"));
         let mut proc = Proc::spawn(cmd, &log)?;
         proc.wait_for_log("flower-compat listening", Duration::from_secs(30))?;
-        let base = format!("http://127.0.0.1:{port}");
+        let prefix = args
+            .iter()
+            .position(|a| a == "--url-prefix")
+            .and_then(|i| args.get(i + 1))
+            .map(|p| format!("/{}", p.trim_matches('/')))
+            .unwrap_or_default();
+        let base = format!("http://127.0.0.1:{port}{prefix}");
         wait_until("flower-compat /healthcheck", Duration::from_secs(20), || {
             Ok((get(&format!("{base}/healthcheck"))?.status == 200).then_some(()))
         })?;
@@ -939,7 +945,8 @@ fn basic_auth_and_read_only() -> Result<()> {
     )?;
     let worker = WorkerProcess::consuming(REDIS_MISC, REDIS_MISC, &queue, &["-E"])?;
     let w = worker.hostname.clone();
-    let url = |p: &str| ours.url(&format!("/flower{p}"));
+    assert!(ours.base.ends_with("/flower"), "served under the prefix");
+    let url = |p: &str| ours.url(p);
     let good = Some("admin:s3cret");
     for path in ["/api/workers", "/api/tasks", "/api/task/types", "/api/queues/length", "/", "/api/celeriac/overview"] {
         let r = http("GET", &url(path), None, None)?;
