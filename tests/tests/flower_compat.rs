@@ -1234,3 +1234,48 @@ fn dashboard_shows_live_updates_in_chromium() -> Result<()> {
     let _ = std::fs::remove_dir_all(&profile);
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------------
+// 5. Dagster context of a real run.
+
+#[test]
+fn dagster_context_of_a_real_run() -> Result<()> {
+    use celeriac_tests::dagster::DagsterHome;
+    ensure_services();
+    let queue = unique("fc_dagster");
+    let ours = FlowerCompat::start(REDIS_MISC, REDIS_MISC, &["--dagster-url", "http://dagster.example:3000/"])?;
+    let _worker = WorkerProcess::consuming(REDIS_MISC, REDIS_MISC, &queue, &["-E", "-c", "3"])?;
+    let home = DagsterHome::create(REDIS_MISC, REDIS_MISC)?;
+    let run = home.run_job("diamond", Duration::from_secs(240), &[("CELERIAC_QUEUE", &queue)])?;
+    assert_eq!(run.status, "SUCCESS", "{run:#?}");
+    let page = wait_until("six step tasks", Duration::from_secs(20), || {
+        let v = get(&ours.url("/api/celeriac/tasks?taskname=execute_step_k8s_job&limit=1000"))?.json()?;
+        let mine: Vec<Value> = v["tasks"]
+            .as_array()
+            .map(|t| t.iter().filter(|t| t["dagster"]["run_id"] == run.run_id.as_str()).cloned().collect())
+            .unwrap_or_default();
+        Ok((mine.len() == 6 && mine.iter().all(|t| t["state"] == "SUCCESS")).then_some(mine))
+    })?;
+    let mut steps: Vec<String> = page
+        .iter()
+        .filter_map(|t| t["dagster"]["step_key"].as_str().map(str::to_owned))
+        .collect();
+    steps.sort();
+    assert_eq!(steps, ["finish", "join", "left", "middle", "right", "start"]);
+    for t in &page {
+        let d = &t["dagster"];
+        assert_eq!(d["job"], "diamond", "{t}");
+        assert_eq!(d["url"], format!("http://dagster.example:3000/runs/{}", run.run_id), "{t}");
+        let step = d["step_key"].as_str().unwrap_or_default();
+        let digest = run_python(
+            &["-c", "import hashlib,sys; print(hashlib.md5((sys.argv[1]+sys.argv[2]).encode()).hexdigest())", &run.run_id, step],
+            &[],
+            Duration::from_secs(30),
+        )?;
+        assert_eq!(d["k8s_job"], format!("dagster-step-{}", digest.trim()), "{t}");
+        // The Flower API itself keeps Flower's shape: no extra keys.
+        let info = get(&ours.url(&format!("/api/task/info/{}", t["uuid"].as_str().unwrap_or_default())))?.json()?;
+        assert!(info.get("dagster").is_none());
+    }
+    Ok(())
+}
