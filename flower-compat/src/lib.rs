@@ -171,6 +171,7 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
             let restored = s.load(config.max_tasks, cutoff).await?;
             info!(history = %s.describe(), "restored {} tasks from the history", restored.len());
             state.restore(restored);
+            state.track_changes();
             Some(s)
         }
         None => None,

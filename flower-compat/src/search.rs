@@ -347,6 +347,41 @@ fn kwargs_pairs(kwargs: &str) -> Vec<String> {
     out
 }
 
+/// `needle` (already lower-case) in `hay`, ignoring case, without allocating for ASCII needles.
+pub fn contains_ci(hay: &str, needle: &str) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    if !needle.is_ascii() {
+        return hay.to_lowercase().contains(needle);
+    }
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    if n.len() > h.len() {
+        return false;
+    }
+    let first = n[0];
+    h.windows(n.len()).any(|w| {
+        w[0].to_ascii_lowercase() == first && w.eq_ignore_ascii_case(n)
+    })
+}
+
+/// `a` equals `b_lower` (already lower-case), ignoring case.
+pub fn eq_ci(a: &str, b_lower: &str) -> bool {
+    if a.is_ascii() && b_lower.is_ascii() {
+        a.eq_ignore_ascii_case(b_lower)
+    } else {
+        a.to_lowercase() == b_lower
+    }
+}
+
+fn value_contains(v: &Option<serde_json::Value>, needle: &str) -> bool {
+    match v {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::String(s)) => contains_ci(s, needle),
+        Some(other) => contains_ci(&other.to_string(), needle),
+    }
+}
+
 impl Query {
     pub fn matches(&self, t: &Task) -> bool {
         match self {
@@ -354,32 +389,30 @@ impl Query {
             Query::And(v) => v.iter().all(|q| q.matches(t)),
             Query::Or(v) => v.iter().any(|q| q.matches(t)),
             Query::Term { field, value } => {
-                let name = t.name.as_deref().unwrap_or("").to_lowercase();
-                let worker = t.worker.as_deref().unwrap_or("").to_lowercase();
+                let name = t.name.as_deref().unwrap_or("");
+                let worker = t.worker.as_deref().unwrap_or("");
+                let v = value.as_str();
                 match field.as_deref() {
-                    Some("state") => t.state.to_lowercase() == *value,
+                    Some("state") => eq_ci(&t.state, v),
                     Some("kwargs") if value.contains('=') => {
-                        let (k, v) = value.split_once('=').unwrap_or((value, ""));
-                        let want = format!("{}={}", k.trim(), v.trim());
+                        let (k, val) = value.split_once('=').unwrap_or((value, ""));
+                        let want = format!("{}={}", k.trim(), val.trim());
                         kwargs_pairs(&text(&t.kwargs)).contains(&want)
                     }
-                    Some("name") => name.contains(value.as_str()),
-                    Some("worker") => worker.contains(value.as_str()),
-                    Some("args") => text(&t.args).contains(value.as_str()),
-                    Some("kwargs") => text(&t.kwargs).contains(value.as_str()),
-                    Some("result") => text(&t.result).contains(value.as_str()),
+                    Some("name") => contains_ci(name, v),
+                    Some("worker") => contains_ci(worker, v),
+                    Some("args") => value_contains(&t.args, v),
+                    Some("kwargs") => value_contains(&t.kwargs, v),
+                    Some("result") => value_contains(&t.result, v),
+                    // Any field (a term cannot span fields: Flower joins them with NUL).
                     _ => {
-                        let all = format!(
-                            "{}\0{}\0{}\0{}\0{}\0{}\0{}",
-                            t.uuid.to_lowercase(),
-                            name,
-                            t.state.to_lowercase(),
-                            worker,
-                            text(&t.args),
-                            text(&t.kwargs),
-                            text(&t.result)
-                        );
-                        all.contains(value.as_str())
+                        contains_ci(&t.uuid, v)
+                            || contains_ci(name, v)
+                            || contains_ci(&t.state, v)
+                            || contains_ci(worker, v)
+                            || value_contains(&t.args, v)
+                            || value_contains(&t.kwargs, v)
+                            || value_contains(&t.result, v)
                     }
                 }
             }
@@ -403,6 +436,9 @@ mod tests {
         assert!(parse("NOT x").is_err());
         assert!(parse("\"open").is_err());
         assert!(parse("state:x").is_ok());
+        assert!(contains_ci("Hello World", "o wor"));
+        assert!(!contains_ci("Hello", "hello!"));
+        assert!(eq_ci("SUCCESS", "success"));
     }
 
     #[test]

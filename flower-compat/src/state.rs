@@ -416,7 +416,8 @@ pub struct EventsState {
     max_tasks: usize,
     /// Tasks changed since the history store last took them.
     dirty: HashSet<String>,
-    /// Tasks evicted since the store last took them (the store keeps its own bounds; this is advisory).
+    /// Whether changes are tracked for a history store (no store: no bookkeeping).
+    track_dirty: bool,
     pub event_count: u64,
     metrics: Option<FlowerMetrics>,
 }
@@ -430,6 +431,7 @@ impl EventsState {
             task_types: BTreeSet::new(),
             max_tasks: max_tasks.max(1),
             dirty: HashSet::new(),
+            track_dirty: false,
             event_count: 0,
             metrics,
         }
@@ -465,6 +467,11 @@ impl EventsState {
             self.order.push_back(t.uuid.clone());
             self.tasks.insert(t.uuid.clone(), t);
         }
+    }
+
+    /// Records changes from now on for [`EventsState::take_dirty`] (a history store is configured).
+    pub fn track_changes(&mut self) {
+        self.track_dirty = true;
     }
 
     /// Takes the uuids changed since the last call, with their current records.
@@ -584,12 +591,16 @@ impl EventsState {
                     if let Some(parent) = self.tasks.get_mut(&p) {
                         if !parent.children.iter().any(|c| c == uuid) {
                             parent.children.push(uuid.to_string());
-                            self.dirty.insert(p);
+                            if self.track_dirty {
+                                self.dirty.insert(p);
+                            }
                         }
                     }
                 }
                 self.count(hostname, kind);
-                self.dirty.insert(uuid.to_string());
+                if self.track_dirty {
+                    self.dirty.insert(uuid.to_string());
+                }
                 Some(uuid.to_string())
             }
             _ => None,
@@ -611,13 +622,12 @@ impl EventsState {
             .tasks
             .values()
             .filter(|t| {
-                name.as_ref().is_none_or(|n| {
-                    t.name.as_deref().is_some_and(|x| x.to_lowercase() == *n)
-                }) && worker.as_ref().is_none_or(|w| {
-                    t.worker.as_deref().is_some_and(|x| x.to_lowercase() == *w)
-                }) && state
-                    .as_ref()
-                    .is_none_or(|s| t.state.to_lowercase() == *s)
+                name.as_ref()
+                    .is_none_or(|n| t.name.as_deref().is_some_and(|x| search::eq_ci(x, n)))
+                    && worker
+                        .as_ref()
+                        .is_none_or(|w| t.worker.as_deref().is_some_and(|x| search::eq_ci(x, w)))
+                    && state.as_ref().is_none_or(|s| search::eq_ci(&t.state, s))
                     && in_range(t, q.received_start, q.received_end)
                     && parsed.matches(t)
             })
