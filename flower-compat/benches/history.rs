@@ -43,7 +43,10 @@ fn kwargs_repr(i: usize) -> String {
 /// A full lifecycle (received, started, succeeded) for `n` tasks over 20 workers.
 fn build(n: usize) -> EventsState {
     let mut state = EventsState::new(n, None);
-    let result = format!("'[{}]'", "\"{\\\"__class__\\\": \\\"DagsterEvent\\\"}\", ".repeat(24));
+    let result = format!(
+        "'[{}]'",
+        "\"{\\\"__class__\\\": \\\"DagsterEvent\\\"}\", ".repeat(24)
+    );
     for i in 0..n {
         let uuid = format!("{:08x}-0000-4000-8000-{:012x}", i, i);
         let host = format!("celeriac-{}@worker-{}", i % 20, i % 20);
@@ -51,9 +54,15 @@ fn build(n: usize) -> EventsState {
         state.apply(&obj(json!({"type": "task-received", "uuid": uuid, "hostname": host, "timestamp": t,
             "local_received": t, "clock": i * 3, "name": "execute_step_k8s_job", "args": "()",
             "kwargs": kwargs_repr(i), "root_id": uuid, "parent_id": null, "retries": 0, "eta": null, "expires": null})));
-        state.apply(&obj(json!({"type": "task-started", "uuid": uuid, "hostname": host, "timestamp": t + 1.0,
-            "local_received": t + 1.0, "clock": i * 3 + 1})));
-        let state_kind = if i % 10 == 0 { "task-failed" } else { "task-succeeded" };
+        state.apply(&obj(
+            json!({"type": "task-started", "uuid": uuid, "hostname": host, "timestamp": t + 1.0,
+            "local_received": t + 1.0, "clock": i * 3 + 1}),
+        ));
+        let state_kind = if i % 10 == 0 {
+            "task-failed"
+        } else {
+            "task-succeeded"
+        };
         state.apply(&obj(json!({"type": state_kind, "uuid": uuid, "hostname": host, "timestamp": t + 30.0,
             "local_received": t + 30.0, "clock": i * 3 + 2, "result": result, "runtime": 29.0,
             "exception": "Failure('step failed')", "traceback": "Traceback (most recent call last):\n  ...\n"})));
@@ -64,7 +73,11 @@ fn build(n: usize) -> EventsState {
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
         .map(|pages| pages * 4096)
         .unwrap_or(0)
 }
@@ -97,7 +110,10 @@ fn bench(c: &mut Criterion) {
         ..Default::default()
     };
     let body = api_tasks(&state, &newest);
-    eprintln!("history: /api/tasks?limit=100 body is {} KiB", body.len() / 1024);
+    eprintln!(
+        "history: /api/tasks?limit=100 body is {} KiB",
+        body.len() / 1024
+    );
     c.bench_function("api_tasks_limit_100 (100k tasks)", |b| {
         b.iter(|| black_box(api_tasks(&state, black_box(&newest))))
     });

@@ -233,12 +233,19 @@ async fn control(
         .find(|(n, _)| n == name)
         .map(|(_, r)| r.clone());
     if let Some(ok) = reply.as_ref().and_then(|r| r.get("ok")) {
-        return Ok(ok.as_str().map(str::to_owned).unwrap_or_else(|| ok.to_string()));
+        return Ok(ok
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| ok.to_string()));
     }
     let reason = reply
         .as_ref()
         .and_then(|r| r.get("error"))
-        .map(|e| e.as_str().map(str::to_owned).unwrap_or_else(|| e.to_string()))
+        .map(|e| {
+            e.as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| e.to_string())
+        })
         .unwrap_or_else(|| "Unknown reason".into());
     tracing::error!("{method} on {name}: {replies:?}");
     Err(err(StatusCode::FORBIDDEN, failure(&reason)))
@@ -247,16 +254,24 @@ async fn control(
 async fn pool_restart(State(shared): AppState, Path(name): Path<String>) -> ApiResult {
     guard_read_only(&shared)?;
     guard_worker(&shared, &name)?;
-    control(&shared, &name, "pool_restart", json!({"reload": false}), |r| {
-        format!("Failed to restart the '{name}' pool: {r}")
-    })
+    control(
+        &shared,
+        &name,
+        "pool_restart",
+        json!({"reload": false}),
+        |r| format!("Failed to restart the '{name}' pool: {r}"),
+    )
     .await?;
     Ok(json_response(
         json!({"message": format!("Restarting '{name}' worker's pool")}),
     ))
 }
 
-async fn pool_grow(State(shared): AppState, Path(name): Path<String>, Query(q): Params) -> ApiResult {
+async fn pool_grow(
+    State(shared): AppState,
+    Path(name): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
     guard_read_only(&shared)?;
     guard_worker(&shared, &name)?;
     let n = arg_int(&q, "n")?.unwrap_or(1);
@@ -369,7 +384,11 @@ fn parse_received(v: Option<&String>) -> Result<Option<f64>, ApiError> {
 }
 
 fn task_query(q: &HashMap<String, String>) -> Result<TaskQuery, ApiError> {
-    let not_all = |k: &str| q.get(k).filter(|v| v.as_str() != "All" && !v.is_empty()).cloned();
+    let not_all = |k: &str| {
+        q.get(k)
+            .filter(|v| v.as_str() != "All" && !v.is_empty())
+            .cloned()
+    };
     let limit = arg_int(q, "limit")?;
     let offset = arg_int(q, "offset")?.unwrap_or(0).max(0) as usize;
     let sort_by = q.get("sort_by").filter(|s| !s.is_empty()).cloned();
@@ -440,7 +459,11 @@ async fn queue_lengths(State(shared): AppState) -> ApiResult {
 /// Ready/reserved/running per queue: the workers' queues, or those named by `?queue=a,b`.
 async fn queue_details(State(shared): AppState, Query(q): Params) -> ApiResult {
     let names = match q.get("queue").filter(|v| !v.is_empty()) {
-        Some(list) => list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
         None => queue_names(&shared),
     };
     let details = queues::details(
@@ -534,7 +557,8 @@ async fn publish(
     kwargs: Value,
     options: &Map<String, Value>,
 ) -> Result<String, ApiError> {
-    let opts = SendOptions::from_body(options).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let opts =
+        SendOptions::from_body(options).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     results::send_task(
         shared.broker.as_ref(),
         &shared.results,
@@ -619,7 +643,11 @@ async fn task_send(State(shared): AppState, Path(name): Path<String>, body: Byte
     Ok(json_response(resp))
 }
 
-async fn task_result(State(shared): AppState, Path(id): Path<String>, Query(q): Params) -> ApiResult {
+async fn task_result(
+    State(shared): AppState,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
     let timeout = arg_float(&q, "timeout")?;
     if !shared.results.configured() {
         return Err(err(StatusCode::SERVICE_UNAVAILABLE, ""));
@@ -627,10 +655,12 @@ async fn task_result(State(shared): AppState, Path(id): Path<String>, Query(q): 
     let mut resp = Map::new();
     resp.insert("task-id".into(), json!(id));
     let (ready, meta) = match timeout.filter(|t| *t > 0.0) {
-        Some(t) => shared
-            .results
-            .wait(&id, Some(Duration::from_secs_f64(t)))
-            .await,
+        Some(t) => {
+            shared
+                .results
+                .wait(&id, Some(Duration::from_secs_f64(t)))
+                .await
+        }
         None => shared.results.wait(&id, Some(Duration::ZERO)).await,
     }
     .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
@@ -695,13 +725,14 @@ async fn task_rate_limit(
     Ok(json_response(json!({"message": ok})))
 }
 
-async fn task_revoke(State(shared): AppState, Path(id): Path<String>, Query(q): Params) -> ApiResult {
+async fn task_revoke(
+    State(shared): AppState,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
     guard_read_only(&shared)?;
     let terminate = arg_bool(&q, "terminate")?;
-    let signal = q
-        .get("signal")
-        .cloned()
-        .unwrap_or_else(|| "SIGTERM".into());
+    let signal = q.get("signal").cloned().unwrap_or_else(|| "SIGTERM".into());
     tracing::info!("revoking task {id}");
     cast(
         shared.broker.as_ref(),

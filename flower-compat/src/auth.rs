@@ -52,10 +52,7 @@ pub async fn require_auth(State(shared): State<Arc<Shared>>, req: Request, next:
     }
     let prefix = shared.config.prefix();
     let path = req.uri().path();
-    let open = [
-        format!("{prefix}/healthcheck"),
-        format!("{prefix}/metrics"),
-    ];
+    let open = [format!("{prefix}/healthcheck"), format!("{prefix}/metrics")];
     if open.iter().any(|p| p == path) {
         return next.run(req).await;
     }

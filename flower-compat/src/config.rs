@@ -9,7 +9,12 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct FlowerArgs {
     /// Broker URL (amqp://… or redis://…).
-    #[arg(short = 'b', long, env = "CELERY_BROKER_URL", default_value = "amqp://guest:guest@localhost:5672//")]
+    #[arg(
+        short = 'b',
+        long,
+        env = "CELERY_BROKER_URL",
+        default_value = "amqp://guest:guest@localhost:5672//"
+    )]
     pub broker: String,
     /// Result backend for /api/task/result and apply (rpc://, redis://…, disabled://).
     #[arg(long, env = "CELERY_RESULT_BACKEND", default_value = "disabled://")]

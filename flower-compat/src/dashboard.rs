@@ -21,13 +21,26 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/", get(index))
         .route("/workers", get(index))
         .route("/tasks", get(index))
-        .route("/static/app.js", get(|| async { asset("application/javascript; charset=utf-8", APP_JS) }))
-        .route("/static/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
+        .route(
+            "/static/app.js",
+            get(|| async { asset("application/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/static/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
         .with_state(shared)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 pub async fn index(State(shared): State<Arc<Shared>>) -> Response {
@@ -35,7 +48,10 @@ pub async fn index(State(shared): State<Arc<Shared>>) -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CONTENT_SECURITY_POLICY, "default-src 'self'; style-src 'self'; script-src 'self'"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; style-src 'self'; script-src 'self'",
+            ),
         ],
         page,
     )

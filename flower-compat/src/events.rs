@@ -25,8 +25,7 @@ pub async fn connect_broker(url: &str) -> Result<Arc<dyn Broker>, BrokerError> {
     })?;
     Ok(match parsed {
         BrokerUrl::Amqp { uri } => Arc::new(
-            celeriac_wire::broker::amqp::AmqpBroker::connect_named(&uri, "celeriac-flower")
-                .await?,
+            celeriac_wire::broker::amqp::AmqpBroker::connect_named(&uri, "celeriac-flower").await?,
         ),
         BrokerUrl::Redis { url, .. } => Arc::new(
             celeriac_wire::broker::redis::RedisBroker::connect(&url, Default::default()).await?,

@@ -50,7 +50,10 @@ pub enum FlowerError {
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
 }
@@ -81,7 +84,10 @@ pub fn app(shared: Arc<Shared>) -> axum::Router {
                 .with_state(shared.clone()),
         )
     };
-    routed.layer(axum::middleware::from_fn_with_state(shared, auth::require_auth))
+    routed.layer(axum::middleware::from_fn_with_state(
+        shared,
+        auth::require_auth,
+    ))
 }
 
 fn write_state(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, EventsState> {
@@ -105,7 +111,11 @@ async fn flush(shared: &Shared, store: &dyn HistoryStore) {
 }
 
 /// Once a second: age eviction in memory and the history write-behind; once a minute: store pruning.
-async fn housekeeping(shared: Arc<Shared>, store: Option<Arc<dyn HistoryStore>>, stop: CancellationToken) {
+async fn housekeeping(
+    shared: Arc<Shared>,
+    store: Option<Arc<dyn HistoryStore>>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
     loop {
@@ -142,13 +152,14 @@ pub async fn run(config: FlowerArgs) -> Result<(), FlowerError> {
     let stop = CancellationToken::new();
     let signal_stop = stop.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("cannot watch SIGTERM: {e}");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("cannot watch SIGTERM: {e}");
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -166,7 +177,8 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
     let mut state = EventsState::new(config.max_tasks, Some(metrics.clone()));
     let store: Option<Arc<dyn HistoryStore>> = match &config.history_backend {
         Some(url) => {
-            let s: Arc<dyn HistoryStore> = Arc::from(store::open(url, &config.history_prefix).await?);
+            let s: Arc<dyn HistoryStore> =
+                Arc::from(store::open(url, &config.history_prefix).await?);
             let cutoff = now_epoch() - config.max_age.as_secs_f64();
             let restored = s.load(config.max_tasks, cutoff).await?;
             info!(history = %s.describe(), "restored {} tasks from the history", restored.len());
@@ -180,7 +192,11 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
     let queues = QueueMeter::for_broker(&config.broker).await;
     let addr_text = format!(
         "{}:{}",
-        if config.address.is_empty() { "0.0.0.0" } else { config.address.as_str() },
+        if config.address.is_empty() {
+            "0.0.0.0"
+        } else {
+            config.address.as_str()
+        },
         config.port
     );
     let shared = Arc::new(Shared {
@@ -193,27 +209,42 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
         results,
         queues,
     });
-    shared.metrics.tasks_in_memory.set(write_state(&shared).task_count() as i64);
+    shared
+        .metrics
+        .tasks_in_memory
+        .set(write_state(&shared).task_count() as i64);
 
     let listener = tokio::net::TcpListener::bind(&addr_text)
         .await
-        .map_err(|source| FlowerError::Listen { addr: addr_text.clone(), source })?;
+        .map_err(|source| FlowerError::Listen {
+            addr: addr_text.clone(),
+            source,
+        })?;
     let bound: SocketAddr = listener
         .local_addr()
-        .map_err(|source| FlowerError::Listen { addr: addr_text.clone(), source })?;
+        .map_err(|source| FlowerError::Listen {
+            addr: addr_text.clone(),
+            source,
+        })?;
     info!(bound = %bound, prefix = %shared.config.prefix(), read_only = shared.config.read_only,
           "flower-compat listening");
 
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(events::run(shared.clone(), stop.clone())));
     if !shared.config.no_enable_events {
-        tasks.push(tokio::spawn(events::enable_events_loop(shared.clone(), stop.clone())));
+        tasks.push(tokio::spawn(events::enable_events_loop(
+            shared.clone(),
+            stop.clone(),
+        )));
     }
     let keeper = tokio::spawn(housekeeping(shared.clone(), store.clone(), stop.clone()));
     {
         let shared = shared.clone();
         tokio::spawn(async move {
-            shared.inspector.update(shared.broker.as_ref(), None, false).await;
+            shared
+                .inspector
+                .update(shared.broker.as_ref(), None, false)
+                .await;
         });
     }
     let server_stop = stop.clone();

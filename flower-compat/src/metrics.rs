@@ -135,9 +135,10 @@ impl FlowerMetrics {
                     self.prefetched.with_label_values(&[worker, name]).dec();
                 }
             }
-            "task-succeeded" | "task-failed" if started.is_some() => {
-                self.prefetch_time.with_label_values(&[worker, name]).set(0.0)
-            }
+            "task-succeeded" | "task-failed" if started.is_some() => self
+                .prefetch_time
+                .with_label_values(&[worker, name])
+                .set(0.0),
             "task-revoked" | "task-rejected" if started.is_none() => {
                 self.prefetched.with_label_values(&[worker, name]).dec()
             }

@@ -55,12 +55,13 @@ impl ResultReader {
         match parse_backend(url).map_err(|e| ResultError::Backend(e.to_string()))? {
             BackendUrl::Disabled => Ok(ResultReader::Disabled),
             BackendUrl::Redis { url, .. } => {
-                let client =
-                    redis::Client::open(url.as_str()).map_err(|e| ResultError::Backend(e.to_string()))?;
-                let con = tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
-                    .await
-                    .map_err(|_| ResultError::Backend("timed out connecting".into()))?
+                let client = redis::Client::open(url.as_str())
                     .map_err(|e| ResultError::Backend(e.to_string()))?;
+                let con =
+                    tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
+                        .await
+                        .map_err(|_| ResultError::Backend("timed out connecting".into()))?
+                        .map_err(|e| ResultError::Backend(e.to_string()))?;
                 Ok(ResultReader::Redis(con))
             }
             BackendUrl::Rpc => {
@@ -165,8 +166,7 @@ impl ResultReader {
         task_id: &str,
         timeout: Option<Duration>,
     ) -> Result<(bool, Option<Value>), ResultError> {
-        let deadline =
-            tokio::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(3600));
+        let deadline = tokio::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(3600));
         loop {
             let meta = self.meta(task_id).await?;
             if meta.as_ref().is_some_and(is_ready) {
@@ -280,9 +280,7 @@ impl SendOptions {
         for (k, v) in options {
             match k.as_str() {
                 "queue" => out.queue = v.as_str().map(str::to_owned),
-                "priority" => {
-                    out.priority = Some(v.as_u64().ok_or_else(|| bad(k))?.min(255) as u8)
-                }
+                "priority" => out.priority = Some(v.as_u64().ok_or_else(|| bad(k))?.min(255) as u8),
                 "countdown" => {
                     out.countdown = Some(
                         v.as_f64()
@@ -339,7 +337,8 @@ pub async fn send_task(
         "origin": format!("gen{}@{}", std::process::id(), host), "ignore_result": false,
         "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {},
     });
-    let body = json!([args, kwargs, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]);
+    let body =
+        json!([args, kwargs, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]);
     let mut msg = OutgoingMessage::json(to_python_string(&body, false));
     if let Value::Object(h) = headers {
         msg.headers = h;

@@ -26,7 +26,10 @@ fn err(message: &str, position: Option<usize>) -> QueryError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Query {
     All,
-    Term { field: Option<String>, value: String },
+    Term {
+        field: Option<String>,
+        value: String,
+    },
     And(Vec<Query>),
     Or(Vec<Query>),
 }
@@ -148,10 +151,7 @@ impl Parser {
         let e = self.parse_or(0)?;
         if self.current().kind != Kind::Eof {
             let t = self.current();
-            return Err(err(
-                &format!("Unexpected '{}'", t.value),
-                Some(t.position),
-            ));
+            return Err(err(&format!("Unexpected '{}'", t.value), Some(t.position)));
         }
         Ok(e)
     }
@@ -272,7 +272,9 @@ fn parse_term(token: &Token) -> Result<Query, QueryError> {
         || (field.as_deref() == Some("kwargs") && value.contains('='));
     if !exact && value.trim().chars().count() < MIN_SUBSTRING_LENGTH {
         return Err(err(
-            &format!("Substring search terms must contain at least {MIN_SUBSTRING_LENGTH} characters"),
+            &format!(
+                "Substring search terms must contain at least {MIN_SUBSTRING_LENGTH} characters"
+            ),
             Some(token.position),
         ));
     }
@@ -360,9 +362,8 @@ pub fn contains_ci(hay: &str, needle: &str) -> bool {
         return false;
     }
     let first = n[0];
-    h.windows(n.len()).any(|w| {
-        w[0].to_ascii_lowercase() == first && w.eq_ignore_ascii_case(n)
-    })
+    h.windows(n.len())
+        .any(|w| w[0].to_ascii_lowercase() == first && w.eq_ignore_ascii_case(n))
 }
 
 /// `a` equals `b_lower` (already lower-case), ignoring case.
@@ -428,7 +429,10 @@ mod tests {
     fn grammar() {
         assert_eq!(parse("").unwrap(), Query::All);
         assert!(matches!(parse("foo bar").unwrap(), Query::And(v) if v.len() == 2));
-        assert!(matches!(parse("foo OR (bar AND baz)").unwrap(), Query::Or(_)));
+        assert!(matches!(
+            parse("foo OR (bar AND baz)").unwrap(),
+            Query::Or(_)
+        ));
         assert_eq!(
             parse("ab").unwrap_err().0,
             "Substring search terms must contain at least 3 characters at position 0."

@@ -259,9 +259,7 @@ impl Task {
             Some(s) => s.to_string(),
             None => subject.to_uppercase(),
         };
-        if state != "RETRY"
-            && self.state != "RETRY"
-            && precedence(&state) > precedence(&self.state)
+        if state != "RETRY" && self.state != "RETRY" && precedence(&state) > precedence(&self.state)
         {
             // An event older than what we know: a late `task-received` still tells the name and args.
             const KEEP: [&str; 8] = [
@@ -750,7 +748,11 @@ mod tests {
         assert_eq!(t.state, "STARTED");
         assert_eq!(t.name.as_deref(), Some("t"));
         assert_eq!(t.received, Some(1.0));
-        assert_eq!(t.timestamp, Some(2.0), "a late received event keeps the newer timestamp");
+        assert_eq!(
+            t.timestamp,
+            Some(2.0),
+            "a late received event keeps the newer timestamp"
+        );
         assert_eq!(t.clock, json!(3));
         s.apply(&ev(json!({"type": "task-succeeded", "uuid": "a", "hostname": "w@h", "timestamp": 3.0, "local_received": 3.0, "clock": 4, "result": "'x'", "runtime": 1.5})));
         let d = s.task("a").unwrap().as_dict();
@@ -759,7 +761,10 @@ mod tests {
         assert_eq!(d["runtime"], 1.5);
         assert_eq!(d.keys().count(), TASK_FIELDS.len());
         assert_eq!(s.task_types(), vec!["t".to_string()]);
-        assert!(s.workers["w@h"].alive(3.0 + 100.0), "task events are heartbeats (freq 60 default)");
+        assert!(
+            s.workers["w@h"].alive(3.0 + 100.0),
+            "task events are heartbeats (freq 60 default)"
+        );
     }
 
     #[test]

@@ -38,9 +38,7 @@ impl Reply {
 }
 
 fn http(method: &str, url: &str, body: Option<&str>, auth: Option<&str>) -> Result<Reply> {
-    let rest = url
-        .strip_prefix("http://")
-        .context("only http:// URLs")?;
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -57,7 +55,10 @@ fn http(method: &str, url: &str, body: Option<&str>, auth: Option<&str>) -> Resu
     }
     if let Some(a) = auth {
         use base64_lite::encode;
-        req.push_str(&format!("Authorization: Basic {}\r\n", encode(a.as_bytes())));
+        req.push_str(&format!(
+            "Authorization: Basic {}\r\n",
+            encode(a.as_bytes())
+        ));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -173,7 +174,9 @@ impl Proc {
         let log = artifacts_dir().join(log_name);
         let file = std::fs::File::create(&log)?;
         cmd.stdout(file.try_clone()?).stderr(file);
-        let child = cmd.spawn().with_context(|| format!("spawning {log_name}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {log_name}"))?;
         Ok(Proc {
             child: Some(child),
             log,
@@ -297,9 +300,11 @@ impl FlowerCompat {
             .map(|p| format!("/{}", p.trim_matches('/')))
             .unwrap_or_default();
         let base = format!("http://127.0.0.1:{port}{prefix}");
-        wait_until("flower-compat /healthcheck", Duration::from_secs(20), || {
-            Ok((get(&format!("{base}/healthcheck"))?.status == 200).then_some(()))
-        })?;
+        wait_until(
+            "flower-compat /healthcheck",
+            Duration::from_secs(20),
+            || Ok((get(&format!("{base}/healthcheck"))?.status == 200).then_some(())),
+        )?;
         Ok(FlowerCompat {
             proc,
             base,
@@ -338,12 +343,19 @@ impl FlowerCompat {
 fn real_flower(broker: &str, backend: &str) -> Result<(Proc, String)> {
     let port = free_port();
     let mut cmd = Command::new(venv_bin().join("celery"));
-    cmd.args(["-A", "flower_tasks", "-b", broker, "--result-backend", backend])
-        .args(["flower", &format!("--port={port}"), "--address=127.0.0.1"])
-        .env("FLOWER_UNAUTHENTICATED_API", "true")
-        .env("PYTHONPATH", peer(""))
-        .env("FT_BROKER", broker)
-        .env("FT_BACKEND", backend);
+    cmd.args([
+        "-A",
+        "flower_tasks",
+        "-b",
+        broker,
+        "--result-backend",
+        backend,
+    ])
+    .args(["flower", &format!("--port={port}"), "--address=127.0.0.1"])
+    .env("FLOWER_UNAUTHENTICATED_API", "true")
+    .env("PYTHONPATH", peer(""))
+    .env("FT_BROKER", broker)
+    .env("FT_BACKEND", backend);
     let proc = Proc::spawn(cmd, &format!("{}.log", unique("real_flower")))?;
     let base = format!("http://127.0.0.1:{port}");
     wait_until("real Flower /healthcheck", Duration::from_secs(60), || {
@@ -356,15 +368,38 @@ fn real_flower(broker: &str, backend: &str) -> Result<(Proc, String)> {
 }
 
 /// A Python Celery worker (`flower_tasks`, threads pool) with events on.
-fn python_worker(broker: &str, backend: &str, queue: &str, concurrency: u32) -> Result<(Proc, String)> {
+fn python_worker(
+    broker: &str,
+    backend: &str,
+    queue: &str,
+    concurrency: u32,
+) -> Result<(Proc, String)> {
     let name = format!("{}@localhost", unique("py"));
     let mut cmd = Command::new(venv_bin().join("celery"));
-    cmd.args(["-A", "flower_tasks", "worker", "-Q", queue, "-n", &name, "-E", "-P", "threads"])
-        .args(["-c", &concurrency.to_string(), "--without-mingle", "--without-gossip", "-l", "info"])
-        .env("PYTHONPATH", peer(""))
-        .env("FT_BROKER", broker)
-        .env("FT_BACKEND", backend)
-        .stdin(Stdio::null());
+    cmd.args([
+        "-A",
+        "flower_tasks",
+        "worker",
+        "-Q",
+        queue,
+        "-n",
+        &name,
+        "-E",
+        "-P",
+        "threads",
+    ])
+    .args([
+        "-c",
+        &concurrency.to_string(),
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "info",
+    ])
+    .env("PYTHONPATH", peer(""))
+    .env("FT_BROKER", broker)
+    .env("FT_BACKEND", backend)
+    .stdin(Stdio::null());
     let mut proc = Proc::spawn(cmd, &format!("{}.log", name.replace('@', "_")))?;
     proc.wait_for_log("ready.", Duration::from_secs(60))?;
     Ok((proc, name))
@@ -577,8 +612,24 @@ fn contract(broker: &str, backend: &str) -> Result<()> {
 
     // Traffic: successes and a failure on the Python worker, pings and an unknown task on celeriac.
     let mut ids = BTreeSet::new();
-    ids.extend(publish(broker, backend, &q_py, "flower_tasks.add", json!({"x": 2, "y": 3}), 3, None)?);
-    let failed = publish(broker, backend, &q_py, "flower_tasks.fail", json!({"msg": "boom"}), 1, None)?;
+    ids.extend(publish(
+        broker,
+        backend,
+        &q_py,
+        "flower_tasks.add",
+        json!({"x": 2, "y": 3}),
+        3,
+        None,
+    )?);
+    let failed = publish(
+        broker,
+        backend,
+        &q_py,
+        "flower_tasks.fail",
+        json!({"msg": "boom"}),
+        1,
+        None,
+    )?;
     ids.extend(failed.clone());
     let pings = publish(broker, backend, &q_rs, "celery.ping", json!({}), 3, None)?;
     ids.extend(pings.clone());
@@ -627,9 +678,17 @@ fn contract(broker: &str, backend: &str) -> Result<()> {
         "?taskname=All&state=All".to_string(),
     ] {
         let q = query.replace(' ', "%20");
-        let (a, b) = both_json_for("GET", &fl, &ours, &format!("/api/tasks{q}"), None, Some(&ids))?;
+        let (a, b) = both_json_for(
+            "GET",
+            &fl,
+            &ours,
+            &format!("/api/tasks{q}"),
+            None,
+            Some(&ids),
+        )?;
         let (ia, ib) = (ids_in(&a, &ids), ids_in(&b, &ids));
-        let (sa, sb): (BTreeSet<_>, BTreeSet<_>) = (ia.into_iter().collect(), ib.into_iter().collect());
+        let (sa, sb): (BTreeSet<_>, BTreeSet<_>) =
+            (ia.into_iter().collect(), ib.into_iter().collect());
         assert!(!sa.is_empty(), "{query} matches something: {a}");
         assert_eq!(sa, sb, "/api/tasks{query}");
     }
@@ -641,13 +700,22 @@ fn contract(broker: &str, backend: &str) -> Result<()> {
     ] {
         let (a, b) = both_json("GET", &fl, &ours, &format!("/api/tasks{query}"), None)?;
         let (ia, ib) = (
-            a.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
-            b.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+            a.as_object()
+                .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default(),
+            b.as_object()
+                .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default(),
         );
         assert!(!ia.is_empty(), "{query}: {a}");
         assert_eq!(ia, ib, "/api/tasks{query}: same page in the same order");
     }
-    for bad in ["?sort_by=bogus", "?search=ab", "?limit=x", "?received_start=yesterday"] {
+    for bad in [
+        "?sort_by=bogus",
+        "?search=ab",
+        "?limit=x",
+        "?received_start=yesterday",
+    ] {
         let (a, b) = both("GET", &fl, &ours, &format!("/api/tasks{bad}"), None)?;
         assert_eq!(a.status, 400, "{bad}");
         assert_eq!(a.body, b.body, "{bad}: same message");
@@ -688,76 +756,225 @@ fn contract(broker: &str, backend: &str) -> Result<()> {
 
     // /api/workers: details gathered over remote control, per worker.
     let mine: BTreeSet<String> = workers.iter().map(|w| w.to_string()).collect();
-    let (a, b) = both_json_for("GET", &fl, &ours, "/api/workers?refresh=1", None, Some(&mine))?;
+    let (a, b) = both_json_for(
+        "GET",
+        &fl,
+        &ours,
+        "/api/workers?refresh=1",
+        None,
+        Some(&mine),
+    )?;
     for w in workers {
-        assert!(a.get(w).is_some() && b.get(w).is_some(), "{w} listed: {a} / {b}");
+        assert!(
+            a.get(w).is_some() && b.get(w).is_some(),
+            "{w} listed: {a} / {b}"
+        );
         assert_same_shape(&format!("/api/workers[{w}]"), &a[w], &b[w]);
         for k in ["stats", "active_queues", "registered", "conf", "timestamp"] {
             assert!(b[w].get(k).is_some(), "{w} has {k}");
         }
-        let (a, b) = both_json("GET", &fl, &ours, &format!("/api/workers?workername={w}&refresh=1"), None)?;
+        let (a, b) = both_json(
+            "GET",
+            &fl,
+            &ours,
+            &format!("/api/workers?workername={w}&refresh=1"),
+            None,
+        )?;
         assert_same_shape(&format!("/api/workers?workername={w}"), &a, &b);
-        assert!(b[w]["revoked"].is_array() && b[w]["active"].is_array(), "{b}");
+        assert!(
+            b[w]["revoked"].is_array() && b[w]["active"].is_array(),
+            "{b}"
+        );
     }
-    let (a, b) = both_json_for("GET", &fl, &ours, "/api/workers?status=1", None, Some(&mine))?;
+    let (a, b) = both_json_for(
+        "GET",
+        &fl,
+        &ours,
+        "/api/workers?status=1",
+        None,
+        Some(&mine),
+    )?;
     for w in workers {
         assert_eq!(a[w], json!(true));
         assert_eq!(b[w], json!(true));
     }
-    let (a, _) = both("GET", &fl, &ours, "/api/workers?workername=nobody@nowhere", None)?;
+    let (a, _) = both(
+        "GET",
+        &fl,
+        &ours,
+        "/api/workers?workername=nobody@nowhere",
+        None,
+    )?;
     assert_eq!(a.status, 404);
 
     // Sending tasks through the API.
     let body = json!({"args": [20, 22], "queue": q_py}).to_string();
-    let (a, b) = both_json("POST", &fl, &ours, "/api/task/apply/flower_tasks.add", Some(&body))?;
-    assert_eq!((a["state"].clone(), a["result"].clone()), (json!("SUCCESS"), json!(42)));
-    assert_eq!((b["state"].clone(), b["result"].clone()), (json!("SUCCESS"), json!(42)));
+    let (a, b) = both_json(
+        "POST",
+        &fl,
+        &ours,
+        "/api/task/apply/flower_tasks.add",
+        Some(&body),
+    )?;
+    assert_eq!(
+        (a["state"].clone(), a["result"].clone()),
+        (json!("SUCCESS"), json!(42))
+    );
+    assert_eq!(
+        (b["state"].clone(), b["result"].clone()),
+        (json!("SUCCESS"), json!(42))
+    );
     let body = json!({"kwargs": {"msg": "api"}, "queue": q_py}).to_string();
-    let (a, b) = both_json("POST", &fl, &ours, "/api/task/apply/flower_tasks.fail", Some(&body))?;
+    let (a, b) = both_json(
+        "POST",
+        &fl,
+        &ours,
+        "/api/task/apply/flower_tasks.fail",
+        Some(&body),
+    )?;
     assert_eq!(a["state"], "FAILURE");
-    assert_eq!((b["state"].clone(), b["result"].clone()), (json!("FAILURE"), json!("ValueError('api')")));
+    assert_eq!(
+        (b["state"].clone(), b["result"].clone()),
+        (json!("FAILURE"), json!("ValueError('api')"))
+    );
     let body = json!({"args": [1, 1], "queue": q_py}).to_string();
-    let (_, b) = both_json("POST", &fl, &ours, "/api/task/async-apply/flower_tasks.add", Some(&body))?;
+    let (_, b) = both_json(
+        "POST",
+        &fl,
+        &ours,
+        "/api/task/async-apply/flower_tasks.add",
+        Some(&body),
+    )?;
     let async_id = b["task-id"].as_str().context("task-id")?.to_string();
     let body = json!({"queue": q_rs}).to_string();
-    both_json("POST", &fl, &ours, "/api/task/send-task/celery.ping", Some(&body))?;
-    let (a, _) = both("POST", &fl, &ours, "/api/task/apply/no.such.task", Some("{}"))?;
+    both_json(
+        "POST",
+        &fl,
+        &ours,
+        "/api/task/send-task/celery.ping",
+        Some(&body),
+    )?;
+    let (a, _) = both(
+        "POST",
+        &fl,
+        &ours,
+        "/api/task/apply/no.such.task",
+        Some("{}"),
+    )?;
     assert_eq!(a.status, 404);
-    let (a, _) = both("POST", &fl, &ours, "/api/task/apply/flower_tasks.add", Some("[1]"))?;
+    let (a, _) = both(
+        "POST",
+        &fl,
+        &ours,
+        "/api/task/apply/flower_tasks.add",
+        Some("[1]"),
+    )?;
     assert_eq!(a.status, 400);
-    wait_until("async-applied task seen by flower-compat", Duration::from_secs(30), || {
-        let t = get(&ours.url(&format!("/api/task/info/{async_id}")))?;
-        Ok((t.status == 200 && t.json()?["state"] == "SUCCESS").then_some(()))
-    })?;
+    wait_until(
+        "async-applied task seen by flower-compat",
+        Duration::from_secs(30),
+        || {
+            let t = get(&ours.url(&format!("/api/task/info/{async_id}")))?;
+            Ok((t.status == 200 && t.json()?["state"] == "SUCCESS").then_some(()))
+        },
+    )?;
 
     // Revoke and worker control.
     let revoke_id = uuid::Uuid::new_v4().to_string();
-    let (a, b) = both_json("POST", &fl, &ours, &format!("/api/task/revoke/{revoke_id}?terminate=false"), None)?;
+    let (a, b) = both_json(
+        "POST",
+        &fl,
+        &ours,
+        &format!("/api/task/revoke/{revoke_id}?terminate=false"),
+        None,
+    )?;
     assert_eq!(a, b);
-    let (a, b) = both_json("POST", &fl, &ours, &format!("/api/worker/pool/grow/{rs_name}?n=1"), None)?;
+    let (a, b) = both_json(
+        "POST",
+        &fl,
+        &ours,
+        &format!("/api/worker/pool/grow/{rs_name}?n=1"),
+        None,
+    )?;
     assert_eq!(a, b);
-    let (a, b) = both_json("POST", &fl, &ours, &format!("/api/worker/pool/shrink/{rs_name}?n=1"), None)?;
+    let (a, b) = both_json(
+        "POST",
+        &fl,
+        &ours,
+        &format!("/api/worker/pool/shrink/{rs_name}?n=1"),
+        None,
+    )?;
     assert_eq!(a, b);
     // Consumers: each service adds (then cancels) a queue of its own on the celeriac worker.
     let (ex_a, ex_b) = (unique("fc_extra"), unique("fc_extra"));
     for (base, q) in [(fl.as_str(), &ex_a), (ours.base.as_str(), &ex_b)] {
-        let r = post(&format!("{base}/api/worker/queue/add-consumer/{rs_name}?queue={q}"), None)?;
-        assert_eq!((r.status, r.json()?), (200, json!({"message": format!("add consumer {q}")})));
+        let r = post(
+            &format!("{base}/api/worker/queue/add-consumer/{rs_name}?queue={q}"),
+            None,
+        )?;
+        assert_eq!(
+            (r.status, r.json()?),
+            (200, json!({"message": format!("add consumer {q}")}))
+        );
     }
     let aq = get(&ours.url(&format!("/api/workers?workername={rs_name}&refresh=1")))?.json()?;
-    assert!(aq.to_string().contains(&ex_a) && aq.to_string().contains(&ex_b), "consuming both: {aq}");
+    assert!(
+        aq.to_string().contains(&ex_a) && aq.to_string().contains(&ex_b),
+        "consuming both: {aq}"
+    );
     for (base, q) in [(fl.as_str(), &ex_a), (ours.base.as_str(), &ex_b)] {
-        let r = post(&format!("{base}/api/worker/queue/cancel-consumer/{rs_name}?queue={q}"), None)?;
-        assert_eq!((r.status, r.json()?), (200, json!({"message": format!("no longer consuming from {q}")})));
+        let r = post(
+            &format!("{base}/api/worker/queue/cancel-consumer/{rs_name}?queue={q}"),
+            None,
+        )?;
+        assert_eq!(
+            (r.status, r.json()?),
+            (
+                200,
+                json!({"message": format!("no longer consuming from {q}")})
+            )
+        );
     }
-    let (a, b) = both("POST", &fl, &ours, &format!("/api/worker/pool/restart/{rs_name}"), None)?;
-    assert_eq!((a.status, a.body.as_str()), (403, b.body.as_str()), "pool restart refused alike");
-    let (a, b) = both("POST", &fl, &ours, &format!("/api/worker/pool/autoscale/{py_name}?min=1&max=2"), None)?;
+    let (a, b) = both(
+        "POST",
+        &fl,
+        &ours,
+        &format!("/api/worker/pool/restart/{rs_name}"),
+        None,
+    )?;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (403, b.body.as_str()),
+        "pool restart refused alike"
+    );
+    let (a, b) = both(
+        "POST",
+        &fl,
+        &ours,
+        &format!("/api/worker/pool/autoscale/{py_name}?min=1&max=2"),
+        None,
+    )?;
     assert_eq!(a.body, b.body);
-    let (a, b) = both("POST", &fl, &ours, "/api/worker/pool/grow/nobody@nowhere", None)?;
+    let (a, b) = both(
+        "POST",
+        &fl,
+        &ours,
+        "/api/worker/pool/grow/nobody@nowhere",
+        None,
+    )?;
     assert_eq!((a.status, a.body.as_str()), (404, b.body.as_str()));
-    let (a, b) = both("POST", &fl, &ours, &format!("/api/worker/queue/add-consumer/{rs_name}"), None)?;
-    assert_eq!((a.status, a.body.as_str()), (400, b.body.as_str()), "queue is required");
+    let (a, b) = both(
+        "POST",
+        &fl,
+        &ours,
+        &format!("/api/worker/queue/add-consumer/{rs_name}"),
+        None,
+    )?;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (400, b.body.as_str()),
+        "queue is required"
+    );
 
     // Queue lengths. Redis: Flower sums the priority lists exactly as we do. RabbitMQ: Flower needs the
     // management plugin (absent here, so it lists nothing); ours uses a passive declare.
@@ -765,33 +982,81 @@ fn contract(broker: &str, backend: &str) -> Result<()> {
     let names = |v: &Value| -> BTreeSet<String> {
         v["active_queues"]
             .as_array()
-            .map(|q| q.iter().filter_map(|e| e["name"].as_str().map(str::to_owned)).collect())
+            .map(|q| {
+                q.iter()
+                    .filter_map(|e| e["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
-    assert!(names(&b).contains(&q_py) && names(&b).contains(&q_rs), "{b}");
+    assert!(
+        names(&b).contains(&q_py) && names(&b).contains(&q_rs),
+        "{b}"
+    );
     if broker.starts_with("redis") {
         let pick = |v: &Value| -> Vec<Value> {
             v["active_queues"]
                 .as_array()
-                .map(|q| q.iter().filter(|e| e["name"] == q_py.as_str() || e["name"] == q_rs.as_str()).cloned().collect())
+                .map(|q| {
+                    q.iter()
+                        .filter(|e| e["name"] == q_py.as_str() || e["name"] == q_rs.as_str())
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         assert_eq!(pick(&a), pick(&b));
     }
     // Ready messages by priority in a queue nobody consumes.
-    publish(broker, backend, &q_idle, "flower_tasks.add", json!({"x": 1, "y": 1}), 1, Some(0))?;
-    publish(broker, backend, &q_idle, "flower_tasks.add", json!({"x": 1, "y": 1}), 2, Some(4))?;
-    publish(broker, backend, &q_idle, "flower_tasks.add", json!({"x": 1, "y": 1}), 1, Some(9))?;
+    publish(
+        broker,
+        backend,
+        &q_idle,
+        "flower_tasks.add",
+        json!({"x": 1, "y": 1}),
+        1,
+        Some(0),
+    )?;
+    publish(
+        broker,
+        backend,
+        &q_idle,
+        "flower_tasks.add",
+        json!({"x": 1, "y": 1}),
+        2,
+        Some(4),
+    )?;
+    publish(
+        broker,
+        backend,
+        &q_idle,
+        "flower_tasks.add",
+        json!({"x": 1, "y": 1}),
+        1,
+        Some(9),
+    )?;
     let detail = get(&ours.url(&format!("/api/queues/detail?queue={q_idle}")))?.json()?;
     let (ready, _) = tokio_block(broker_backlog(broker, &q_idle))?;
     assert_eq!(ready, 4);
     assert_eq!(detail[0]["ready"], 4, "{detail}");
     assert_eq!(detail[0]["messages"], 4, "{detail}");
     if broker.starts_with("redis") {
-        assert_eq!(detail[0]["priorities"], json!({"0": 1, "3": 2, "6": 0, "9": 1}), "{detail}");
+        assert_eq!(
+            detail[0]["priorities"],
+            json!({"0": 1, "3": 2, "6": 0, "9": 1}),
+            "{detail}"
+        );
     }
     // Running and reserved apart: 2 executing on the Python worker's 2 threads, the rest prefetched.
-    publish(broker, backend, &q_py, "flower_tasks.sleep", json!({"seconds": 5}), 4, None)?;
+    publish(
+        broker,
+        backend,
+        &q_py,
+        "flower_tasks.sleep",
+        json!({"seconds": 5}),
+        4,
+        None,
+    )?;
     let split = wait_until("2 running + 2 reserved", Duration::from_secs(15), || {
         let d = get(&ours.url(&format!("/api/queues/detail?queue={q_py}")))?.json()?;
         Ok((d[0]["running"] == 2 && d[0]["reserved"] == 2).then_some(d))
@@ -799,7 +1064,10 @@ fn contract(broker: &str, backend: &str) -> Result<()> {
     assert_eq!(split[0]["ready"], 0, "{split}");
 
     // /metrics: every flower_* sample of Flower, with the same labels; equal task-event counts.
-    let (ma, mb) = (prom(&format!("{fl}/metrics"))?, prom(&ours.url("/metrics"))?);
+    let (ma, mb) = (
+        prom(&format!("{fl}/metrics"))?,
+        prom(&ours.url("/metrics"))?,
+    );
     let label_sets = |v: &Value, name: &str| -> BTreeSet<Vec<String>> {
         v[name]
             .as_array()
@@ -816,12 +1084,20 @@ fn contract(broker: &str, backend: &str) -> Result<()> {
             .unwrap_or_default()
     };
     let mut families = 0;
-    for name in ma.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+    for name in ma
+        .as_object()
+        .map(|m| m.keys().cloned().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
         if !name.starts_with("flower_") || name.ends_with("_created") {
             continue;
         }
         families += 1;
-        assert_eq!(label_sets(&ma, &name), label_sets(&mb, &name), "labels of {name}");
+        assert_eq!(
+            label_sets(&ma, &name),
+            label_sets(&mb, &name),
+            "labels of {name}"
+        );
     }
     assert!(families >= 6, "Flower exported its metrics: {ma}");
     let events = |v: &Value| -> BTreeMap<String, f64> {
@@ -835,7 +1111,11 @@ fn contract(broker: &str, backend: &str) -> Result<()> {
             })
             .unwrap_or_default()
     };
-    assert_eq!(events(&ma), events(&mb), "flower_events_total for our workers");
+    assert_eq!(
+        events(&ma),
+        events(&mb),
+        "flower_events_total for our workers"
+    );
 
     let (a, b) = both("GET", &fl, &ours, "/healthcheck", None)?;
     assert_eq!((a.body.as_str(), b.body.as_str()), ("OK", "OK"));
@@ -892,14 +1172,24 @@ fn restart_keeps_history(broker: &str, history: &str) -> Result<()> {
     let ours = FlowerCompat::start(
         broker,
         "disabled://",
-        &["--history-backend", history, "--history-prefix", &prefix, "--max-tasks", "1000"],
+        &[
+            "--history-backend",
+            history,
+            "--history-prefix",
+            &prefix,
+            "--max-tasks",
+            "1000",
+        ],
     )?;
     let _worker = WorkerProcess::consuming(broker, "rpc://", &queue, &["-E"])?;
     // Traffic keeps flowing across the restart: a background publisher sends pings the whole time.
     let before = publish(broker, "rpc://", &queue, "celery.ping", json!({}), 20, None)?;
     wait_until("20 tasks listed", Duration::from_secs(30), || {
         let l = listed(&ours)?;
-        Ok(before.iter().all(|id| l.get(id).is_some_and(|t| t["state"] == "SUCCESS")).then_some(()))
+        Ok(before
+            .iter()
+            .all(|id| l.get(id).is_some_and(|t| t["state"] == "SUCCESS"))
+            .then_some(()))
     })?;
     let snapshot = listed(&ours)?;
     let peer_path = peer("celery_client.py");
@@ -917,16 +1207,30 @@ fn restart_keeps_history(broker: &str, history: &str) -> Result<()> {
     let ours = ours.restart(&[])?;
     let after = listed(&ours)?;
     for id in &before {
-        assert!(after.contains_key(id), "task {id} seen before the restart is listed after it");
+        assert!(
+            after.contains_key(id),
+            "task {id} seen before the restart is listed after it"
+        );
         assert_eq!(after[id], snapshot[id], "task {id} restored unchanged");
     }
-    assert!(traffic.wait_exit(Duration::from_secs(60))?.success(), "{}", traffic.log_text());
+    assert!(
+        traffic.wait_exit(Duration::from_secs(60))?.success(),
+        "{}",
+        traffic.log_text()
+    );
     // The restarted service keeps consuming events.
     let later = publish(broker, "rpc://", &queue, "celery.ping", json!({}), 5, None)?;
-    wait_until("new tasks after the restart", Duration::from_secs(30), || {
-        let l = listed(&ours)?;
-        Ok(later.iter().all(|id| l.get(id).is_some_and(|t| t["state"] == "SUCCESS")).then_some(()))
-    })?;
+    wait_until(
+        "new tasks after the restart",
+        Duration::from_secs(30),
+        || {
+            let l = listed(&ours)?;
+            Ok(later
+                .iter()
+                .all(|id| l.get(id).is_some_and(|t| t["state"] == "SUCCESS"))
+                .then_some(()))
+        },
+    )?;
     // Bounded by count: restarting with --max-tasks 10 restores only the 10 newest (and prunes the store).
     let all = listed(&ours)?;
     let mut by_age: Vec<(f64, String)> = all
@@ -942,7 +1246,11 @@ fn restart_keeps_history(broker: &str, history: &str) -> Result<()> {
         assert!(bounded.contains_key(id), "newest task {id} kept");
     }
     let ours = ours.restart(&["--max-tasks", "1000"])?;
-    assert_eq!(listed(&ours)?.len(), 10, "the store itself was pruned to 10");
+    assert_eq!(
+        listed(&ours)?.len(),
+        10,
+        "the store itself was pruned to 10"
+    );
     Ok(())
 }
 
@@ -966,14 +1274,27 @@ fn basic_auth_and_read_only() -> Result<()> {
     let ours = FlowerCompat::start(
         REDIS_MISC,
         REDIS_MISC,
-        &["--basic-auth", "admin:s3cret,ops:other", "--read-only", "--url-prefix", "flower"],
+        &[
+            "--basic-auth",
+            "admin:s3cret,ops:other",
+            "--read-only",
+            "--url-prefix",
+            "flower",
+        ],
     )?;
     let worker = WorkerProcess::consuming(REDIS_MISC, REDIS_MISC, &queue, &["-E"])?;
     let w = worker.hostname.clone();
     assert!(ours.base.ends_with("/flower"), "served under the prefix");
     let url = |p: &str| ours.url(p);
     let good = Some("admin:s3cret");
-    for path in ["/api/workers", "/api/tasks", "/api/task/types", "/api/queues/length", "/", "/api/celeriac/overview"] {
+    for path in [
+        "/api/workers",
+        "/api/tasks",
+        "/api/task/types",
+        "/api/queues/length",
+        "/",
+        "/api/celeriac/overview",
+    ] {
         let r = http("GET", &url(path), None, None)?;
         assert_eq!(r.status, 401, "{path} without credentials");
         let r = http("GET", &url(path), None, Some("admin:wrong"))?;
@@ -986,13 +1307,23 @@ fn basic_auth_and_read_only() -> Result<()> {
     let r = http("GET", &url("/api/workers"), None, None)?;
     assert_eq!(r.status, 401);
     for open in ["/healthcheck", "/metrics"] {
-        assert_eq!(http("GET", &url(open), None, None)?.status, 200, "{open} stays open as in Flower");
+        assert_eq!(
+            http("GET", &url(open), None, None)?.status,
+            200,
+            "{open} stays open as in Flower"
+        );
     }
     wait_until("worker known", Duration::from_secs(20), || {
         let v = http("GET", &url("/api/workers?refresh=1"), None, good)?.json()?;
         Ok(v.get(&w).is_some().then_some(()))
     })?;
-    let v = http("GET", &url(&format!("/api/workers?workername={w}&refresh=1")), None, good)?.json()?;
+    let v = http(
+        "GET",
+        &url(&format!("/api/workers?workername={w}&refresh=1")),
+        None,
+        good,
+    )?
+    .json()?;
     let pool_before = v[&w]["stats"]["pool"]["max-concurrency"].clone();
     assert!(pool_before.is_u64(), "{v}");
     let id = uuid::Uuid::new_v4();
@@ -1015,14 +1346,30 @@ fn basic_auth_and_read_only() -> Result<()> {
         let r = http("POST", &url(&path), Some("{}"), None)?;
         assert_eq!(r.status, 401, "{path} without credentials");
         let r = http("POST", &url(&path), Some("{}"), good)?;
-        assert_eq!((r.status, r.body.as_str()), (403, "Read only mode is enabled"), "{path}");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (403, "Read only mode is enabled"),
+            "{path}"
+        );
     }
     // Nothing was done: the pool is as it was and the worker still runs.
-    let v = http("GET", &url(&format!("/api/workers?workername={w}&refresh=1")), None, good)?.json()?;
-    assert_eq!(v[&w]["stats"]["pool"]["max-concurrency"], pool_before, "{v}");
+    let v = http(
+        "GET",
+        &url(&format!("/api/workers?workername={w}&refresh=1")),
+        None,
+        good,
+    )?
+    .json()?;
+    assert_eq!(
+        v[&w]["stats"]["pool"]["max-concurrency"], pool_before,
+        "{v}"
+    );
     let mut worker = worker;
     assert!(worker.pid().is_some());
-    assert!(worker.wait(Duration::from_millis(500)).is_err(), "worker still running");
+    assert!(
+        worker.wait(Duration::from_millis(500)).is_err(),
+        "worker still running"
+    );
     Ok(())
 }
 
@@ -1046,7 +1393,11 @@ impl Browser {
         let out = Command::new("bash")
             .arg(celeriac_tests::repo_root().join("scripts/browser.sh"))
             .output()?;
-        assert!(out.status.success(), "scripts/browser.sh: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "scripts/browser.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let chromium = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let (cmd_r, cmd_w) = nix::unistd::pipe()?;
         let (res_r, res_w) = nix::unistd::pipe()?;
@@ -1121,16 +1472,25 @@ impl Browser {
     fn open(&mut self, url: &str) -> Result<()> {
         let target = self.call("Target.createTarget", json!({"url": "about:blank"}))?;
         let tid = target["targetId"].as_str().context("targetId")?.to_string();
-        let att = self.call("Target.attachToTarget", json!({"targetId": tid, "flatten": true}))?;
+        let att = self.call(
+            "Target.attachToTarget",
+            json!({"targetId": tid, "flatten": true}),
+        )?;
         self.session = Some(att["sessionId"].as_str().context("sessionId")?.to_string());
         self.call("Page.enable", json!({}))?;
-        self.call("Emulation.setDeviceMetricsOverride", json!({"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}))?;
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
+        )?;
         self.call("Page.navigate", json!({"url": url}))?;
         Ok(())
     }
 
     fn eval(&mut self, expr: &str) -> Result<Value> {
-        let r = self.call("Runtime.evaluate", json!({"expression": expr, "returnByValue": true}))?;
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expr, "returnByValue": true}),
+        )?;
         Ok(r["result"]["value"].clone())
     }
 
@@ -1192,7 +1552,11 @@ fn base64_decode(s: &str) -> Result<Vec<u8>> {
 fn dashboard_shows_live_updates_in_chromium() -> Result<()> {
     ensure_services();
     let (q_rs, q_py) = (unique("fc_dash_rs"), unique("fc_dash_py"));
-    let ours = FlowerCompat::start(REDIS_MISC, REDIS_MISC, &["--dagster-url", "http://dagster.example:3000"])?;
+    let ours = FlowerCompat::start(
+        REDIS_MISC,
+        REDIS_MISC,
+        &["--dagster-url", "http://dagster.example:3000"],
+    )?;
     let shots = artifacts_dir().join("flower-dashboard");
     std::fs::create_dir_all(&shots)?;
     let profile = artifacts_dir().join(unique("chromium-profile"));
@@ -1213,9 +1577,17 @@ fn dashboard_shows_live_updates_in_chromium() -> Result<()> {
 
     let (_py, _) = python_worker(REDIS_MISC, REDIS_MISC, &q_py, 1)?;
     browser.eval("location.hash = '#/tasks'")?;
-    let id = publish(REDIS_MISC, REDIS_MISC, &q_py, "flower_tasks.sleep", json!({"seconds": 4}), 1, None)?
-        .pop()
-        .context("task id")?;
+    let id = publish(
+        REDIS_MISC,
+        REDIS_MISC,
+        &q_py,
+        "flower_tasks.sleep",
+        json!({"seconds": 4}),
+        1,
+        None,
+    )?
+    .pop()
+    .context("task id")?;
     let row = format!("tr[data-task=\"{id}\"]");
     browser.wait_for(
         "the task running",
@@ -1229,7 +1601,11 @@ fn dashboard_shows_live_updates_in_chromium() -> Result<()> {
         Duration::from_secs(20),
     )?;
     browser.screenshot(&shots.join("3-task-success.png"))?;
-    assert_eq!(browser.eval("window.__noReload")?, json!("still-here"), "no reload happened");
+    assert_eq!(
+        browser.eval("window.__noReload")?,
+        json!("still-here"),
+        "no reload happened"
+    );
 
     // Task detail and the queues view.
     browser.eval(&format!("location.hash = '#/task/{id}'"))?;
@@ -1268,16 +1644,30 @@ fn dagster_context_of_a_real_run() -> Result<()> {
     use celeriac_tests::dagster::DagsterHome;
     ensure_services();
     let queue = unique("fc_dagster");
-    let ours = FlowerCompat::start(REDIS_MISC, REDIS_MISC, &["--dagster-url", "http://dagster.example:3000/"])?;
+    let ours = FlowerCompat::start(
+        REDIS_MISC,
+        REDIS_MISC,
+        &["--dagster-url", "http://dagster.example:3000/"],
+    )?;
     let _worker = WorkerProcess::consuming(REDIS_MISC, REDIS_MISC, &queue, &["-E", "-c", "3"])?;
     let home = DagsterHome::create(REDIS_MISC, REDIS_MISC)?;
-    let run = home.run_job("diamond", Duration::from_secs(240), &[("CELERIAC_QUEUE", &queue)])?;
+    let run = home.run_job(
+        "diamond",
+        Duration::from_secs(240),
+        &[("CELERIAC_QUEUE", &queue)],
+    )?;
     assert_eq!(run.status, "SUCCESS", "{run:#?}");
     let page = wait_until("six step tasks", Duration::from_secs(20), || {
-        let v = get(&ours.url("/api/celeriac/tasks?taskname=execute_step_k8s_job&limit=1000"))?.json()?;
+        let v = get(&ours.url("/api/celeriac/tasks?taskname=execute_step_k8s_job&limit=1000"))?
+            .json()?;
         let mine: Vec<Value> = v["tasks"]
             .as_array()
-            .map(|t| t.iter().filter(|t| t["dagster"]["run_id"] == run.run_id.as_str()).cloned().collect())
+            .map(|t| {
+                t.iter()
+                    .filter(|t| t["dagster"]["run_id"] == run.run_id.as_str())
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         Ok((mine.len() == 6 && mine.iter().all(|t| t["state"] == "SUCCESS")).then_some(mine))
     })?;
@@ -1286,20 +1676,35 @@ fn dagster_context_of_a_real_run() -> Result<()> {
         .filter_map(|t| t["dagster"]["step_key"].as_str().map(str::to_owned))
         .collect();
     steps.sort();
-    assert_eq!(steps, ["finish", "join", "left", "middle", "right", "start"]);
+    assert_eq!(
+        steps,
+        ["finish", "join", "left", "middle", "right", "start"]
+    );
     for t in &page {
         let d = &t["dagster"];
         assert_eq!(d["job"], "diamond", "{t}");
-        assert_eq!(d["url"], format!("http://dagster.example:3000/runs/{}", run.run_id), "{t}");
+        assert_eq!(
+            d["url"],
+            format!("http://dagster.example:3000/runs/{}", run.run_id),
+            "{t}"
+        );
         let step = d["step_key"].as_str().unwrap_or_default();
         let digest = run_python(
             &["-c", "import hashlib,sys; print(hashlib.md5((sys.argv[1]+sys.argv[2]).encode()).hexdigest())", &run.run_id, step],
             &[],
             Duration::from_secs(30),
         )?;
-        assert_eq!(d["k8s_job"], format!("dagster-step-{}", digest.trim()), "{t}");
+        assert_eq!(
+            d["k8s_job"],
+            format!("dagster-step-{}", digest.trim()),
+            "{t}"
+        );
         // The Flower API itself keeps Flower's shape: no extra keys.
-        let info = get(&ours.url(&format!("/api/task/info/{}", t["uuid"].as_str().unwrap_or_default())))?.json()?;
+        let info = get(&ours.url(&format!(
+            "/api/task/info/{}",
+            t["uuid"].as_str().unwrap_or_default()
+        )))?
+        .json()?;
         assert!(info.get("dagster").is_none());
     }
     Ok(())
