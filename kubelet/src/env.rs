@@ -29,7 +29,7 @@ pub enum EnvError {
     },
 }
 
-async fn config_map(
+pub(crate) async fn config_map(
     client: &kube::Client,
     ns: &str,
     name: &str,
@@ -48,7 +48,7 @@ async fn config_map(
     }
 }
 
-async fn secret(
+pub(crate) async fn secret(
     client: &kube::Client,
     ns: &str,
     name: &str,

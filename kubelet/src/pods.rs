@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::env::resolve;
 use crate::logs::LogFile;
 use crate::node::now;
+use crate::volumes;
 use crate::Node;
 
 struct Tracked {
@@ -268,15 +269,31 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
         return;
     }
 
-    // Environments (retried like the kubelet does while a Secret/ConfigMap is missing).
-    let envs = loop {
+    let dir = node.root_dir.join("pods").join(format!(
+        "{ns}_{pod_name}_{}",
+        pod.metadata.uid.clone().unwrap_or_default()
+    ));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::error!(pod = %pod_name, "cannot create {}: {e}", dir.display());
+    }
+
+    // Volumes and environments (retried like the kubelet does while a Secret/ConfigMap is missing).
+    let (volumes, envs) = loop {
         let mut all = Vec::new();
         let mut failed = None;
+        let volumes = match volumes::materialize(&node.client, &pod, &dir).await {
+            Ok(v) => v,
+            Err(e) => {
+                failed = Some(e.to_string());
+                HashMap::new()
+            }
+        };
         for c in spec
             .init_containers
             .iter()
             .flatten()
             .chain(spec.containers.iter())
+            .take_while(|_| failed.is_none())
         {
             match resolve(&node.client, &pod, c).await {
                 Ok(e) => all.push(e),
@@ -287,7 +304,7 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
             }
         }
         match failed {
-            None => break all,
+            None => break (volumes, all),
             Some(msg) => {
                 let waiting: Vec<_> = spec
                     .containers
@@ -303,13 +320,6 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
         }
     };
 
-    let dir = node.root_dir.join("pods").join(format!(
-        "{ns}_{pod_name}_{}",
-        pod.metadata.uid.clone().unwrap_or_default()
-    ));
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        tracing::error!(pod = %pod_name, "cannot create {}: {e}", dir.display());
-    }
     let kubeconfig = service_account_kubeconfig(&node, &pod, &dir).await;
     let started = now();
     let n_init = spec.init_containers.as_ref().map_or(0, Vec::len);
@@ -317,7 +327,7 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
 
     // Init containers run one after the other; a failure fails the pod (restartPolicy Never).
     for (c, env) in spec.init_containers.iter().flatten().zip(init_envs) {
-        let mut proc = start(&node, &pod, c, env, &dir, kubeconfig.as_deref());
+        let mut proc = start(&node, &pod, c, env, &volumes, &dir, kubeconfig.as_deref());
         let waiting: Vec<_> = spec
             .containers
             .iter()
@@ -358,7 +368,7 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
         .containers
         .iter()
         .zip(main_envs)
-        .map(|(c, env)| start(&node, &pod, c, env, &dir, kubeconfig.as_deref()))
+        .map(|(c, env)| start(&node, &pod, c, env, &volumes, &dir, kubeconfig.as_deref()))
         .collect();
     let mut reports: Vec<ContainerReport> = procs.iter().map(Proc::report_running).collect();
     report(
@@ -487,6 +497,7 @@ fn start(
     pod: &Pod,
     c: &Container,
     env: &[(String, String)],
+    volumes: &HashMap<String, PathBuf>,
     dir: &Path,
     kubeconfig: Option<&Path>,
 ) -> Proc {
@@ -580,6 +591,14 @@ fn start(
         .stderr(Stdio::from(log_err))
         .process_group(0)
         .kill_on_drop(true);
+    let mounts = volumes::container_mounts(c, volumes);
+    if !mounts.is_empty() {
+        // SAFETY: the closure runs between fork and exec; it only makes system calls (unshare,
+        // mount) on CStrings prepared before the fork, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || volumes::enter(&mounts));
+        }
+    }
     match cmd.spawn() {
         Ok(child) => {
             proc.pid = child.id().map_or(0, |p| p as i32);

@@ -6,10 +6,12 @@
 //! * [`command`] builds the exact `dagster api execute_step` command and Job name Python builds;
 //! * [`events`] writes Dagster's serdes JSON for the engine events and picks step events out of logs;
 //! * [`instance`] reads run status and writes events in the run's Postgres storage;
+//! * [`metrics`] counts finished steps per Dagster job;
 //! * [`k8s_config`] merges the op tag's and the executor's per-step Kubernetes config.
 
 pub mod command;
 pub mod events;
 pub mod instance;
 pub mod k8s_config;
+pub mod metrics;
 pub mod step_args;

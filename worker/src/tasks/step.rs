@@ -22,6 +22,7 @@ use crate::dagster::events::{
 };
 use crate::dagster::instance::{Instance, InstanceError, Instances};
 use crate::dagster::k8s_config::merge_user_config;
+use crate::dagster::metrics::{StepMetrics, StepOutcome};
 use crate::dagster::step_args::StepTaskArgs;
 use crate::launcher::{LaunchError, StepLauncher, StepRun, StepSpec};
 
@@ -225,6 +226,7 @@ impl Task for ExecuteStepK8sJob {
                     None,
                 )
                 .await;
+            StepMetrics::get().finished(&run.job_name, StepOutcome::Skipped, None);
             return TaskOutcome::Success(json!([]));
         }
 
@@ -300,6 +302,9 @@ impl Task for ExecuteStepK8sJob {
         // 12–13. Run the step, watching for revocation and for the run leaving STARTED.
         info!(run_id = %args.run_id, step = step_key, job = %job, attempt = args.attempt, launcher = self.launcher.kind(), "launching step");
         let stop = CancellationToken::new();
+        let launched = std::time::Instant::now();
+        let finished =
+            |outcome| StepMetrics::get().finished(&run.job_name, outcome, Some(launched.elapsed()));
         let launch = self.launcher.launch(&spec, stop.clone());
         tokio::pin!(launch);
         let mut run_check = tokio::time::interval(self.run_status_interval);
@@ -312,6 +317,7 @@ impl Task for ExecuteStepK8sJob {
                     info!(run_id = %args.run_id, step = step_key, job = %job, "task revoked with terminate; stopping the step");
                     stop.cancel();
                     let _ = (&mut launch).await;
+                    finished(StepOutcome::Cancelled);
                     return TaskOutcome::Terminated;
                 }
                 _ = run_check.tick() => {
@@ -331,6 +337,7 @@ impl Task for ExecuteStepK8sJob {
                             .await;
                         stop.cancel();
                         let _ = (&mut launch).await;
+                        finished(StepOutcome::Cancelled);
                         return TaskOutcome::Success(json!([]));
                     }
                 }
@@ -339,7 +346,10 @@ impl Task for ExecuteStepK8sJob {
         let class = self.launcher.failure_class();
         let step_run: StepRun = match outcome {
             Ok(r) => r,
-            Err(LaunchError::Cancelled(_)) => return TaskOutcome::Terminated,
+            Err(LaunchError::Cancelled(_)) => {
+                finished(StepOutcome::Cancelled);
+                return TaskOutcome::Terminated;
+            }
             Err(e) => {
                 let (message, what) = match &e {
                     LaunchError::Create { .. } => (format!("Encountered unexpected error while creating Kubernetes job {job} for step {step_key}, exiting."), "create"),
@@ -351,6 +361,7 @@ impl Task for ExecuteStepK8sJob {
                 reporter
                     .engine(&message, &[("Step key", text(step_key))], None, Some(&err))
                     .await;
+                finished(StepOutcome::Error);
                 return TaskOutcome::Success(json!([]));
             }
         };
@@ -408,6 +419,11 @@ impl Task for ExecuteStepK8sJob {
         let step_events = filter_events(&step_run.logs);
         info!(run_id = %args.run_id, step = step_key, job = %job, succeeded = step_run.succeeded, step_events = step_events.len(), "step finished");
         events.extend(step_events);
+        finished(if step_run.succeeded {
+            StepOutcome::Success
+        } else {
+            StepOutcome::Failure
+        });
         TaskOutcome::Success(Value::Array(
             events.into_iter().map(Value::String).collect(),
         ))
