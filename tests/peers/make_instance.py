@@ -17,6 +17,8 @@ def main():
     p.add_argument("--backend", required=True)
     p.add_argument("--namespace", default="default", help="job_namespace of the step Jobs")
     p.add_argument("--kubeconfig", help="kubeconfig_file for the step Jobs (default: a never-contacted one)")
+    p.add_argument("--incluster", action="store_true",
+                   help="executor load_incluster_config: true (the worker's own credentials), as the Dagster chart runs it")
     p.add_argument("--image", default="celeriac/local-step:dev", help="job_image of the step Jobs")
     a = p.parse_args()
     home = os.path.abspath(a.dir)
@@ -65,8 +67,8 @@ def main():
     run_config = {"execution": {"config": {
         "job_image": a.image,
         "job_namespace": a.namespace,
-        "load_incluster_config": False,
-        "kubeconfig_file": kubeconfig,
+        **({"load_incluster_config": True} if a.incluster
+           else {"load_incluster_config": False, "kubeconfig_file": kubeconfig}),
         "job_wait_timeout": 600.0,
         "broker": a.broker,
         "backend": a.backend,

@@ -118,6 +118,26 @@ impl DagsterHome {
         )
     }
 
+    /// Steps run as Kubernetes Jobs in `namespace`, with the executor's default
+    /// `load_incluster_config: true`: the worker uses its own (pod's) credentials.
+    pub fn create_k8s_incluster(
+        broker: &str,
+        backend: &str,
+        namespace: &str,
+    ) -> Result<DagsterHome> {
+        Self::create_with(
+            broker,
+            backend,
+            &[
+                "--namespace",
+                namespace,
+                "--incluster",
+                "--image",
+                "celeriac/dagster-step:test",
+            ],
+        )
+    }
+
     fn create_with(broker: &str, backend: &str, extra: &[&str]) -> Result<DagsterHome> {
         let db = unique("celeriac_t").to_lowercase();
         let dir = artifacts_dir().join(&db);

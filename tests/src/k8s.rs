@@ -176,6 +176,24 @@ impl TestNamespace {
         Self::create_for(n, true)
     }
 
+    /// An empty namespace: no Secret, no Role (what a Helm release brings is all there is).
+    pub fn bare() -> Result<TestNamespace> {
+        let cluster = cluster();
+        let client = cluster.client();
+        let name = crate::unique("ct").replace('_', "-");
+        block_on(Api::<NamespaceObject>::all(client.clone()).create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+        ))
+        .context("creating the namespace")?;
+        Ok(TestNamespace {
+            kubeconfig: cluster.admin_kubeconfig(),
+            name,
+            user: String::new(),
+            client,
+        })
+    }
+
     /// A namespace for worker identity `n`, with or without the Role binding.
     pub fn create_for(n: u8, grant: bool) -> Result<TestNamespace> {
         let cluster = cluster();
@@ -227,6 +245,11 @@ impl TestNamespace {
             user,
             client,
         })
+    }
+
+    /// An admin client.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
     }
 
     pub fn jobs(&self) -> Vec<Job> {

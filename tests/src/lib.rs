@@ -319,6 +319,7 @@ pub fn lines_of(child: &mut Child) -> impl Iterator<Item = String> + '_ {
     BufReader::new(out).lines().map_while(|l| l.ok())
 }
 
+pub mod chart;
 pub mod dagster;
 pub mod k8s;
 
@@ -374,4 +375,60 @@ pub fn received_ids(log: &str) -> Vec<String> {
             Some(l[start..end].to_string())
         })
         .collect()
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A plain HTTP/1.1 GET on loopback (`http://host:port/path`): `(status, body)`.
+pub fn http_get(url: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("not an http:// URL: {url}"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s =
+        std::net::TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status from {url}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }

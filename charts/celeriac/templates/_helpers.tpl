@@ -1,0 +1,104 @@
+{{/*
+Names. Worker Deployments are "<release>-<nameOverride>-<queue>" like the Dagster chart's
+("<release>-celery-workers-<queue>"), truncated to 63 characters.
+*/}}
+{{- define "celeriac.workers.fullname" -}}
+{{- printf "%s-%s" .Release.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "celeriac.fullname" -}}
+{{- printf "%s-celeriac" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "celeriac.queue.fullname" -}}
+{{- $root := index . 0 -}}{{- $queue := index . 1 -}}
+{{- printf "%s-%s" (include "celeriac.workers.fullname" $root) ($queue.name | lower | replace "_" "-" | replace "." "-") | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "celeriac.serviceAccountName" -}}
+{{- default (include "celeriac.fullname" .) .Values.global.serviceAccountName -}}
+{{- end -}}
+
+{{- define "celeriac.jobNamespace" -}}
+{{- default .Release.Namespace .Values.jobNamespace -}}
+{{- end -}}
+
+{{- define "celeriac.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "celeriac.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: celeriac
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one queue's worker pods. */}}
+{{- define "celeriac.queue.selector" -}}
+{{- $root := index . 0 -}}{{- $queue := index . 1 -}}
+app.kubernetes.io/name: celeriac
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: worker
+celeriac.dev/queue: {{ $queue.name }}
+{{- end -}}
+
+{{/* The queue's concurrency: its own, else the shared default. */}}
+{{- define "celeriac.queue.concurrency" -}}
+{{- $root := index . 0 -}}{{- $queue := index . 1 -}}
+{{- if $queue.concurrency }}{{ $queue.concurrency }}{{ else }}{{ $root.Values.concurrency }}{{ end -}}
+{{- end -}}
+
+{{/* Broker URL, as the Dagster chart's dagster.celery.broker_url. */}}
+{{- define "celeriac.brokerUrl" -}}
+{{- if .Values.redis.enabled -}}
+  {{- if .Values.redis.brokerUrl -}}{{ .Values.redis.brokerUrl }}
+  {{- else -}}
+    {{- $host := required "redis.host is required when redis.enabled" .Values.redis.host -}}
+    redis://{{ if .Values.redis.usePassword }}:{{ .Values.redis.password }}@{{ end }}{{ $host }}:{{ .Values.redis.port }}/{{ .Values.redis.brokerDbNumber }}
+  {{- end -}}
+{{- else if .Values.rabbitmq.enabled -}}
+pyamqp://{{ .Values.rabbitmq.rabbitmq.username }}:{{ .Values.rabbitmq.rabbitmq.password }}@{{ default (printf "%s-rabbitmq" .Release.Name) .Values.rabbitmq.host }}:{{ .Values.rabbitmq.service.port }}//
+{{- else -}}
+{{- fail "generateCeleryConfigSecret needs a broker: enable rabbitmq or redis, or set generateCeleryConfigSecret=false and provide the Secret global.celeryConfigSecretName" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Result backend URL, as the Dagster chart's dagster.celery.backend_url. */}}
+{{- define "celeriac.backendUrl" -}}
+{{- if .Values.redis.enabled -}}
+  {{- if .Values.redis.backendUrl -}}{{ .Values.redis.backendUrl }}
+  {{- else -}}
+    {{- $host := required "redis.host is required when redis.enabled" .Values.redis.host -}}
+    redis://{{ if .Values.redis.usePassword }}:{{ .Values.redis.password }}@{{ end }}{{ $host }}:{{ .Values.redis.port }}/{{ .Values.redis.backendDbNumber }}
+  {{- end -}}
+{{- else -}}
+rpc://
+{{- end -}}
+{{- end -}}
+
+{{/* The queue's celery YAML (Dagster's celery-config.yaml shape). */}}
+{{- define "celeriac.queue.celeryYaml" -}}
+{{- $root := index . 0 -}}{{- $queue := index . 1 -}}
+execution:
+  celery:
+    broker:
+      env: DAGSTER_CELERY_BROKER_URL
+    backend:
+      env: DAGSTER_CELERY_BACKEND_URL
+    {{- $source := merge (deepCopy ($queue.configSource | default dict)) (deepCopy ($root.Values.configSource | default dict)) }}
+    {{- if $source }}
+    config_source:
+      {{- toYaml $source | nindent 6 }}
+    {{- end }}
+{{- end -}}
+
+{{/* PDB / HPA API versions: the stable ones where the cluster serves them (1.21+ / 1.23+). */}}
+{{- define "celeriac.pdb.apiVersion" -}}
+{{- if .Capabilities.APIVersions.Has "policy/v1" -}}policy/v1{{- else -}}policy/v1beta1{{- end -}}
+{{- end -}}
+
+{{- define "celeriac.hpa.apiVersion" -}}
+{{- if .Capabilities.APIVersions.Has "autoscaling/v2" -}}autoscaling/v2{{- else -}}autoscaling/v2beta2{{- end -}}
+{{- end -}}
