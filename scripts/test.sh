@@ -8,6 +8,8 @@ bash scripts/services.sh
 bash scripts/python-peers.sh >/dev/null
 # Debian's Chromium for the flower-compat dashboard test (tests/tests/flower_compat.rs).
 bash scripts/browser.sh >/dev/null
+# Helm v4 (helm-python-sdk) and the upstream CRD models for the chart tests (tests/tests/helm_chart.rs).
+bash scripts/chart-peers.sh >/dev/null
 # The Kubernetes 1.20.2 control plane for the Kubernetes tests: built once into the cache (~5 min on
 # a fresh machine), started by the first test that needs it, with this run's binaries.
 bash scripts/k8s-build.sh >/dev/null
