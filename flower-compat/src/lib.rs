@@ -132,7 +132,7 @@ async fn housekeeping(
         shared.metrics.tasks_in_memory.set(count as i64);
         if let Some(store) = &store {
             flush(&shared, store.as_ref()).await;
-            if n % 60 == 0 || stopping {
+            if n.is_multiple_of(60) || stopping {
                 match store.prune(shared.config.max_tasks, cutoff).await {
                     Ok(0) => {}
                     Ok(k) => info!("pruned {k} tasks from the history"),

@@ -25,6 +25,13 @@ pub struct BindMount {
     read_only: bool,
 }
 
+/// A ConfigMap's or Secret's data, the `items` selecting from it, and the volume's `defaultMode`.
+type VolumeFiles<'a> = (
+    BTreeMap<String, String>,
+    &'a Option<Vec<KeyToPath>>,
+    Option<i32>,
+);
+
 /// Writes the pod's volumes under `dir/volumes/<name>`; returns where each volume lives.
 /// Missing ConfigMaps/Secrets are errors (the real kubelet's `CreateContainerConfigError`) unless
 /// the volume is `optional`.
@@ -40,11 +47,7 @@ pub async fn materialize(
     };
     for v in spec.volumes.iter().flatten() {
         let path = dir.join("volumes").join(&v.name);
-        let files: Option<(
-            BTreeMap<String, String>,
-            &Option<Vec<KeyToPath>>,
-            Option<i32>,
-        )> = if let Some(cm) = &v.config_map {
+        let files: Option<VolumeFiles> = if let Some(cm) = &v.config_map {
             match config_map(client, &ns, &cm.name).await? {
                 Some(data) => Some((data, &cm.items, cm.default_mode)),
                 None if cm.optional == Some(true) => Some((BTreeMap::new(), &None, None)),

@@ -82,10 +82,7 @@ fn http(method: &str, url: &str, body: Option<&str>, auth: Option<&str>) -> Resu
     {
         let mut out = Vec::new();
         let mut rest = &payload[..];
-        loop {
-            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
             let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16)?;
             if size == 0 {
                 break;
@@ -1518,10 +1515,7 @@ impl Browser {
 }
 
 fn libc_dup2(from: i32, to: i32) -> i32 {
-    match nix::unistd::dup2(from, to) {
-        Ok(fd) => fd,
-        Err(_) => -1,
-    }
+    nix::unistd::dup2(from, to).unwrap_or(-1)
 }
 
 fn base64_decode(s: &str) -> Result<Vec<u8>> {
