@@ -101,7 +101,7 @@ kind: Policy
 omitStages: [RequestReceived]
 rules:
 - level: Metadata
-  userGroups: ["celeriac-workers"]
+  userGroups: ["celeriac-workers", "system:serviceaccounts"]
 - level: None
 AP
   kubeconfig "$RUN/kubeconfig" "$ADMIN_TOKEN"
@@ -116,7 +116,7 @@ AP
   start_bg controller-manager "$BIN/kube-controller-manager" --kubeconfig="$RUN/kubeconfig" \
     --authentication-kubeconfig="$RUN/kubeconfig" --authorization-kubeconfig="$RUN/kubeconfig" \
     --bind-address=127.0.0.1 --secure-port=10257 --port=0 --leader-elect=false --kube-api-qps=500 --kube-api-burst=1000 \
-    --controllers=job,ttl-after-finished,garbagecollector,namespace,serviceaccount,serviceaccount-token,podgc,nodelifecycle \
+    --controllers=job,deployment,replicaset,ttl-after-finished,garbagecollector,namespace,serviceaccount,serviceaccount-token,podgc,nodelifecycle \
     --service-account-private-key-file="$RUN/pki/sa.key" --root-ca-file="$RUN/pki/serving/apiserver.crt" \
     --feature-gates=TTLAfterFinished=true
   start_bg scheduler "$BIN/kube-scheduler" --kubeconfig="$RUN/kubeconfig" --authentication-kubeconfig="$RUN/kubeconfig" \

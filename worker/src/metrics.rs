@@ -195,6 +195,8 @@ impl Metrics {
         self.task_runtime.with_label_values(&labels);
         self.queue_length.with_label_values(&[queue]);
         self.backlog.with_label_values(&[queue, &self.hostname]);
+        self.broker_reconnects
+            .with_label_values(&[queue, &self.hostname]);
         self.slots(queue, 0, limit);
     }
 

@@ -42,7 +42,7 @@ impl KubeMetrics {
                 let _ = r.register(Box::new(c.clone()));
                 c
             };
-            KubeMetrics {
+            let m = KubeMetrics {
                 request_seconds: hist(
                     "celeriac_kubernetes_api_request_duration_seconds",
                     "Latency of Kubernetes API requests made by the step launcher, by verb",
@@ -68,10 +68,19 @@ impl KubeMetrics {
                     "Step Jobs by action: created, adopted, deleted, cancelled",
                     &["namespace", "action"],
                 ),
+            };
+            // Zero series, so alerts and dashboards find the family before the first error:
+            // code 0 (no response) for every verb the launcher uses.
+            for verb in VERBS {
+                m.errors.with_label_values(&[verb, "0"]);
             }
+            m
         })
     }
 }
+
+/// The verbs the launcher's requests are measured under (see [`call`]).
+pub const VERBS: &[&str] = &["create", "get", "list", "logs", "delete"];
 
 /// HTTP status of an API error, 0 when no response arrived.
 pub fn status_code(e: &kube::Error) -> u16 {
