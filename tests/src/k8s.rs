@@ -117,10 +117,26 @@ impl Cluster {
     }
 }
 
+/// Where the audit log ends now: entries written later are [`audit_requests_since`] this mark.
+pub fn audit_mark(cluster: &Cluster) -> usize {
+    std::fs::metadata(cluster.audit_log()).map_or(0, |m| m.len() as usize)
+}
+
 /// Audit-log entries of one user: `(verb, resource, namespace, code)`, one per request
 /// (deduplicated by audit id; a watch counts once).
 pub fn audit_requests(cluster: &Cluster, user: &str) -> Vec<(String, String, String, u16)> {
-    let text = std::fs::read_to_string(cluster.audit_log()).unwrap_or_default();
+    audit_requests_since(cluster, user, 0)
+}
+
+/// [`audit_requests`] written after `mark` (identities are shared by the test binaries of one run,
+/// and cluster-scoped requests such as access reviews carry no namespace to tell them apart).
+pub fn audit_requests_since(
+    cluster: &Cluster,
+    user: &str,
+    mark: usize,
+) -> Vec<(String, String, String, u16)> {
+    let all = std::fs::read(cluster.audit_log()).unwrap_or_default();
+    let text = String::from_utf8_lossy(all.get(mark..).unwrap_or_default());
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for line in text.lines() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use celeriac_tests::dagster::DagsterHome;
-use celeriac_tests::k8s::{audit_requests, cluster, TestNamespace};
+use celeriac_tests::k8s::{audit_mark, audit_requests_since, cluster, TestNamespace};
 use celeriac_tests::{artifacts_dir, ensure_services, peer, run_python, unique, WorkerProcess};
 
 const STEPS: usize = 200;
@@ -26,6 +26,7 @@ fn two_hundred_concurrent_steps_cost_one_watch_and_three_requests_each() -> Resu
     let home = DagsterHome::create_k8s(broker, backend, &ns.name, &ns.kubeconfig)?;
     let kubeconfig = ns.kubeconfig.display().to_string();
     let steps = STEPS.to_string();
+    let mark = audit_mark(cluster());
     let mut worker = WorkerProcess::start(
         &[
             "-b",
@@ -109,7 +110,7 @@ fn two_hundred_concurrent_steps_cost_one_watch_and_three_requests_each() -> Resu
         "every step Job succeeded"
     );
 
-    let requests: Vec<_> = audit_requests(cluster(), &ns.user)
+    let requests: Vec<_> = audit_requests_since(cluster(), &ns.user, mark)
         .into_iter()
         .filter(|(_, resource, namespace, _)| {
             namespace == &ns.name || resource == "selfsubjectaccessreviews"
@@ -166,6 +167,11 @@ fn two_hundred_concurrent_steps_cost_one_watch_and_three_requests_each() -> Resu
         "one log read per step: {by_kind:?}"
     );
     assert!(n("get jobs") == 0, "no per-Job polling: {by_kind:?}");
+    assert_eq!(
+        n("create selfsubjectaccessreviews"),
+        celeriac_worker::kubernetes::access::REQUIRED.len(),
+        "one permission check for the namespace, however many steps start at once: {by_kind:?}"
+    );
     assert!(
         per_step <= 3.0,
         "bounded requests per step: {per_step:.2} ({by_kind:?})"
