@@ -25,7 +25,7 @@ use celeriac_tests::{ensure_services, free_port, http_get, unique};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::Value;
 
@@ -498,20 +498,92 @@ grafanaDashboards: {{enabled: true}}
         used.len()
     );
 
-    // Scale-in drains: deleting the worker pod ends it cleanly (SIGTERM, nothing running).
+    // Scale-in drains: a step is running when the queue's Deployment is scaled to 0 (what an HPA
+    // or KEDA scale-in does). The pod gets SIGTERM; the worker stops taking steps but keeps its
+    // running one to the end, reports it, and only then exits: the run succeeds, the step ran once.
     let worker_pod = pods_of("worker")
         .first()
         .and_then(|p| p.metadata.name.clone())
         .context("worker pod")?;
-    block_on(
-        Api::<Pod>::namespaced(client.clone(), &ns.name).delete(&worker_pod, &Default::default()),
-    )?;
-    wait_for("the worker pod is gone", Duration::from_secs(60), || {
-        Ok(!ns
+    let deployment = rendered
+        .iter()
+        .find(|r| {
+            r.kind() == "Deployment"
+                && r.object["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+        })
+        .map(|r| r.name().to_string())
+        .context("worker Deployment")?;
+    let step_running = || {
+        pods_of("step_worker").iter().any(|p| {
+            pod_running(p)
+                && p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("dagster/op"))
+                    .is_some_and(|o| o == "sleepy_op")
+        })
+    };
+    let (summary, drained) = std::thread::scope(|s| -> Result<_> {
+        let run = s.spawn(|| {
+            home.run_job(
+                "sleepy",
+                Duration::from_secs(300),
+                &[("CELERIAC_QUEUE", &queue), ("SLEEP_SECONDS", "15")],
+            )
+        });
+        wait_for(
+            "the sleepy step's pod runs",
+            Duration::from_secs(120),
+            || Ok(step_running()),
+        )?;
+        block_on(
+            Api::<Deployment>::namespaced(client.clone(), &ns.name).patch(
+                &deployment,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": 0}})),
+            ),
+        )?;
+        let scaled = Instant::now();
+        // While its step runs the worker is still there, draining.
+        std::thread::sleep(Duration::from_secs(3));
+        let present = ns
             .pods()
             .iter()
-            .any(|p| p.metadata.name.as_deref() == Some(worker_pod.as_str())))
+            .any(|p| p.metadata.name.as_deref() == Some(worker_pod.as_str()));
+        assert!(
+            present || !step_running(),
+            "the worker pod ended while its step still ran"
+        );
+        wait_for(
+            "the draining worker pod is gone",
+            Duration::from_secs(90),
+            || {
+                Ok(!ns
+                    .pods()
+                    .iter()
+                    .any(|p| p.metadata.name.as_deref() == Some(worker_pod.as_str())))
+            },
+        )?;
+        let drained = scaled.elapsed();
+        Ok((run.join().expect("run thread")?, drained))
     })?;
+    assert_eq!(
+        summary.status, "SUCCESS",
+        "the run survives the scale-in: {summary:?}"
+    );
+    assert_eq!(
+        summary.count("STEP_START", "sleepy_op"),
+        1,
+        "the step ran once"
+    );
+    assert_eq!(summary.count("STEP_SUCCESS", "sleepy_op"), 1);
+    assert!(
+        drained < Duration::from_secs(60),
+        "the pod ended by draining, not by the grace period's SIGKILL ({drained:?})"
+    );
+    eprintln!(
+        "scale-in: the worker drained its running step and exited {drained:?} after the scale to 0"
+    );
     Ok(())
 }
 
