@@ -272,16 +272,7 @@ async fn pool_grow(
     Path(name): Path<String>,
     Query(q): Params,
 ) -> ApiResult {
-    guard_read_only(&shared)?;
-    guard_worker(&shared, &name)?;
-    let n = arg_int(&q, "n")?.unwrap_or(1);
-    control(&shared, &name, "pool_grow", json!({"n": n}), |r| {
-        format!("Failed to grow '{name}' worker's pool: {r}")
-    })
-    .await?;
-    Ok(json_response(
-        json!({"message": format!("Growing '{name}' worker's pool by {n}")}),
-    ))
+    pool_resize(&shared, &name, &q, "pool_grow", ("grow", "Growing")).await
 }
 
 async fn pool_shrink(
@@ -289,15 +280,26 @@ async fn pool_shrink(
     Path(name): Path<String>,
     Query(q): Params,
 ) -> ApiResult {
-    guard_read_only(&shared)?;
-    guard_worker(&shared, &name)?;
-    let n = arg_int(&q, "n")?.unwrap_or(1);
-    control(&shared, &name, "pool_shrink", json!({"n": n}), |r| {
-        format!("Failed to shrink '{name}' worker's pool: {r}")
+    pool_resize(&shared, &name, &q, "pool_shrink", ("shrink", "Shrinking")).await
+}
+
+/// `pool_grow` / `pool_shrink` by `?n=` (default 1), with Flower's messages.
+async fn pool_resize(
+    shared: &Arc<Shared>,
+    name: &str,
+    q: &HashMap<String, String>,
+    method: &str,
+    (verb, gerund): (&str, &str),
+) -> ApiResult {
+    guard_read_only(shared)?;
+    guard_worker(shared, name)?;
+    let n = arg_int(q, "n")?.unwrap_or(1);
+    control(shared, name, method, json!({"n": n}), |r| {
+        format!("Failed to {verb} '{name}' worker's pool: {r}")
     })
     .await?;
     Ok(json_response(
-        json!({"message": format!("Shrinking '{name}' worker's pool by {n}")}),
+        json!({"message": format!("{gerund} '{name}' worker's pool by {n}")}),
     ))
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{artifacts_dir, repo_root, run_with_timeout, unique};
+use crate::{artifacts_dir, prepared_dir, repo_root, run_with_timeout, unique};
 
 /// The chart directory.
 pub fn chart_dir() -> PathBuf {
@@ -34,21 +34,7 @@ pub fn ci_values_files() -> Vec<PathBuf> {
 /// The chart tool directory (`scripts/chart-peers.sh`: Helm's venv, the npm CRD models), made once.
 fn tools() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(repo_root().join("scripts/chart-peers.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running scripts/chart-peers.sh");
-        assert!(out.status.success(), "scripts/chart-peers.sh failed");
-        PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .trim(),
-        )
-    })
+    DIR.get_or_init(|| prepared_dir("chart-peers.sh"))
 }
 
 fn helm(args: &[&str]) -> Result<String> {

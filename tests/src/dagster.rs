@@ -70,6 +70,17 @@ pub struct StepEvent {
 }
 
 impl RunSummary {
+    /// The run succeeded and `step` started exactly once and succeeded once.
+    pub fn assert_succeeded_running_once(&self, step: &str, context: &str) {
+        assert_eq!(self.status, "SUCCESS", "{context}: {self:#?}");
+        assert_eq!(
+            self.count("STEP_START", step),
+            1,
+            "{context}: {step} ran exactly once: {self:#?}"
+        );
+        assert_eq!(self.count("STEP_SUCCESS", step), 1, "{context}: {self:#?}");
+    }
+
     /// Step keys that have an event of `event_type`.
     pub fn steps_with(&self, event_type: &str) -> Vec<String> {
         let mut keys: Vec<String> = self

@@ -46,25 +46,29 @@ pub fn ensure_services() {
     });
 }
 
-/// The project virtualenv's python, created on first use.
-pub fn python() -> PathBuf {
-    static VENV: OnceLock<PathBuf> = OnceLock::new();
-    VENV.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(repo_root().join("scripts/python-peers.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running scripts/python-peers.sh");
-        assert!(out.status.success(), "scripts/python-peers.sh failed");
-        let venv = String::from_utf8_lossy(&out.stdout)
-            .trim()
+/// Runs a preparation script (`scripts/<name>`) that prints the directory it prepared last;
+/// panics with the script's name when it fails (a missing peer fails the test, never skips it).
+pub fn prepared_dir(script: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts").join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/{script}: {e}"));
+    assert!(out.status.success(), "scripts/{script} failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
             .lines()
             .last()
             .unwrap_or_default()
-            .to_string();
-        PathBuf::from(venv).join("bin").join("python")
-    })
-    .clone()
+            .trim(),
+    )
+}
+
+/// The project virtualenv's python, created on first use.
+pub fn python() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| prepared_dir("python-peers.sh").join("bin").join("python"))
+        .clone()
 }
 
 /// The venv's `bin` directory (for `dagster`, `celery` on PATH).

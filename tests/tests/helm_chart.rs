@@ -298,49 +298,34 @@ const APPLY_ORDER: &[&str] = &[
     "Deployment",
 ];
 
+async fn create<K>(client: &kube::Client, ns: &str, object: Value) -> Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &serde_json::from_value(object)?)
+        .await?;
+    Ok(())
+}
+
 async fn apply(client: &kube::Client, ns: &str, r: &Rendered) -> Result<()> {
-    let pp = PostParams::default();
     let o = r.object.clone();
-    let what = format!("{} {}", r.kind(), r.name());
     match r.kind() {
-        "ServiceAccount" => {
-            Api::<ServiceAccount>::namespaced(client.clone(), ns)
-                .create(&pp, &serde_json::from_value(o)?)
-                .await?;
-        }
-        "Secret" => {
-            Api::<Secret>::namespaced(client.clone(), ns)
-                .create(&pp, &serde_json::from_value(o)?)
-                .await?;
-        }
-        "ConfigMap" => {
-            Api::<ConfigMap>::namespaced(client.clone(), ns)
-                .create(&pp, &serde_json::from_value(o)?)
-                .await?;
-        }
-        "Role" => {
-            Api::<Role>::namespaced(client.clone(), ns)
-                .create(&pp, &serde_json::from_value(o)?)
-                .await?;
-        }
-        "RoleBinding" => {
-            Api::<RoleBinding>::namespaced(client.clone(), ns)
-                .create(&pp, &serde_json::from_value(o)?)
-                .await?;
-        }
-        "Service" => {
-            Api::<Service>::namespaced(client.clone(), ns)
-                .create(&pp, &serde_json::from_value(o)?)
-                .await?;
-        }
-        "Deployment" => {
-            Api::<Deployment>::namespaced(client.clone(), ns)
-                .create(&pp, &serde_json::from_value(o)?)
-                .await?;
-        }
+        "ServiceAccount" => create::<ServiceAccount>(client, ns, o).await?,
+        "Secret" => create::<Secret>(client, ns, o).await?,
+        "ConfigMap" => create::<ConfigMap>(client, ns, o).await?,
+        "Role" => create::<Role>(client, ns, o).await?,
+        "RoleBinding" => create::<RoleBinding>(client, ns, o).await?,
+        "Service" => create::<Service>(client, ns, o).await?,
+        "Deployment" => create::<Deployment>(client, ns, o).await?,
         other => bail!("not applied: {other}"),
     }
-    eprintln!("applied {what}");
+    eprintln!("applied {} {}", r.kind(), r.name());
     Ok(())
 }
 
@@ -567,16 +552,7 @@ grafanaDashboards: {{enabled: true}}
         let drained = scaled.elapsed();
         Ok((run.join().expect("run thread")?, drained))
     })?;
-    assert_eq!(
-        summary.status, "SUCCESS",
-        "the run survives the scale-in: {summary:?}"
-    );
-    assert_eq!(
-        summary.count("STEP_START", "sleepy_op"),
-        1,
-        "the step ran once"
-    );
-    assert_eq!(summary.count("STEP_SUCCESS", "sleepy_op"), 1);
+    summary.assert_succeeded_running_once("sleepy_op", "the run survives the scale-in");
     assert!(
         drained < Duration::from_secs(60),
         "the pod ended by draining, not by the grace period's SIGKILL ({drained:?})"

@@ -49,16 +49,7 @@ fn crash_and_adopt(broker: &str, backend: &str, extra: &[&str]) -> Result<()> {
         let summary = run.join().expect("run thread")?;
         second.terminate(Duration::from_secs(60))?;
         let log = second.log_text();
-        assert_eq!(
-            summary.status, "SUCCESS",
-            "{summary:#?}\nsecond worker:\n{log}"
-        );
-        assert_eq!(
-            summary.count("STEP_START", "sleepy_op"),
-            1,
-            "the step ran exactly once: {summary:#?}"
-        );
-        assert_eq!(summary.count("STEP_SUCCESS", "sleepy_op"), 1);
+        summary.assert_succeeded_running_once("sleepy_op", &format!("second worker:\n{log}"));
         assert!(
             log.contains("adopting it"),
             "the restarted worker adopted the Job:\n{log}"
