@@ -17,6 +17,7 @@ mod env;
 mod logs;
 mod node;
 mod pods;
+mod probes;
 mod volumes;
 
 use std::path::PathBuf;

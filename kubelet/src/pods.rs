@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::env::resolve;
 use crate::logs::LogFile;
 use crate::node::now;
+use crate::probes::{self, ProbeEvent};
 use crate::volumes;
 use crate::Node;
 
@@ -371,6 +372,16 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
         .map(|(c, env)| start(&node, &pod, c, env, &volumes, &dir, kubeconfig.as_deref()))
         .collect();
     let mut reports: Vec<ContainerReport> = procs.iter().map(Proc::report_running).collect();
+    // Probes: a container with a readiness probe starts not ready.
+    let probe_stop = stop.child_token();
+    let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel(16);
+    let pids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
+    for (i, c) in spec.containers.iter().enumerate() {
+        if procs[i].child.is_some() && probes::start(i, c, probe_tx.clone(), probe_stop.clone()) {
+            reports[i].ready = false;
+        }
+    }
+    drop(probe_tx);
     report(
         &api,
         &pod_name,
@@ -387,7 +398,31 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
         waits.spawn(async move { (i, p.wait(&stop, g).await) });
     }
     let mut failed = false;
-    while let Some(joined) = waits.join_next().await {
+    loop {
+        let joined = tokio::select! {
+            joined = waits.join_next() => match joined {
+                Some(j) => j,
+                None => break,
+            },
+            Some(event) = probe_rx.recv() => {
+                match event {
+                    ProbeEvent::Ready(i, ready) => {
+                        if reports[i].state.get("running").is_some() && reports[i].ready != ready {
+                            tracing::info!(namespace = %ns, pod = %pod_name, container = i, ready, "readiness changed");
+                            reports[i].ready = ready;
+                            report(&api, &pod_name, "Running", &reports, json!({})).await;
+                        }
+                    }
+                    ProbeEvent::Unhealthy(i) => {
+                        tracing::warn!(namespace = %ns, pod = %pod_name, container = i, "liveness probe failed; killing the container");
+                        if pids[i] > 0 {
+                            let _ = killpg(Pid::from_raw(pids[i]), Signal::SIGKILL);
+                        }
+                    }
+                }
+                continue;
+            }
+        };
         let Ok((i, end)) = joined else {
             failed = true;
             continue;
@@ -402,6 +437,7 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
             }
         }
     }
+    probe_stop.cancel();
     let final_phase = if failed { "Failed" } else { "Succeeded" };
     tracing::info!(namespace = %ns, pod = %pod_name, phase = final_phase, "pod finished");
     report(&api, &pod_name, final_phase, &reports, json!({})).await;

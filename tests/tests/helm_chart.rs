@@ -395,18 +395,39 @@ grafanaDashboards: {{enabled: true}}
             })
             .collect()
     };
-    let worker_ready = format!("http://127.0.0.1:{worker_port}/readyz");
+    // Ready comes from the chart's readiness probes (the kubelet's GET /readyz and /healthcheck):
+    // the Deployments count their replicas ready only then.
+    let ready_replicas = |component: &str| -> Result<i32> {
+        let deployments = block_on(
+            Api::<Deployment>::namespaced(client.clone(), &ns.name).list(&Default::default()),
+        )?;
+        Ok(deployments
+            .items
+            .iter()
+            .filter(|d| {
+                d.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("app.kubernetes.io/component"))
+                    == Some(&component.to_string())
+            })
+            .filter_map(|d| d.status.as_ref().and_then(|s| s.ready_replicas))
+            .sum())
+    };
     wait_for(
-        "the worker pod runs and consumes",
+        "the worker Deployment has a ready replica (readiness probe on /readyz)",
         Duration::from_secs(120),
-        || Ok(pods_of("worker").iter().any(pod_running) && http_get(&worker_ready)?.0 == 200),
+        || Ok(ready_replicas("worker")? == 1),
     )
     .with_context(|| format!("pods: {:?}", pod_summary(&ns.pods())))?;
+    let worker_ready = format!("http://127.0.0.1:{worker_port}/readyz");
+    assert_eq!(http_get(&worker_ready)?.0, 200, "ready means consuming");
     let flower = format!("http://127.0.0.1:{flower_port}");
-    wait_for("flower-compat answers", Duration::from_secs(60), || {
-        Ok(pods_of("flower").iter().any(pod_running)
-            && http_get(&format!("{flower}/healthcheck"))?.0 == 200)
-    })?;
+    wait_for(
+        "the flower-compat Deployment has a ready replica (probe on /healthcheck)",
+        Duration::from_secs(60),
+        || Ok(ready_replicas("flower")? == 1),
+    )?;
 
     // A real Dagster run, steps as Jobs created with the worker pod's own service account.
     let home = DagsterHome::create_k8s_incluster(
