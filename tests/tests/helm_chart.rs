@@ -343,7 +343,27 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> Result<boo
 }
 
 #[test]
-fn the_chart_deploys_a_worker_that_runs_a_dagster_run_with_only_its_rbac() -> Result<()> {
+fn the_chart_deploys_a_worker_that_runs_a_dagster_run_with_only_its_rbac_on_rabbitmq() -> Result<()>
+{
+    deploy_and_run(
+        "rabbitmq: {enabled: true, host: 127.0.0.1, rabbitmq: {username: guest, password: guest}, service: {port: 5672}}",
+        "amqp://guest:guest@127.0.0.1:5672//",
+        "rpc://",
+    )
+}
+
+#[test]
+fn the_chart_deploys_a_worker_that_runs_a_dagster_run_with_only_its_rbac_on_redis() -> Result<()> {
+    deploy_and_run(
+        "rabbitmq: {enabled: false}\nredis: {enabled: true, host: 127.0.0.1, port: 6379, brokerDbNumber: 9, backendDbNumber: 9}",
+        "redis://127.0.0.1:6379/9",
+        "redis://127.0.0.1:6379/9",
+    )
+}
+
+/// Installs the chart's objects with `broker_values` into a fresh namespace and runs Dagster jobs
+/// through the worker it deploys (the run coordinator publishing to `broker` / reading `backend`).
+fn deploy_and_run(broker_values: &str, broker: &str, backend: &str) -> Result<()> {
     ensure_services();
     let cluster = cluster();
     let ns = TestNamespace::bare()?;
@@ -353,7 +373,7 @@ fn the_chart_deploys_a_worker_that_runs_a_dagster_run_with_only_its_rbac() -> Re
     let values = format!(
         r#"
 image: {{repository: celeriac/celeriac, tag: test, pullPolicy: IfNotPresent}}
-rabbitmq: {{enabled: true, host: 127.0.0.1, rabbitmq: {{username: guest, password: guest}}, service: {{port: 5672}}}}
+{broker_values}
 generatePostgresqlPasswordSecret: true
 postgresqlPassword: unused-with-trust-auth
 workerQueues:
@@ -430,11 +450,7 @@ grafanaDashboards: {{enabled: true}}
     )?;
 
     // A real Dagster run, steps as Jobs created with the worker pod's own service account.
-    let home = DagsterHome::create_k8s_incluster(
-        "amqp://guest:guest@127.0.0.1:5672//",
-        "rpc://",
-        &ns.name,
-    )?;
+    let home = DagsterHome::create_k8s_incluster(broker, backend, &ns.name)?;
     let run = home.run_job(
         "diamond",
         Duration::from_secs(420),
