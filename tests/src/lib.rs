@@ -388,51 +388,80 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
-/// A plain HTTP/1.1 GET on loopback (`http://host:port/path`): `(status, body)`.
-pub fn http_get(url: &str) -> Result<(u16, String)> {
+/// One HTTP/1.1 request (`http://host:port/path`), optionally with a JSON body and basic-auth
+/// credentials (`user:password`): `(status, body)`, chunked bodies decoded.
+pub fn http(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    basic_auth: Option<&str>,
+) -> Result<(u16, String)> {
+    use base64::Engine;
     use std::io::{Read, Write};
     let rest = url
         .strip_prefix("http://")
         .with_context(|| format!("not an http:// URL: {url}"))?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s =
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut stream =
         std::net::TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(a) = basic_auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(a.as_bytes());
+        req.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes())?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("no HTTP header end from {url}"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut payload = raw[split + 4..].to_vec();
+    let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("no HTTP status from {url}"))?;
-    let body = if head
+    if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
+        payload = dechunk(&payload).with_context(|| format!("bad chunked body from {url}"))?;
+    }
+    Ok((status, String::from_utf8_lossy(&payload).into_owned()))
 }
 
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
+/// A GET: `(status, body)`.
+pub fn http_get(url: &str) -> Result<(u16, String)> {
+    http("GET", url, None, None)
+}
+
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16)?;
+        if size == 0 {
             break;
         }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
+        let chunk = rest
+            .get(nl + 2..nl + 2 + size)
+            .context("chunk shorter than its size")?;
+        out.extend_from_slice(chunk);
+        rest = rest.get(nl + 2 + size + 2..).unwrap_or_default();
     }
-    out
+    Ok(out)
 }

@@ -4,8 +4,7 @@
 //! read-only mode; the dashboard driven by Debian's Chromium over the DevTools protocol.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,64 +37,8 @@ impl Reply {
 }
 
 fn http(method: &str, url: &str, body: Option<&str>, auth: Option<&str>) -> Result<Reply> {
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (host, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let mut stream = TcpStream::connect(host)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let body = body.unwrap_or("");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    if let Some(a) = auth {
-        use base64_lite::encode;
-        req.push_str(&format!(
-            "Authorization: Basic {}\r\n",
-            encode(a.as_bytes())
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    stream.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no header end")?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut payload = raw[split + 4..].to_vec();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = Vec::new();
-        let mut rest = &payload[..];
-        while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
-            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16)?;
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
-            rest = &rest[nl + 2 + size + 2..];
-        }
-        payload = out;
-    }
-    Ok(Reply {
-        status,
-        body: String::from_utf8_lossy(&payload).to_string(),
-    })
+    let (status, body) = celeriac_tests::http(method, url, body, auth)?;
+    Ok(Reply { status, body })
 }
 
 fn get(url: &str) -> Result<Reply> {
@@ -104,37 +47,6 @@ fn get(url: &str) -> Result<Reply> {
 
 fn post(url: &str, body: Option<&str>) -> Result<Reply> {
     http("POST", url, body, None)
-}
-
-/// Base64 for the Authorization header (standard alphabet, padded).
-mod base64_lite {
-    pub fn encode(input: &[u8]) -> String {
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in input.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(15555)
 }
 
 fn wait_until<T>(
@@ -281,7 +193,7 @@ impl FlowerCompat {
     }
 
     fn launch(args: Vec<String>, tag: String) -> Result<FlowerCompat> {
-        let port = free_port();
+        let port = celeriac_tests::free_port()?;
         let mut cmd = Command::new(celeriac_bin());
         cmd.arg("flower")
             .args(&args)
@@ -338,7 +250,7 @@ impl FlowerCompat {
 
 /// Real Flower 2.2 (`celery -A flower_tasks flower`), API open without auth as the test needs.
 fn real_flower(broker: &str, backend: &str) -> Result<(Proc, String)> {
-    let port = free_port();
+    let port = celeriac_tests::free_port()?;
     let mut cmd = Command::new(venv_bin().join("celery"));
     cmd.args([
         "-A",
@@ -1519,27 +1431,8 @@ fn libc_dup2(from: i32, to: i32) -> i32 {
 }
 
 fn base64_decode(s: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' | b'\n' | b'\r' => continue,
-            _ => bail!("bad base64"),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
+    use base64::Engine;
+    Ok(base64::engine::general_purpose::STANDARD.decode(s.trim())?)
 }
 
 #[test]

@@ -56,19 +56,7 @@ fn inspect_node(broker: &str, node: &str, cmd: &str) -> Result<Value> {
 }
 
 fn http(method: &str, url: &str) -> Result<(u16, String)> {
-    let code = r#"
-import sys, urllib.request, urllib.error
-method = sys.argv[2]
-req = urllib.request.Request(sys.argv[1], data=b"" if method == "POST" else None, method=method)
-try:
-    with urllib.request.urlopen(req, timeout=10) as r:
-        print(r.status); sys.stdout.write(r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code); sys.stdout.write(e.read().decode())
-"#;
-    let out = run_python(&["-c", code, url, method], &[], Duration::from_secs(30))?;
-    let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
-    Ok((status.trim().parse()?, body.to_string()))
+    celeriac_tests::http(method, url, None, None)
 }
 
 fn http_get(url: &str) -> Result<(u16, String)> {
@@ -77,13 +65,6 @@ fn http_get(url: &str) -> Result<(u16, String)> {
 
 fn http_post(url: &str) -> Result<(u16, String)> {
     http("POST", url)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(15555)
 }
 
 struct Background(Child);
@@ -249,7 +230,7 @@ fn events_flower_metrics(broker: &str, backend: &str) -> Result<()> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    let port = free_port();
+    let port = celeriac_tests::free_port()?;
     let flower = Background(
         Command::new(venv_bin().join("celery"))
             .args([
