@@ -332,18 +332,14 @@ async fn add_consumer(
     Path(name): Path<String>,
     Query(q): Params,
 ) -> ApiResult {
-    guard_read_only(&shared)?;
-    guard_worker(&shared, &name)?;
-    let queue = required(&q, "queue")?.to_string();
-    let ok = control(
+    consumer(
         &shared,
         &name,
+        &q,
         "add_consumer",
-        json!({"queue": queue}),
-        |r| format!("Failed to add '{queue}' consumer to '{name}' worker: {r}"),
+        "add '{queue}' consumer to",
     )
-    .await?;
-    Ok(json_response(json!({"message": ok})))
+    .await
 }
 
 async fn cancel_consumer(
@@ -351,16 +347,32 @@ async fn cancel_consumer(
     Path(name): Path<String>,
     Query(q): Params,
 ) -> ApiResult {
-    guard_read_only(&shared)?;
-    guard_worker(&shared, &name)?;
-    let queue = required(&q, "queue")?.to_string();
-    let ok = control(
+    consumer(
         &shared,
         &name,
+        &q,
         "cancel_consumer",
-        json!({"queue": queue}),
-        |r| format!("Failed to cancel '{queue}' consumer from '{name}' worker: {r}"),
+        "cancel '{queue}' consumer from",
     )
+    .await
+}
+
+/// `add_consumer` / `cancel_consumer` for `?queue=`; `what` is Flower's failure wording with a
+/// `{queue}` placeholder.
+async fn consumer(
+    shared: &Arc<Shared>,
+    name: &str,
+    q: &HashMap<String, String>,
+    method: &str,
+    what: &str,
+) -> ApiResult {
+    guard_read_only(shared)?;
+    guard_worker(shared, name)?;
+    let queue = required(q, "queue")?.to_string();
+    let what = what.replace("{queue}", &queue);
+    let ok = control(shared, name, method, json!({"queue": queue}), |r| {
+        format!("Failed to {what} '{name}' worker: {r}")
+    })
     .await?;
     Ok(json_response(json!({"message": ok})))
 }

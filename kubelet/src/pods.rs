@@ -212,6 +212,22 @@ async fn report(
     }
 }
 
+/// Reports the pod Pending with every container waiting for `reason`.
+async fn report_waiting(
+    api: &Api<Pod>,
+    pod: &str,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    reason: &str,
+    message: &str,
+) {
+    let waiting: Vec<_> = spec
+        .containers
+        .iter()
+        .map(|c| ContainerReport::waiting(c, reason, message))
+        .collect();
+    report(api, pod, "Pending", &waiting, json!({})).await;
+}
+
 /// An image on the reserved `.invalid` TLD (RFC 2606) cannot be pulled.
 fn unpullable(image: &str) -> bool {
     image
@@ -248,23 +264,13 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
         let msg = format!(
             "rpc error: code = Unknown desc = failed to resolve image \"{image}\": no such host"
         );
-        let waiting: Vec<_> = spec
-            .containers
-            .iter()
-            .map(|c| ContainerReport::waiting(c, "ErrImagePull", &msg))
-            .collect();
-        report(&api, &pod_name, "Pending", &waiting, json!({})).await;
+        report_waiting(&api, &pod_name, &spec, "ErrImagePull", &msg).await;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.cancelled() => { finalize(&node, &pod).await; return; }
         }
         let msg = format!("Back-off pulling image \"{image}\"");
-        let waiting: Vec<_> = spec
-            .containers
-            .iter()
-            .map(|c| ContainerReport::waiting(c, "ImagePullBackOff", &msg))
-            .collect();
-        report(&api, &pod_name, "Pending", &waiting, json!({})).await;
+        report_waiting(&api, &pod_name, &spec, "ImagePullBackOff", &msg).await;
         stop.cancelled().await;
         finalize(&node, &pod).await;
         return;
@@ -307,12 +313,7 @@ async fn run_pod(node: Arc<Node>, pod: Pod, stop: CancellationToken) {
         match failed {
             None => break (volumes, all),
             Some(msg) => {
-                let waiting: Vec<_> = spec
-                    .containers
-                    .iter()
-                    .map(|c| ContainerReport::waiting(c, "CreateContainerConfigError", &msg))
-                    .collect();
-                report(&api, &pod_name, "Pending", &waiting, json!({})).await;
+                report_waiting(&api, &pod_name, &spec, "CreateContainerConfigError", &msg).await;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     _ = stop.cancelled() => { finalize(&node, &pod).await; return; }
