@@ -25,7 +25,7 @@ use celeriac_tests::{ensure_services, free_port, http_get, unique};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::Value;
 
@@ -270,6 +270,10 @@ fn the_schema_rejects_bad_values_with_a_clear_message() -> Result<()> {
             "/flower/historyBackend",
         ),
         ("workerQueue: [{name: q}]", "workerQueue"),
+        (
+            "apiVersionOverrides: {podDisruptionBudget: policy/v2}",
+            "/apiVersionOverrides/podDisruptionBudget",
+        ),
         // Not a schema matter, but a clear failure all the same.
         ("rabbitmq: {enabled: false}", "needs a broker"),
         (
@@ -296,6 +300,8 @@ const APPLY_ORDER: &[&str] = &[
     "RoleBinding",
     "Service",
     "Deployment",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
 ];
 
 async fn create<K>(client: &kube::Client, ns: &str, object: Value) -> Result<()>
@@ -323,6 +329,18 @@ async fn apply(client: &kube::Client, ns: &str, r: &Rendered) -> Result<()> {
         "RoleBinding" => create::<RoleBinding>(client, ns, o).await?,
         "Service" => create::<Service>(client, ns, o).await?,
         "Deployment" => create::<Deployment>(client, ns, o).await?,
+        // The 1.20 forms (policy/v1beta1, autoscaling/v2beta2), which k8s-openapi 0.29 no longer
+        // models: created as dynamic objects, validated by the 1.20 API server itself.
+        "PodDisruptionBudget" | "HorizontalPodAutoscaler" => {
+            let (group, version) = r
+                .api_version()
+                .split_once('/')
+                .unwrap_or(("", r.api_version()));
+            let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, r.kind()));
+            Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource)
+                .create(&PostParams::default(), &serde_json::from_value(o)?)
+                .await?;
+        }
         other => bail!("not applied: {other}"),
     }
     eprintln!("applied {} {}", r.kind(), r.name());
@@ -349,6 +367,7 @@ fn the_chart_deploys_a_worker_that_runs_a_dagster_run_with_only_its_rbac_on_rabb
         "rabbitmq: {enabled: true, host: 127.0.0.1, rabbitmq: {username: guest, password: guest}, service: {port: 5672}}",
         "amqp://guest:guest@127.0.0.1:5672//",
         "rpc://",
+        "autoscaling: {enabled: true, keda: {enabled: true}}",
     )
 }
 
@@ -358,12 +377,19 @@ fn the_chart_deploys_a_worker_that_runs_a_dagster_run_with_only_its_rbac_on_redi
         "rabbitmq: {enabled: false}\nredis: {enabled: true, host: 127.0.0.1, port: 6379, brokerDbNumber: 9, backendDbNumber: 9}",
         "redis://127.0.0.1:6379/9",
         "redis://127.0.0.1:6379/9",
+        "autoscaling: {enabled: true}",
     )
 }
 
-/// Installs the chart's objects with `broker_values` into a fresh namespace and runs Dagster jobs
-/// through the worker it deploys (the run coordinator publishing to `broker` / reading `backend`).
-fn deploy_and_run(broker_values: &str, broker: &str, backend: &str) -> Result<()> {
+/// Installs the chart's objects with `broker_values` and `autoscaling` (KEDA or HPA) into a fresh
+/// namespace, with the PDB/HPA in their 1.20 API versions, and runs Dagster jobs through the worker
+/// it deploys (the run coordinator publishing to `broker` / reading `backend`).
+fn deploy_and_run(
+    broker_values: &str,
+    broker: &str,
+    backend: &str,
+    autoscaling: &str,
+) -> Result<()> {
     ensure_services();
     let cluster = cluster();
     let ns = TestNamespace::bare()?;
@@ -382,13 +408,23 @@ metrics: {{port: {worker_port}}}
 logFormat: text
 terminationGracePeriodSeconds: 60
 flower: {{enabled: true, port: {flower_port}}}
-autoscaling: {{enabled: true, keda: {{enabled: true}}}}
+{autoscaling}
+apiVersionOverrides: {{podDisruptionBudget: policy/v1beta1, horizontalPodAutoscaler: autoscaling/v2beta2}}
 serviceMonitor: {{enabled: true}}
 prometheusRule: {{enabled: true}}
 grafanaDashboards: {{enabled: true}}
 "#
     );
     let rendered = render(&values, &release, &ns.name)?;
+    let versions: BTreeSet<(String, String)> = rendered
+        .iter()
+        .filter(|r| matches!(r.kind(), "PodDisruptionBudget" | "HorizontalPodAutoscaler"))
+        .map(|r| (r.kind().to_string(), r.api_version().to_string()))
+        .collect();
+    assert!(
+        versions.contains(&("PodDisruptionBudget".into(), "policy/v1beta1".into())),
+        "the 1.20 PDB is applied: {versions:?}"
+    );
     let client = ns.client();
     block_on(async {
         for kind in APPLY_ORDER {

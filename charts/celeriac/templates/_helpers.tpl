@@ -96,9 +96,11 @@ execution:
 
 {{/* PDB / HPA API versions: the stable ones where the cluster serves them (1.21+ / 1.23+). */}}
 {{- define "celeriac.pdb.apiVersion" -}}
-{{- if .Capabilities.APIVersions.Has "policy/v1" -}}policy/v1{{- else -}}policy/v1beta1{{- end -}}
+{{- if .Values.apiVersionOverrides.podDisruptionBudget -}}{{ .Values.apiVersionOverrides.podDisruptionBudget }}
+{{- else if .Capabilities.APIVersions.Has "policy/v1" -}}policy/v1{{- else -}}policy/v1beta1{{- end -}}
 {{- end -}}
 
 {{- define "celeriac.hpa.apiVersion" -}}
-{{- if .Capabilities.APIVersions.Has "autoscaling/v2" -}}autoscaling/v2{{- else -}}autoscaling/v2beta2{{- end -}}
+{{- if .Values.apiVersionOverrides.horizontalPodAutoscaler -}}{{ .Values.apiVersionOverrides.horizontalPodAutoscaler }}
+{{- else if .Capabilities.APIVersions.Has "autoscaling/v2" -}}autoscaling/v2{{- else -}}autoscaling/v2beta2{{- end -}}
 {{- end -}}
