@@ -80,24 +80,25 @@ fn arg_bool(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
 }
 
 fn arg_int(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
-    match q.get(name).map(|s| s.trim()) {
-        None => Ok(None),
-        Some(v) => v.parse().map(Some).map_err(|_| {
-            err(
-                StatusCode::BAD_REQUEST,
-                format!("Invalid argument '{v}' of type 'int'"),
-            )
-        }),
-    }
+    arg_parsed(q, name, "int")
 }
 
 fn arg_float(q: &HashMap<String, String>, name: &str) -> Result<Option<f64>, ApiError> {
+    arg_parsed(q, name, "float")
+}
+
+/// A numeric query argument, refused with Flower's message when it does not parse.
+fn arg_parsed<T: std::str::FromStr>(
+    q: &HashMap<String, String>,
+    name: &str,
+    type_name: &str,
+) -> Result<Option<T>, ApiError> {
     match q.get(name).map(|s| s.trim()) {
         None => Ok(None),
         Some(v) => v.parse().map(Some).map_err(|_| {
             err(
                 StatusCode::BAD_REQUEST,
-                format!("Invalid argument '{v}' of type 'float'"),
+                format!("Invalid argument '{v}' of type '{type_name}'"),
             )
         }),
     }
