@@ -212,20 +212,13 @@ impl TestNamespace {
 
     /// A namespace for worker identity `n`, with or without the Role binding.
     pub fn create_for(n: u8, grant: bool) -> Result<TestNamespace> {
-        let cluster = cluster();
-        let client = cluster.client();
-        let name = crate::unique("ct").replace('_', "-");
-        let user = format!("celeriac-worker-{n}");
+        let mut ns = Self::bare()?;
+        ns.user = format!("celeriac-worker-{n}");
+        ns.kubeconfig = cluster().worker_kubeconfig(n);
+        let (client, name, user) = (&ns.client, &ns.name, &ns.user);
         block_on(async {
             let pp = PostParams::default();
-            Api::<NamespaceObject>::all(client.clone())
-                .create(
-                    &pp,
-                    &serde_json::from_value(json!({"metadata": {"name": name}}))?,
-                )
-                .await
-                .context("creating the namespace")?;
-            Api::<Secret>::namespaced(client.clone(), &name)
+            Api::<Secret>::namespaced(client.clone(), name)
                 .create(
                     &pp,
                     &serde_json::from_value(json!({
@@ -236,12 +229,12 @@ impl TestNamespace {
                 .await
                 .context("creating the Postgres secret")?;
             if grant {
-                let role = celeriac_worker::kubernetes::access::role("celeriac-worker", &name);
-                Api::<Role>::namespaced(client.clone(), &name)
+                let role = celeriac_worker::kubernetes::access::role("celeriac-worker", name);
+                Api::<Role>::namespaced(client.clone(), name)
                     .create(&pp, &serde_json::from_value(role)?)
                     .await
                     .context("creating the Role")?;
-                Api::<RoleBinding>::namespaced(client.clone(), &name)
+                Api::<RoleBinding>::namespaced(client.clone(), name)
                     .create(
                         &pp,
                         &serde_json::from_value(json!({
@@ -255,12 +248,7 @@ impl TestNamespace {
             }
             anyhow::Ok(())
         })?;
-        Ok(TestNamespace {
-            kubeconfig: cluster.worker_kubeconfig(n),
-            name,
-            user,
-            client,
-        })
+        Ok(ns)
     }
 
     /// An admin client.

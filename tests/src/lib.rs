@@ -381,6 +381,28 @@ pub fn received_ids(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// Polls `f` every 200 ms until it yields a value; fails after `timeout` naming `what` and the
+/// last error `f` returned.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    let mut last_err = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = format!("{e:#}"),
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what} {last_err}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A TCP port free on 127.0.0.1 right now.
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use celeriac_tests::{
     artifacts_dir, broker_backlog, celeriac_bin, ensure_services, peer, run_python, tail, unique,
-    venv_bin, WorkerProcess,
+    venv_bin, wait_until, WorkerProcess,
 };
 use serde_json::{json, Value};
 
@@ -47,26 +47,6 @@ fn get(url: &str) -> Result<Reply> {
 
 fn post(url: &str, body: Option<&str>) -> Result<Reply> {
     http("POST", url, body, None)
-}
-
-fn wait_until<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let start = Instant::now();
-    let mut last_err = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = format!("{e:#}"),
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what} {last_err}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 // ------------------------------------------------------------------------------------------------

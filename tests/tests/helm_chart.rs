@@ -21,10 +21,11 @@ use celeriac_tests::chart::{
 };
 use celeriac_tests::dagster::DagsterHome;
 use celeriac_tests::k8s::{audit_requests, block_on, cluster, pod_running, TestNamespace};
-use celeriac_tests::{ensure_services, free_port, http_get, unique};
+use celeriac_tests::{ensure_services, free_port, http_get, unique, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::Value;
@@ -347,17 +348,14 @@ async fn apply(client: &kube::Client, ns: &str, r: &Rendered) -> Result<()> {
     Ok(())
 }
 
+/// Polls `ready` until it holds (see [`wait_until`]).
 fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        if ready().unwrap_or(false) {
-            return Ok(());
-        }
-        if start.elapsed() > timeout {
-            bail!("{what}: not within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_until(what, timeout, || Ok(ready()?.then_some(())))
+}
+
+/// The value of an object's label.
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
 }
 
 #[test]
@@ -442,13 +440,7 @@ grafanaDashboards: {{enabled: true}}
     let pods_of = |component: &str| -> Vec<Pod> {
         ns.pods()
             .into_iter()
-            .filter(|p| {
-                p.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("app.kubernetes.io/component"))
-                    .is_some_and(|c| c == component)
-            })
+            .filter(|p| label(&p.metadata, "app.kubernetes.io/component") == Some(component))
             .collect()
     };
     // Ready comes from the chart's readiness probes (the kubelet's GET /readyz and /healthcheck):
@@ -460,13 +452,7 @@ grafanaDashboards: {{enabled: true}}
         Ok(deployments
             .items
             .iter()
-            .filter(|d| {
-                d.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("app.kubernetes.io/component"))
-                    == Some(&component.to_string())
-            })
+            .filter(|d| label(&d.metadata, "app.kubernetes.io/component") == Some(component))
             .filter_map(|d| d.status.as_ref().and_then(|s| s.ready_replicas))
             .sum())
     };
@@ -571,15 +557,15 @@ grafanaDashboards: {{enabled: true}}
         })
         .map(|r| r.name().to_string())
         .context("worker Deployment")?;
+    let worker_present = || {
+        ns.pods()
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(worker_pod.as_str()))
+    };
     let step_running = || {
-        pods_of("step_worker").iter().any(|p| {
-            pod_running(p)
-                && p.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("dagster/op"))
-                    .is_some_and(|o| o == "sleepy_op")
-        })
+        pods_of("step_worker")
+            .iter()
+            .any(|p| pod_running(p) && label(&p.metadata, "dagster/op") == Some("sleepy_op"))
     };
     let (summary, drained) = std::thread::scope(|s| -> Result<_> {
         let run = s.spawn(|| {
@@ -604,23 +590,14 @@ grafanaDashboards: {{enabled: true}}
         let scaled = Instant::now();
         // While its step runs the worker is still there, draining.
         std::thread::sleep(Duration::from_secs(3));
-        let present = ns
-            .pods()
-            .iter()
-            .any(|p| p.metadata.name.as_deref() == Some(worker_pod.as_str()));
         assert!(
-            present || !step_running(),
+            worker_present() || !step_running(),
             "the worker pod ended while its step still ran"
         );
         wait_for(
             "the draining worker pod is gone",
             Duration::from_secs(90),
-            || {
-                Ok(!ns
-                    .pods()
-                    .iter()
-                    .any(|p| p.metadata.name.as_deref() == Some(worker_pod.as_str())))
-            },
+            || Ok(!worker_present()),
         )?;
         let drained = scaled.elapsed();
         Ok((run.join().expect("run thread")?, drained))

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use celeriac_tests::dagster::DagsterHome;
 use celeriac_tests::{
-    artifacts_dir, celeriac_bin, ensure_services, run_python, unique, venv_bin, WorkerProcess,
+    artifacts_dir, celeriac_bin, ensure_services, http_get, run_python, unique, venv_bin,
+    WorkerProcess,
 };
 use serde_json::Value;
 
@@ -55,16 +56,8 @@ fn inspect_node(broker: &str, node: &str, cmd: &str) -> Result<Value> {
     )
 }
 
-fn http(method: &str, url: &str) -> Result<(u16, String)> {
-    celeriac_tests::http(method, url, None, None)
-}
-
-fn http_get(url: &str) -> Result<(u16, String)> {
-    http("GET", url)
-}
-
 fn http_post(url: &str) -> Result<(u16, String)> {
-    http("POST", url)
+    celeriac_tests::http("POST", url, None, None)
 }
 
 struct Background(Child);
