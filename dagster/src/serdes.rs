@@ -80,16 +80,16 @@ pub fn parse_zlib(bytes: &[u8]) -> Result<Value, SerdesError> {
 
 /// A serdes object (`{"__class__": ..., fields}`) being read, with the path it was found at so that
 /// every error names where it happened.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Obj<'a> {
     pub class: &'a str,
     fields: &'a Map<String, Value>,
-    path: &'a str,
+    path: String,
 }
 
 impl<'a> Obj<'a> {
     /// Reads `v` as an object of one of `classes` (storage names).
-    pub fn expect(v: &'a Value, classes: &[&str], path: &'a str) -> Result<Obj<'a>, SerdesError> {
+    pub fn expect(v: &'a Value, classes: &[&str], path: &str) -> Result<Obj<'a>, SerdesError> {
         let Value::Object(fields) = v else {
             return Err(shape(path, &classes.join(" or "), v));
         };
@@ -107,7 +107,7 @@ impl<'a> Obj<'a> {
         Ok(Obj {
             class,
             fields,
-            path,
+            path: path.to_string(),
         })
     }
 
