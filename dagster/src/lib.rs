@@ -5,4 +5,5 @@
 //!   engine that schedules a run's steps from it (`ActiveExecution`).
 
 pub mod plan;
+pub mod run;
 pub mod serdes;
