@@ -2,7 +2,7 @@
 //!
 //! Layers, bottom up: [`json`] (kombu's JSON dialect) → [`message`] (task messages, protocol v1/v2) and
 //! [`result`] (result documents) → [`broker`] (RabbitMQ, Redis) and [`backend`] (rpc://, redis://).
-//! [`url`] turns Celery/Dagster URLs into the right implementation.
+//! [`task`] builds task messages as a Celery client publishes them. [`url`] turns Celery/Dagster URLs into the right implementation.
 
 pub mod backend;
 pub mod broker;
@@ -11,4 +11,5 @@ pub mod json;
 pub mod message;
 pub mod pidbox;
 pub mod result;
+pub mod task;
 pub mod url;

@@ -383,6 +383,14 @@ impl Broker for AmqpBroker {
         .await
     }
 
+    async fn declare(&self, queue: &QueueSpec) -> Result<(), BrokerError> {
+        let name = short("queue name", &queue.name)?;
+        let (_conn, channel) = self.open_channel().await?;
+        let result = declare_task_queue(&channel, name, queue.clone()).await;
+        let _ = channel.close(200, ShortString::from("OK")).await;
+        result
+    }
+
     async fn queue_length(&self, queue: &str) -> Result<u64, BrokerError> {
         let name = short("queue name", queue)?;
         let (_conn, channel) = self.open_channel().await?;

@@ -189,6 +189,15 @@ pub trait Broker: Send + Sync {
         queue: &QueueSpec,
         prefetch: u16,
     ) -> Result<Box<dyn Consumer>, BrokerError>;
+    /// Declares a task queue as a Celery publisher does before sending to it (`task_create_missing_queues`):
+    /// on RabbitMQ a message for an undeclared queue would be dropped by the default exchange.
+    async fn declare(&self, queue: &QueueSpec) -> Result<(), BrokerError> {
+        let _ = queue;
+        Err(BrokerError::Refused {
+            operation: "declare".into(),
+            reason: format!("not supported by the {} transport", self.transport()),
+        })
+    }
     /// Publishes to `exchange` (`""` = default exchange: routing key names the queue).
     async fn publish(
         &self,

@@ -590,12 +590,9 @@ fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn consume(
-        &self,
-        queue: &QueueSpec,
-        _prefetch: u16,
-    ) -> Result<Box<dyn Consumer>, BrokerError> {
-        // Prefetch is exact on Redis: one BRPOP per `next()`, and the caller asks only with a free slot.
+    /// kombu's queue declaration: the binding `<q>␆␖␆␖<q>` in `_kombu.binding.<q>` (and, since kombu
+    /// 5.5, `_kombu.binding_permanent.<q>`).
+    async fn declare(&self, queue: &QueueSpec) -> Result<(), BrokerError> {
         let mut con = self.cmd();
         let sep = &self.inner.options.sep;
         let member = format!("{0}{sep}{sep}{0}", queue.name);
@@ -608,6 +605,16 @@ impl Broker for RedisBroker {
             .query_async(&mut con)
             .await
             .map_err(|e| lost(format!("SADD _kombu.binding.{}", queue.name), e))?;
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        queue: &QueueSpec,
+        _prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
+        // Prefetch is exact on Redis: one BRPOP per `next()`, and the caller asks only with a free slot.
+        self.declare(queue).await?;
         let blocking = self.dedicated().await?;
         self.ensure_sweeper().await;
         Ok(Box::new(RedisConsumer {
