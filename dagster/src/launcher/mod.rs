@@ -40,7 +40,7 @@ pub struct StepSpec {
     pub user_defined_k8s_config: Value,
     /// `per_step_k8s_config[step_key]` as sent (raw user config: camelCase allowed), `{}` if none.
     pub per_step_k8s_config: Value,
-    /// [`crate::dagster::k8s_config::merge_user_config`] of the two above, without snake_casing: exact
+    /// [`crate::k8s_config::merge_user_config`] of the two above, without snake_casing: exact
     /// for the keys whose spelling is the same in both cases (`env`, `name`, `value`, `image`…).
     pub merged_user_config: Value,
     pub load_incluster_config: bool,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{FailureClass, LaunchError, StepLauncher, StepRun, StepSpec};
-use crate::dagster::k8s_config::literal_container_env;
+use crate::k8s_config::literal_container_env;
 
 /// How long a cancelled step gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(10);

@@ -15,16 +15,17 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Task, TaskContext, TaskOutcome};
-use crate::dagster::command::{command_args, job_name};
-use crate::dagster::events::{
+use celeriac_worker::tasks::{Task, TaskContext, TaskOutcome};
+
+use super::args::StepTaskArgs;
+use super::command::{command_args, job_name};
+use crate::events::{
     engine_event, filter_events, step_failure, ErrorInfo, Event, Meta, StepRef, DELEGATE_MARKER,
 };
-use crate::dagster::instance::{Instance, InstanceError, Instances};
-use crate::dagster::k8s_config::merge_user_config;
-use crate::dagster::metrics::{StepMetrics, StepOutcome};
-use crate::dagster::step_args::StepTaskArgs;
+use crate::instance::{Instance, InstanceError, Instances};
+use crate::k8s_config::merge_user_config;
 use crate::launcher::{LaunchError, StepLauncher, StepRun, StepSpec};
+use crate::metrics::{StepMetrics, StepOutcome};
 
 /// The registered task name.
 pub const TASK_NAME: &str = "execute_step_k8s_job";
@@ -65,6 +66,8 @@ impl ExecuteStepK8sJob {
     }
 }
 
+/// A `FAILURE` result in the shape Python stores. The traceback names the task's original source path
+/// (`celeriac/worker/src/tasks/step.rs`), kept so stored results stay byte-identical across releases.
 fn failure(exc_type: &str, module: &str, message: impl Into<String>) -> TaskOutcome {
     let message = message.into();
     let qualified = if module == "builtins" {

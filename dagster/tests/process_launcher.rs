@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use celeriac_worker::launcher::process::ProcessLauncher;
-use celeriac_worker::launcher::{LaunchError, StepLauncher, StepSpec};
+use celeriac_dagster::launcher::process::ProcessLauncher;
+use celeriac_dagster::launcher::{LaunchError, StepLauncher, StepSpec};
 use celeriac_worker::CancellationToken;
 use serde_json::json;
 
