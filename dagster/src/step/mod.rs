@@ -9,3 +9,4 @@
 pub mod args;
 pub mod command;
 pub mod task;
+pub mod workload;
