@@ -38,7 +38,7 @@ pub struct TaskContext {
     /// Worker node name (`celeriac-xxxx@host`), as Celery's `self.request.hostname`.
     pub hostname: String,
     /// Cancelled when the task is revoked with `terminate=True`. Tasks stop their work and clean up
-    /// (the step task deletes its Job / kills its process) and return [`TaskOutcome::Terminated`].
+    /// (Dagster's step task deletes its Job / kills its process) and return [`TaskOutcome::Terminated`].
     pub terminate: CancellationToken,
 }
 
