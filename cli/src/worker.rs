@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use celeriac_worker::config::{
-    AckPolicy, JobRetention, LauncherKind, RedisPriorityOrder, Settings,
-};
+use celeriac_dagster::config::{DagsterConfig, DagsterSettings, JobRetention, LauncherKind};
+use celeriac_worker::config::{AckPolicy, RedisPriorityOrder, Settings, WorkerConfig};
 use celeriac_worker::runtime::Worker;
 use clap::Args;
 
@@ -122,13 +121,18 @@ fn parse_order(s: &str) -> Result<RedisPriorityOrder, String> {
 }
 
 impl WorkerArgs {
-    /// Layers every configuration source (see `celeriac_worker::config`).
-    fn settings(&self) -> anyhow::Result<Settings> {
+    /// Layers every configuration source (see `celeriac_worker::config`) for the worker and for the
+    /// Dagster step task it serves (`celeriac_dagster::config`), each from the same sources.
+    fn settings(&self) -> anyhow::Result<(Settings, DagsterSettings)> {
         let mut settings = Settings::default();
+        let mut dagster = DagsterSettings::default();
         if let Some(y) = &self.dagster_celery_config {
             settings = settings.merge(Settings::from_dagster_celery_yaml(y)?);
+            dagster = dagster.merge(DagsterSettings::from_dagster_celery_yaml(y)?);
         }
-        settings = settings.merge(Settings::from_file_and_env(self.config.as_deref())?);
+        let file = self.config.as_deref();
+        settings = settings.merge(Settings::from_file_and_env(file)?);
+        dagster = dagster.merge(DagsterSettings::from_file_and_env(file)?);
         settings = settings.merge(Settings::from_dagster_env());
         let mut flags = Settings {
             broker_url: self.broker.clone(),
@@ -141,10 +145,8 @@ impl WorkerArgs {
             task_track_started: self.track_started.then_some(true),
             worker_send_task_events: self.task_events.then_some(true),
             shutdown_grace_seconds: self.shutdown_grace,
-            step_launcher: self.launcher,
             ..Default::default()
         };
-        flags.kubernetes.job_retention = self.job_retention;
         for (q, a) in &self.queue_ack {
             flags
                 .queue_ack
@@ -152,15 +154,24 @@ impl WorkerArgs {
         }
         flags.broker_transport_options.visibility_timeout = self.visibility_timeout;
         flags.broker_transport_options.priority_order = self.redis_priority_order;
-        Ok(settings.merge(flags))
+        let mut dagster_flags = DagsterSettings {
+            step_launcher: self.launcher,
+            ..Default::default()
+        };
+        dagster_flags.kubernetes.job_retention = self.job_retention;
+        Ok((settings.merge(flags), dagster.merge(dagster_flags)))
     }
 }
 
+/// Validates both sides' settings and fills their defaults.
+fn resolve(
+    (settings, dagster): (Settings, DagsterSettings),
+) -> anyhow::Result<(WorkerConfig, DagsterConfig)> {
+    Ok((settings.resolve()?, dagster.resolve()?))
+}
+
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let config = args
-        .settings()?
-        .resolve()
-        .context("invalid worker configuration")?;
+    let (config, dagster) = resolve(args.settings()?).context("invalid worker configuration")?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     // An unreachable broker or backend at start-up is retried (with a clear log line each time), like
@@ -184,7 +195,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             delay = (delay * 2).min(std::time::Duration::from_secs(30));
         }
     };
-    let registry = celeriac_worker::tasks::default_registry(&config).context("setting up tasks")?;
+    let registry = celeriac_dagster::app::registry(&dagster).context("setting up tasks")?;
     let worker = Worker::start(config, registry, broker, backend);
     let http_stop = celeriac_worker::CancellationToken::new();
     let http_addr = args
@@ -228,10 +239,9 @@ pub async fn status(config: Option<PathBuf>, timeout: f64) -> anyhow::Result<()>
         dagster_celery_config: config,
         ..Default::default()
     };
-    let config = args
-        .settings()?
-        .resolve()
-        .context("invalid configuration")?;
+    // The step task's settings are validated too, as `status` always has: a worker with this
+    // configuration would refuse to start.
+    let (config, _) = resolve(args.settings()?).context("invalid configuration")?;
     let broker = celeriac_worker::connect::broker(&config).await?;
     let replies = celeriac_wire::pidbox::client::call(
         broker.as_ref(),

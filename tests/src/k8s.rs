@@ -229,7 +229,7 @@ impl TestNamespace {
                 .await
                 .context("creating the Postgres secret")?;
             if grant {
-                let role = celeriac_worker::kubernetes::access::role("celeriac-worker", name);
+                let role = celeriac_dagster::kubernetes::access::role("celeriac-worker", name);
                 Api::<Role>::namespaced(client.clone(), name)
                     .create(&pp, &serde_json::from_value(role)?)
                     .await

@@ -171,7 +171,7 @@ fn check_promises(name: &str, rendered: &[Rendered]) -> Result<()> {
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     }
 
-    // RBAC: exactly the verbs the worker checks for (celeriac_worker::kubernetes::access::REQUIRED).
+    // RBAC: exactly the verbs the worker checks for (celeriac_dagster::kubernetes::access::REQUIRED).
     if let Some(role) = kinds(rendered, "Role").first() {
         let mut granted = BTreeSet::new();
         for rule in role.object["rules"].as_array().into_iter().flatten() {
@@ -187,7 +187,7 @@ fn check_promises(name: &str, rendered: &[Rendered]) -> Result<()> {
                 }
             }
         }
-        let required: BTreeSet<_> = celeriac_worker::kubernetes::access::REQUIRED
+        let required: BTreeSet<_> = celeriac_dagster::kubernetes::access::REQUIRED
             .iter()
             .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
             .collect();

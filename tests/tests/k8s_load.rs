@@ -169,7 +169,7 @@ fn two_hundred_concurrent_steps_cost_one_watch_and_three_requests_each() -> Resu
     assert!(n("get jobs") == 0, "no per-Job polling: {by_kind:?}");
     assert_eq!(
         n("create selfsubjectaccessreviews"),
-        celeriac_worker::kubernetes::access::REQUIRED.len(),
+        celeriac_dagster::kubernetes::access::REQUIRED.len(),
         "one permission check for the namespace, however many steps start at once: {by_kind:?}"
     );
     assert!(

@@ -6,14 +6,20 @@
 //!    and `config_source` under `execution.celery` or `execution.config`, with `{env: VAR}` indirections;
 //! 3. a celeriac config file (`--config`, YAML/TOML/JSON) using the same Celery keys plus celeriac's own;
 //! 4. environment: `CELERIAC_<KEY>` (e.g. `CELERIAC_WORKER_CONCURRENCY=4`; nested with `__`:
-//!    `CELERIAC_KUBERNETES__JOB_RETENTION=keep`), and Dagster's
+//!    `CELERIAC_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT=60`), and Dagster's
 //!    `DAGSTER_CELERY_BROKER_URL` / `DAGSTER_CELERY_BACKEND_URL`;
 //! 5. command-line flags.
+//!
+//! Sources 2–4 also carry the settings of the tasks the worker serves (the Dagster step task's
+//! `step_launcher` and `kubernetes.*`, read by `celeriac_dagster::config`): [`read_file_and_env`] and
+//! [`read_dagster_celery_config_source`] read any settings type from them, and the binary layers each
+//! side the same way.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -34,74 +40,6 @@ pub struct WorkerConfig {
     /// How long a warm shutdown waits for running steps before handing them back to the broker.
     pub shutdown_grace: Duration,
     pub redis: RedisConfig,
-    /// Where steps run.
-    pub launcher: LauncherKind,
-    pub kubernetes: KubernetesConfig,
-}
-
-/// Where step processes run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LauncherKind {
-    /// A local subprocess with the Job's environment (the embedded default, no cluster needed).
-    Process,
-    /// A Kubernetes Job per step, exactly as Dagster's Python worker creates it.
-    Kubernetes,
-    /// `kubernetes` when a cluster is configured (in-cluster service account or `KUBECONFIG`),
-    /// else `process`.
-    Auto,
-}
-
-impl LauncherKind {
-    /// `auto` decided from the environment.
-    pub fn decide(self) -> LauncherKind {
-        match self {
-            LauncherKind::Auto => {
-                let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-                let kubeconfig = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
-                if in_cluster || kubeconfig {
-                    LauncherKind::Kubernetes
-                } else {
-                    LauncherKind::Process
-                }
-            }
-            other => other,
-        }
-    }
-}
-
-/// What happens to a finished step Job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobRetention {
-    /// Delete it (background propagation) as soon as its logs are read.
-    Delete,
-    /// Leave it to `ttlSecondsAfterFinished` (Dagster sets one day by default), as Python does.
-    Keep,
-}
-
-/// Kubernetes launcher settings (`kubernetes:` in a celeriac config file, `CELERIAC_KUBERNETES__*`).
-#[derive(Debug, Clone)]
-pub struct KubernetesConfig {
-    pub job_retention: JobRetention,
-    /// A pod that cannot pull its image (or misses a Secret/ConfigMap) this long fails the step.
-    pub image_pull_timeout: Duration,
-    /// A pod the scheduler cannot place this long fails the step (`None`: wait, e.g. for a cluster
-    /// autoscaler, until `job_wait_timeout`).
-    pub unschedulable_timeout: Option<Duration>,
-    /// How long transient API failures (API server restarting, 5xx, 429) are retried.
-    pub api_retry_window: Duration,
-}
-
-impl Default for KubernetesConfig {
-    fn default() -> Self {
-        Self {
-            job_retention: JobRetention::Delete,
-            image_pull_timeout: Duration::from_secs(120),
-            unschedulable_timeout: Some(Duration::from_secs(900)),
-            api_retry_window: Duration::from_secs(180),
-        }
-    }
 }
 
 /// One consumed queue and its limits.
@@ -175,19 +113,6 @@ pub struct Settings {
     pub max_message_bytes: Option<usize>,
     pub shutdown_grace_seconds: Option<f64>,
     pub broker_transport_options: TransportOptions,
-    /// `process`, `kubernetes` or `auto` (default).
-    pub step_launcher: Option<LauncherKind>,
-    pub kubernetes: KubernetesSettings,
-}
-
-/// Raw `kubernetes:` settings (seconds as numbers; 0 disables the unschedulable timeout).
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(default)]
-pub struct KubernetesSettings {
-    pub job_retention: Option<JobRetention>,
-    pub image_pull_timeout: Option<f64>,
-    pub unschedulable_timeout: Option<f64>,
-    pub api_retry_window: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -201,62 +126,13 @@ pub struct TransportOptions {
 impl Settings {
     /// Reads a celeriac config file and `CELERIAC_*` environment variables through the `config` crate.
     pub fn from_file_and_env(path: Option<&Path>) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(p) = path {
-            builder = builder.add_source(config::File::from(p).required(true));
-        }
-        builder = builder.add_source(
-            config::Environment::with_prefix("CELERIAC")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("queues")
-                .with_list_parse_key("accept_content"),
-        );
-        let built = builder.build().map_err(|e| ConfigError::File {
-            path: path
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "<environment>".into()),
-            reason: e.to_string(),
-        })?;
-        built.try_deserialize().map_err(|e| ConfigError::Invalid {
-            key: path
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "CELERIAC_*".into()),
-            reason: e.to_string(),
-        })
+        read_file_and_env(path)
     }
 
     /// Reads Dagster's celery YAML (`dagster-celery worker start -y`), resolving `{env: VAR}` values.
     pub fn from_dagster_celery_yaml(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let doc: Value = serde_norway::from_str(&text).map_err(|e| ConfigError::File {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let exec = doc.get("execution").cloned().unwrap_or(Value::Null);
-        // `execution: {celery: {...}}` (legacy, what the chart writes) or `execution: {config: {...}}`.
-        let section = exec
-            .get("celery")
-            .or_else(|| exec.get("config"))
-            .or_else(|| exec.get("celery-k8s").and_then(|c| c.get("config")))
-            .cloned()
-            .unwrap_or(Value::Null);
-        let section = section.get("config").cloned().unwrap_or(section);
-        let mut settings = match section.get("config_source") {
-            Some(Value::Object(cs)) => {
-                let resolved = resolve_env(&Value::Object(cs.clone()), "config_source")?;
-                serde_json::from_value(resolved).map_err(|e| ConfigError::Invalid {
-                    key: "config_source".into(),
-                    reason: e.to_string(),
-                })?
-            }
-            _ => Settings::default(),
-        };
+        let section = celery_yaml_section(path)?;
+        let mut settings: Settings = config_source(&section)?;
         if let Some(b) = section.get("broker") {
             settings.broker_url = resolve_env(b, "broker")?.as_str().map(str::to_owned);
         }
@@ -296,21 +172,8 @@ impl Settings {
             worker_send_task_events,
             result_expires,
             max_message_bytes,
-            shutdown_grace_seconds,
-            step_launcher
+            shutdown_grace_seconds
         );
-        {
-            let (mine, theirs) = (&mut self.kubernetes, other.kubernetes);
-            macro_rules! take_k {
-                ($($f:ident),*) => { $( if theirs.$f.is_some() { mine.$f = theirs.$f; } )* };
-            }
-            take_k!(
-                job_retention,
-                image_pull_timeout,
-                unschedulable_timeout,
-                api_retry_window
-            );
-        }
         if !other.queues.is_empty() {
             self.queues = other.queues;
         }
@@ -400,16 +263,6 @@ impl Settings {
             });
         }
 
-        let secs = |v: Option<f64>, default: f64, key: &str| -> Result<Duration, ConfigError> {
-            let s = v.unwrap_or(default);
-            if !s.is_finite() || s < 0.0 {
-                return Err(ConfigError::Invalid {
-                    key: key.into(),
-                    reason: format!("{s} is not a duration in seconds"),
-                });
-            }
-            Ok(Duration::from_secs_f64(s))
-        };
         Ok(WorkerConfig {
             broker_url,
             result_backend,
@@ -419,10 +272,10 @@ impl Settings {
             max_message_bytes: self.max_message_bytes.unwrap_or(16 * 1024 * 1024),
             track_started: self.task_track_started.unwrap_or(false),
             task_events: self.worker_send_task_events.unwrap_or(false),
-            result_expires: secs(self.result_expires, 86400.0, "result_expires")?,
-            shutdown_grace: secs(self.shutdown_grace_seconds, 60.0, "shutdown_grace_seconds")?,
+            result_expires: seconds(self.result_expires, 86400.0, "result_expires")?,
+            shutdown_grace: seconds(self.shutdown_grace_seconds, 60.0, "shutdown_grace_seconds")?,
             redis: RedisConfig {
-                visibility_timeout: secs(
+                visibility_timeout: seconds(
                     self.broker_transport_options.visibility_timeout,
                     3600.0,
                     "broker_transport_options.visibility_timeout",
@@ -432,32 +285,94 @@ impl Settings {
                     .priority_order
                     .unwrap_or(RedisPriorityOrder::Kombu),
             },
-            launcher: self.step_launcher.unwrap_or(LauncherKind::Auto),
-            kubernetes: {
-                let k = &self.kubernetes;
-                let d = KubernetesConfig::default();
-                let unschedulable = secs(
-                    k.unschedulable_timeout,
-                    d.unschedulable_timeout.map_or(0.0, |t| t.as_secs_f64()),
-                    "kubernetes.unschedulable_timeout",
-                )?;
-                KubernetesConfig {
-                    job_retention: k.job_retention.unwrap_or(d.job_retention),
-                    image_pull_timeout: secs(
-                        k.image_pull_timeout,
-                        d.image_pull_timeout.as_secs_f64(),
-                        "kubernetes.image_pull_timeout",
-                    )?,
-                    unschedulable_timeout: (!unschedulable.is_zero()).then_some(unschedulable),
-                    api_retry_window: secs(
-                        k.api_retry_window,
-                        d.api_retry_window.as_secs_f64(),
-                        "kubernetes.api_retry_window",
-                    )?,
-                }
-            },
         })
     }
+}
+
+/// Reads the settings of type `T` from a celeriac config file (YAML, TOML or JSON) and `CELERIAC_*`
+/// environment variables through the `config` crate. The worker's [`Settings`] and the settings of
+/// the tasks it serves (the Dagster step task's `step_launcher`, `kubernetes.*`) are read from the
+/// same sources, each picking its own keys.
+pub fn read_file_and_env<T: DeserializeOwned>(path: Option<&Path>) -> Result<T, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(p) = path {
+        builder = builder.add_source(config::File::from(p).required(true));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix("CELERIAC")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("queues")
+            .with_list_parse_key("accept_content"),
+    );
+    let built = builder.build().map_err(|e| ConfigError::File {
+        path: path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<environment>".into()),
+        reason: e.to_string(),
+    })?;
+    built.try_deserialize().map_err(|e| ConfigError::Invalid {
+        key: path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "CELERIAC_*".into()),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads the settings of type `T` from the `config_source` of Dagster's celery YAML, resolving
+/// `{env: VAR}` values (`T::default()` when there is none).
+pub fn read_dagster_celery_config_source<T: DeserializeOwned + Default>(
+    path: &Path,
+) -> Result<T, ConfigError> {
+    config_source(&celery_yaml_section(path)?)
+}
+
+/// The celery section of Dagster's celery YAML: `execution: {celery: {...}}` (legacy, what the chart
+/// writes), `execution: {config: {...}}` or `execution: {celery-k8s: {config: {...}}}`.
+fn celery_yaml_section(path: &Path) -> Result<Value, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let doc: Value = serde_norway::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let exec = doc.get("execution").cloned().unwrap_or(Value::Null);
+    let section = exec
+        .get("celery")
+        .or_else(|| exec.get("config"))
+        .or_else(|| exec.get("celery-k8s").and_then(|c| c.get("config")))
+        .cloned()
+        .unwrap_or(Value::Null);
+    Ok(section.get("config").cloned().unwrap_or(section))
+}
+
+fn config_source<T: DeserializeOwned + Default>(section: &Value) -> Result<T, ConfigError> {
+    match section.get("config_source") {
+        Some(Value::Object(cs)) => {
+            let resolved = resolve_env(&Value::Object(cs.clone()), "config_source")?;
+            serde_json::from_value(resolved).map_err(|e| ConfigError::Invalid {
+                key: "config_source".into(),
+                reason: e.to_string(),
+            })
+        }
+        _ => Ok(T::default()),
+    }
+}
+
+/// A duration setting in seconds (`default` when unset): finite and not negative.
+pub fn seconds(value: Option<f64>, default: f64, key: &str) -> Result<Duration, ConfigError> {
+    let s = value.unwrap_or(default);
+    if !s.is_finite() || s < 0.0 {
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            reason: format!("{s} is not a duration in seconds"),
+        });
+    }
+    Ok(Duration::from_secs_f64(s))
 }
 
 /// Resolves Dagster's `{env: VAR}` indirection anywhere in a value.

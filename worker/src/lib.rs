@@ -1,17 +1,18 @@
-//! The celeriac worker: consumes Dagster step tasks from RabbitMQ or Redis, runs each step, and reports
-//! the result to the run coordinator over the Celery result backend.
+//! The celeriac worker: a generic Celery worker. It consumes task messages from RabbitMQ or Redis, runs
+//! each with the task registered under its name, and reports the result over the Celery result backend.
 //!
-//! Modules: [`config`] (settings), [`runtime`] (consumers, request handling, shutdown), [`tasks`] (what
-//! can run), [`dagster`] (the Dagster side of a step), [`launcher`] (where a step's process runs),
-//! [`connect`] (brokers and backends from URLs).
+//! Modules: [`config`] (settings and their layering), [`runtime`] (consumers, request handling, remote
+//! control, shutdown), [`tasks`] (the [`tasks::Task`] trait, the [`tasks::Registry`] the consumer
+//! dispatches on, `celery.ping`), [`events`] (Celery events), [`metrics`] and [`http`] (`/metrics`,
+//! health), [`connect`] (brokers and backends from URLs).
+//!
+//! The worker knows Dagster only through the registry: the `execute_step_k8s_job` task, its launchers
+//! and settings live in the `celeriac-dagster` crate, and the `celeriac` binary wires the two together.
 
 pub mod config;
 pub mod connect;
-pub mod dagster;
 pub mod events;
 pub mod http;
-pub mod kubernetes;
-pub mod launcher;
 pub mod metrics;
 pub mod runtime;
 pub mod tasks;

@@ -295,8 +295,8 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        // The worker's own registry plus the process-wide one, where the Kubernetes launcher's
-        // `celeriac_kubernetes_*` / `celeriac_step_job*` series live.
+        // The worker's own registry plus the process-wide one, where the tasks' metrics live (the
+        // Dagster step task's `celeriac_dagster_*`, `celeriac_kubernetes_*`, `celeriac_step_job*`).
         let mut families = self.registry.gather();
         families.extend(prometheus::gather());
         if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {

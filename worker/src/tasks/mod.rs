@@ -1,11 +1,12 @@
-//! Task implementations and the registry the consumer dispatches on (`headers.task`).
+//! The [`Task`] trait and the [`Registry`] the consumer dispatches on (`headers.task`).
 //!
 //! A task is async code that turns a [`TaskRequest`] into a [`TaskOutcome`]; it never touches the broker
-//! or the result backend: the request handler (`crate::request`) owns acks, results and events, so every
-//! task gets the same delivery guarantees.
+//! or the result backend: the request handler (`crate::runtime::request`) owns acks, results and events,
+//! so every task gets the same delivery guarantees. The worker ships `celery.ping` ([`ping`]); the tasks
+//! it serves are registered by whoever starts it (the `celeriac` binary registers Dagster's
+//! `execute_step_k8s_job` from the `celeriac-dagster` crate).
 
 pub mod ping;
-pub mod step;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,7 +38,7 @@ pub struct TaskContext {
     /// Worker node name (`celeriac-xxxx@host`), as Celery's `self.request.hostname`.
     pub hostname: String,
     /// Cancelled when the task is revoked with `terminate=True`. Tasks stop their work and clean up
-    /// (the step task deletes its Job / kills its process) and return [`TaskOutcome::Terminated`].
+    /// (Dagster's step task deletes its Job / kills its process) and return [`TaskOutcome::Terminated`].
     pub terminate: CancellationToken,
 }
 
@@ -68,26 +69,4 @@ impl Registry {
     pub fn names(&self) -> Vec<&'static str> {
         self.tasks.keys().copied().collect()
     }
-}
-
-/// The tasks a celeriac worker serves: Dagster's `execute_step_k8s_job` and `celery.ping`, exactly
-/// the set Dagster's `dagster_celery_k8s.app` registers.
-/// Steps run with the configured launcher (`auto`: Kubernetes when a cluster is configured).
-pub fn default_registry(config: &crate::config::WorkerConfig) -> anyhow::Result<Registry> {
-    use crate::config::LauncherKind;
-    let mut registry = Registry::default();
-    registry.register(Arc::new(ping::Ping));
-    let launcher: Arc<dyn crate::launcher::StepLauncher> = match config.launcher.decide() {
-        LauncherKind::Kubernetes => Arc::new(crate::launcher::kubernetes::KubernetesLauncher::new(
-            config.kubernetes.clone(),
-        )),
-        _ => Arc::new(crate::launcher::process::ProcessLauncher::default()),
-    };
-    tracing::info!(
-        launcher = launcher.kind(),
-        configured = ?config.launcher,
-        "step launcher selected"
-    );
-    registry.register(Arc::new(step::ExecuteStepK8sJob::new(launcher)));
-    Ok(registry)
 }

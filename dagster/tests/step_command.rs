@@ -1,11 +1,10 @@
 //! The step command and Job name are byte-identical to what Python computes: checked against the Job
 //! bodies the real Python worker POSTed (captures) and against dagster 1.13.27 itself.
 
-#[path = "dagster_common.rs"]
 mod common;
 
-use celeriac_worker::dagster::command::{command_args, compressed_input_json, job_name};
-use celeriac_worker::dagster::step_args::{StepArgsError, StepTaskArgs};
+use celeriac_dagster::step::args::{StepArgsError, StepTaskArgs};
+use celeriac_dagster::step::command::{command_args, compressed_input_json, job_name};
 use common::{fixture_json, run_python};
 use serde_json::{json, Map, Value};
 

@@ -9,7 +9,7 @@ use flate2::write::ZlibEncoder;
 use flate2::Compression;
 use md5::{Digest, Md5};
 
-use super::step_args::StepTaskArgs;
+use super::args::StepTaskArgs;
 
 /// `base64(zlib(json.dumps(execute_step_args_packed, sort_keys=True)))`.
 pub fn compressed_input_json(args: &StepTaskArgs) -> String {

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use celeriac_worker::kubernetes::job::{construct_job, JobInputs};
+use celeriac_dagster::kubernetes::job::{construct_job, JobInputs};
 use serde_json::{json, Map, Value};
 
 const PYTHON: &str = r#"

@@ -8,6 +8,9 @@ use serde_json::{json, Map, Value};
 
 use super::schema::to_api;
 
+/// The Dagster version the Job's `app.kubernetes.io/version` label reports (the Python worker
+/// reports its own; celeriac speaks for this one).
+pub const DAGSTER_VERSION: &str = "1.13.27";
 /// `DEFAULT_K8S_JOB_TTL_SECONDS_AFTER_FINISHED`.
 pub const DEFAULT_TTL_SECONDS: u64 = 86_400;
 /// Key of the Postgres password in Dagster's `postgres_password_secret`.

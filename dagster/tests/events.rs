@@ -2,12 +2,11 @@
 //! worker and deserialize in real dagster; step events are picked out of real pod logs exactly as
 //! `filter_dagster_events_from_cli_logs` does.
 
-#[path = "dagster_common.rs"]
 mod common;
 
 use std::collections::BTreeSet;
 
-use celeriac_worker::dagster::events::{
+use celeriac_dagster::events::{
     engine_event, filter_events, step_failure, ErrorInfo, Meta, StepRef, DELEGATE_MARKER,
 };
 use common::{fixture, fixture_json, run_python};

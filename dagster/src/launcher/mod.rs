@@ -1,10 +1,11 @@
-//! Where a step's process runs. The step task decides *what* runs (command, Job name, labels, the
-//! Dagster-provided environment); a launcher runs it and reports how it ended plus its logs.
+//! Where a step runs. The step task decides *what* runs and resolves it into the form its launcher
+//! runs (a [`Workload`]: the step Job body, or a local command and environment); a launcher runs it
+//! and reports how it ended plus its logs.
 //!
 //! [`process::ProcessLauncher`] (the embedded default) runs the step as a local subprocess with the
-//! environment its Kubernetes Job would get; [`kubernetes::KubernetesLauncher`] builds the Job from the
-//! same [`StepSpec`] (`construct_dagster_k8s_job`, spec §3.2), creates it, waits for it through shared
-//! watches and reads its step container's log.
+//! environment its Kubernetes Job would get; [`kubernetes::KubernetesLauncher`] creates the step Job
+//! (`construct_dagster_k8s_job`, spec §3.2), waits for it through shared watches and reads its step
+//! container's log.
 
 pub mod kubernetes;
 pub mod process;
@@ -12,41 +13,83 @@ pub mod process;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
+use k8s_openapi::api::batch::v1::Job;
 use tokio_util::sync::CancellationToken;
 
-/// Everything needed to run one step.
+/// One step to run, resolved for its launcher.
 #[derive(Debug, Clone)]
 pub struct StepSpec {
-    /// `dagster-step-<md5>[-attempt]`: the Job (and pod) name, unique per run, step and attempt.
+    /// `dagster-step-<md5>[-attempt]`: the Job (and pod, or process) name, unique per run, step and
+    /// attempt.
     pub job_name: String,
+    /// The Job's namespace (`job_namespace`).
     pub namespace: String,
     pub run_id: String,
     pub step_key: String,
-    /// The container's command (`[*entry_point, "api", "execute_step", "--compressed-input-json", …]`):
-    /// the Job's container `args`. Contains the instance config: never log it.
-    pub command: Vec<String>,
-    /// The Job's explicit `env_vars` (`DAGSTER_RUN_JOB_NAME`, `DAGSTER_RUN_STEP_KEY`), in order. The rest
-    /// of the container environment comes from [`Self::job_config`] and [`Self::user_defined_k8s_config`]
-    /// (`dagster_home`, `postgres_password_secret`, `env_vars`, `env_config_maps`, container `env`…).
-    pub env: Vec<(String, String)>,
-    /// `job_config.job_image` (the container config's `image` overrides it).
-    pub image: Option<String>,
-    /// `dagster/job`, `dagster/op`, `dagster/run-id`[, `dagster/code-location`] (unsanitised values).
-    pub labels: Vec<(String, String)>,
-    /// `DagsterK8sJobConfig._asdict()` as sent by the publisher (unknown keys kept).
-    pub job_config: Value,
-    /// The op tag's `UserDefinedDagsterK8sConfig.to_dict()` (snake_case, as sent).
-    pub user_defined_k8s_config: Value,
-    /// `per_step_k8s_config[step_key]` as sent (raw user config: camelCase allowed), `{}` if none.
-    pub per_step_k8s_config: Value,
-    /// [`crate::dagster::k8s_config::merge_user_config`] of the two above, without snake_casing: exact
-    /// for the keys whose spelling is the same in both cases (`env`, `name`, `value`, `image`…).
-    pub merged_user_config: Value,
-    pub load_incluster_config: bool,
-    pub kubeconfig_file: Option<String>,
     /// Give up after this long (`job_wait_timeout`; `None` when 0 or absent).
     pub wait_timeout: Option<Duration>,
+    /// What runs.
+    pub workload: Workload,
+}
+
+/// The form a launcher runs steps in ([`StepLauncher::runs`]); the step task resolves each step into
+/// that form only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// A Kubernetes Job.
+    Job,
+    /// A local process.
+    Process,
+}
+
+/// A step resolved for one kind of launcher.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    /// Boxed: a Job body is large.
+    Job(Box<StepJob>),
+    Process(StepProcess),
+}
+
+impl Workload {
+    pub fn kind(&self) -> WorkloadKind {
+        match self {
+            Workload::Job(_) => WorkloadKind::Job,
+            Workload::Process(_) => WorkloadKind::Process,
+        }
+    }
+}
+
+/// A step as a Kubernetes Job.
+#[derive(Debug, Clone)]
+pub struct StepJob {
+    /// The Job, or why it could not be built (a bare `env_vars` name unset in the worker, a body that
+    /// is not a Job). The launcher reports that as a create failure once its client is ready and the
+    /// namespace's permissions are checked, so a worker lacking a cluster or a permission says so first.
+    pub body: Result<JobBody, String>,
+    /// The task's `load_incluster_config`: use the in-cluster service account when running in one.
+    pub load_incluster_config: bool,
+    /// The task's `kubeconfig_file`.
+    pub kubeconfig_file: Option<String>,
+}
+
+/// The step Job exactly as `construct_dagster_k8s_job` builds it.
+#[derive(Debug, Clone)]
+pub struct JobBody {
+    pub job: Job,
+    /// The step container's name (`dagster`, or the user's `container_config.name`): where the step's
+    /// events are read from.
+    pub container: String,
+}
+
+/// A step as a local process.
+#[derive(Debug, Clone)]
+pub struct StepProcess {
+    /// Program and arguments: the Job container's `args` (`[*entry_point, "api", "execute_step",
+    /// "--compressed-input-json", …]`). Contains the instance config: never log it.
+    pub command: Vec<String>,
+    /// Added to the worker's environment, in order (later entries win): the environment the Job's
+    /// container would get, as far as it has local values.
+    pub env: Vec<(String, String)>,
 }
 
 /// A pod whose log could not be read (the step task reports it and carries on with the other pods).
@@ -101,6 +144,9 @@ pub struct FailureClass {
 /// Runs steps.
 #[async_trait]
 pub trait StepLauncher: Send + Sync {
+    /// The form this launcher runs steps in. Given a [`StepSpec`] of another form, [`Self::launch`]
+    /// fails with [`LaunchError::Create`].
+    fn runs(&self) -> WorkloadKind;
     /// Runs the step to completion and returns how it ended. A step that ran and failed (non-zero
     /// exit, failed pod, timeout) is `Ok` with `succeeded: false`. On `cancel`, stops it, cleans up
     /// (kills the process / deletes the Job and its pods) and returns [`LaunchError::Cancelled`].

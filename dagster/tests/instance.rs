@@ -1,13 +1,12 @@
 //! The Postgres bridge against a real Dagster schema (created by dagster-postgres 0.29.27): reading
 //! runs, writing events real Dagster reads back, `NOTIFY run_events`, connection caching and redaction.
 
-#[path = "dagster_common.rs"]
 mod common;
 
 use std::time::Duration;
 
-use celeriac_worker::dagster::events::{engine_event, step_failure, ErrorInfo, Meta, StepRef};
-use celeriac_worker::dagster::instance::{InstanceError, Instances};
+use celeriac_dagster::events::{engine_event, step_failure, ErrorInfo, Meta, StepRef};
+use celeriac_dagster::instance::{InstanceError, Instances};
 use common::{all_logs, drop_db, make_instance};
 use futures::StreamExt;
 use serde_json::json;

@@ -1,21 +1,19 @@
 //! The embedded launcher: the step runs as a local subprocess (in its own process group) with the
-//! worker's environment plus the environment its Kubernetes Job's container would get. Used for local
-//! development, the demo and CI.
+//! worker's environment plus the environment its Kubernetes Job's container would get (resolved by the
+//! step task: [`crate::step::workload`]). Used for local development, the demo and CI.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use super::{FailureClass, LaunchError, StepLauncher, StepRun, StepSpec};
-use crate::dagster::k8s_config::literal_container_env;
+use super::{FailureClass, LaunchError, StepLauncher, StepRun, StepSpec, Workload, WorkloadKind};
 
 /// How long a cancelled step gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -36,44 +34,6 @@ impl ProcessLauncher {
     pub fn new(working_dir: Option<PathBuf>) -> Self {
         Self { working_dir }
     }
-}
-
-/// The environment added to the worker's for a step, in the order the Job's container lists it (later
-/// entries win): the spec's `env` (`DAGSTER_RUN_JOB_NAME`, `DAGSTER_RUN_STEP_KEY`), `DAGSTER_HOME` (only
-/// if that directory exists here; otherwise the worker's own stays), `job_config.env_vars` (`K=V`, or
-/// `K` copied from the worker's environment) and the literal `env` values of the merged container config.
-/// Secret-backed entries (`postgres_password_secret`, `value_from`) have no local value: the worker's
-/// environment (e.g. `DAGSTER_PG_PASSWORD`) is inherited instead.
-pub fn local_env(spec: &StepSpec) -> Vec<(String, String)> {
-    let mut env = spec.env.clone();
-    if let Some(home) = spec.job_config.get("dagster_home").and_then(Value::as_str) {
-        if Path::new(home).is_dir() {
-            info!(job = %spec.job_name, dagster_home = home, "step uses the job config's DAGSTER_HOME");
-            env.push(("DAGSTER_HOME".into(), home.to_string()));
-        } else {
-            info!(
-                job = %spec.job_name,
-                dagster_home = home,
-                worker_dagster_home = std::env::var("DAGSTER_HOME").unwrap_or_default(),
-                "the job config's DAGSTER_HOME does not exist here; the step keeps the worker's"
-            );
-        }
-    }
-    if let Some(Value::Array(vars)) = spec.job_config.get("env_vars") {
-        for v in vars.iter().filter_map(Value::as_str) {
-            match v.split_once('=') {
-                Some((k, val)) => env.push((k.to_string(), val.to_string())),
-                None => match std::env::var(v) {
-                    Ok(val) => env.push((v.to_string(), val)),
-                    Err(_) => {
-                        debug!(job = %spec.job_name, var = v, "env_vars entry is not set in the worker; skipped")
-                    }
-                },
-            }
-        }
-    }
-    env.extend(literal_container_env(&spec.merged_user_config));
-    env
 }
 
 /// Kills the step's whole process group if the launch is abandoned (the task future dropped).
@@ -118,8 +78,14 @@ impl StepLauncher for ProcessLauncher {
         spec: &StepSpec,
         cancel: CancellationToken,
     ) -> Result<StepRun, LaunchError> {
+        let Workload::Process(process) = &spec.workload else {
+            return Err(LaunchError::Create {
+                job_name: spec.job_name.clone(),
+                reason: "the process launcher runs local processes, not Kubernetes Jobs".into(),
+            });
+        };
         let pod_names = vec![spec.job_name.clone()];
-        let Some((program, args)) = spec.command.split_first() else {
+        let Some((program, args)) = process.command.split_first() else {
             return Ok(failed(
                 pod_names,
                 format!(
@@ -130,7 +96,7 @@ impl StepLauncher for ProcessLauncher {
         };
         let mut cmd = Command::new(program);
         cmd.args(args)
-            .envs(local_env(spec))
+            .envs(process.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -226,6 +192,10 @@ impl StepLauncher for ProcessLauncher {
         }
     }
 
+    fn runs(&self) -> WorkloadKind {
+        WorkloadKind::Process
+    }
+
     fn kind(&self) -> &'static str {
         "process"
     }
@@ -287,7 +257,7 @@ async fn stop(child: &mut Child, guard: &GroupGuard) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::launcher::StepProcess;
 
     fn spec(cmd: &str) -> StepSpec {
         StepSpec {
@@ -295,38 +265,39 @@ mod tests {
             namespace: "default".into(),
             run_id: "r".into(),
             step_key: "s".into(),
-            command: vec!["sh".into(), "-c".into(), cmd.into()],
-            env: vec![("STEP_ENV".into(), "42".into())],
-            image: None,
-            labels: vec![],
-            job_config: Value::Null,
-            user_defined_k8s_config: Value::Null,
-            per_step_k8s_config: json!({}),
-            merged_user_config: Value::Null,
-            load_incluster_config: false,
-            kubeconfig_file: None,
             wait_timeout: None,
+            workload: Workload::Process(StepProcess {
+                command: vec!["sh".into(), "-c".into(), cmd.into()],
+                env: vec![("STEP_ENV".into(), "42".into())],
+            }),
         }
     }
 
-    #[test]
-    fn local_env_follows_the_job_container_order() {
-        std::env::set_var("CELERIAC_T_FROM_WORKER", "w");
+    fn command(s: &mut StepSpec) -> &mut Vec<String> {
+        match &mut s.workload {
+            Workload::Process(p) => &mut p.command,
+            Workload::Job(_) => unreachable!("a process spec"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_is_not_run_as_a_process() {
         let mut s = spec("true");
-        s.job_config = json!({"dagster_home": "/nonexistent/celeriac", "env_vars": ["A=1", "CELERIAC_T_FROM_WORKER", "CELERIAC_T_UNSET_X"]});
-        s.merged_user_config = json!({"container_config": {"env": [{"name": "B", "value": "2"},
-            {"name": "S", "value_from": {"secret_key_ref": {"name": "x", "key": "y"}}}]}});
-        let env = local_env(&s);
-        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names, ["STEP_ENV", "A", "CELERIAC_T_FROM_WORKER", "B"]);
-        s.job_config = json!({"dagster_home": std::env::temp_dir()});
-        assert!(local_env(&s).iter().any(|(k, _)| k == "DAGSTER_HOME"));
+        s.workload = Workload::Job(Box::new(crate::launcher::StepJob {
+            body: Err("not built".into()),
+            load_incluster_config: false,
+            kubeconfig_file: None,
+        }));
+        let r = ProcessLauncher::default()
+            .launch(&s, CancellationToken::new())
+            .await;
+        assert!(matches!(r, Err(LaunchError::Create { .. })), "{r:?}");
     }
 
     #[tokio::test]
     async fn missing_program_fails_the_step() {
         let mut s = spec("");
-        s.command = vec!["/nonexistent/celeriac-dagster".into()];
+        *command(&mut s) = vec!["/nonexistent/celeriac-dagster".into()];
         let run = ProcessLauncher::default()
             .launch(&s, CancellationToken::new())
             .await

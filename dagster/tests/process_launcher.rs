@@ -3,31 +3,37 @@
 
 use std::time::{Duration, Instant};
 
-use celeriac_worker::launcher::process::ProcessLauncher;
-use celeriac_worker::launcher::{LaunchError, StepLauncher, StepSpec};
+use celeriac_dagster::launcher::process::ProcessLauncher;
+use celeriac_dagster::launcher::{LaunchError, StepLauncher, StepSpec, Workload};
+use celeriac_dagster::step::workload::Step;
 use celeriac_worker::CancellationToken;
 use serde_json::json;
 
+/// A step resolved as the step task resolves it: the Job's explicit env, then `job_config.env_vars`,
+/// then the merged container config's literal `env`.
 fn spec(cmd: &str) -> StepSpec {
-    StepSpec {
-        job_name: "dagster-step-test".into(),
-        namespace: "default".into(),
-        run_id: "run".into(),
-        step_key: "op".into(),
+    let job_config = json!({"env_vars": ["FROM_JOB_CONFIG=jc"]})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let step = Step {
+        job_name: "dagster-step-test",
         command: vec!["sh".into(), "-c".into(), cmd.into()],
         env: vec![
             ("DAGSTER_RUN_JOB_NAME".into(), "my_job".into()),
             ("DAGSTER_RUN_STEP_KEY".into(), "op".into()),
         ],
-        image: None,
         labels: vec![],
-        job_config: json!({"env_vars": ["FROM_JOB_CONFIG=jc"]}),
-        user_defined_k8s_config: json!({}),
-        per_step_k8s_config: json!({}),
-        merged_user_config: json!({"container_config": {"env": [{"name": "FROM_USER", "value": "u"}]}}),
-        load_incluster_config: false,
-        kubeconfig_file: None,
+        job_config: &job_config,
+        user_config: json!({"container_config": {"env": [{"name": "FROM_USER", "value": "u"}]}}),
+    };
+    StepSpec {
+        job_name: "dagster-step-test".into(),
+        namespace: "default".into(),
+        run_id: "run".into(),
+        step_key: "op".into(),
         wait_timeout: None,
+        workload: Workload::Process(step.process()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Kubernetes launcher: each step runs as the Job Dagster's Python worker would create
-//! (`construct_dagster_k8s_job`, [`crate::kubernetes::job`]), tracked through the namespace's shared
-//! watches ([`crate::kubernetes::tracker`]), with its events read from the step container's log.
+//! (`construct_dagster_k8s_job`, [`crate::kubernetes::job`], built by the step task), tracked through
+//! the namespace's shared watches ([`crate::kubernetes::tracker`]), with its events read from the step
+//! container's log.
 //!
 //! Better than the Python worker, and tested for it:
 //! * no polling: a step costs a create, one log read per pod and a delete, whatever its length;
@@ -21,22 +22,20 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams, Preconditions};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Api;
-use serde_json::{json, Value};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{FailureClass, LaunchError, LogError, StepLauncher, StepRun, StepSpec};
+use super::{
+    FailureClass, JobBody, LaunchError, LogError, StepJob, StepLauncher, StepRun, StepSpec,
+    Workload, WorkloadKind,
+};
 use crate::config::{JobRetention, KubernetesConfig};
 use crate::kubernetes::access;
 use crate::kubernetes::api::{call, KubeMetrics};
-use crate::kubernetes::job::{construct_job, sanitize_label, JobInputs};
+use crate::kubernetes::job::sanitize_label;
 use crate::kubernetes::outcome::{failure_message, job_state, stuck, JobState, Stuck};
 use crate::kubernetes::tracker::{StepView, StepWatch, Tracker, STEP_SELECTOR};
-
-/// The Dagster version the Job's `app.kubernetes.io/version` label reports (the Python worker
-/// reports its own; celeriac speaks for this one).
-pub const DAGSTER_VERSION: &str = "1.13.27";
 
 /// A Kubernetes client with its shared watches.
 struct Cluster {
@@ -67,14 +66,14 @@ impl KubernetesLauncher {
     /// The client for a step, as Dagster's Python worker picks it: in-cluster when the task says
     /// `load_incluster_config` and the worker runs in a cluster, else the task's `kubeconfig_file`,
     /// else the standard inference (`KUBECONFIG`, `~/.kube/config`, in-cluster).
-    async fn cluster(&self, spec: &StepSpec) -> Result<Arc<Cluster>, String> {
+    async fn cluster(&self, step: &StepJob) -> Result<Arc<Cluster>, String> {
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        let key = if spec.load_incluster_config && in_cluster {
+        let key = if step.load_incluster_config && in_cluster {
             "in-cluster".to_string()
-        } else if let Some(path) = spec
+        } else if let Some(path) = step
             .kubeconfig_file
             .as_ref()
-            .filter(|p| !spec.load_incluster_config && std::path::Path::new(p).is_file())
+            .filter(|p| !step.load_incluster_config && std::path::Path::new(p).is_file())
         {
             format!("kubeconfig:{path}")
         } else {
@@ -139,36 +138,6 @@ impl KubernetesLauncher {
                 Ok(())
             }
         }
-    }
-
-    fn build_job(&self, spec: &StepSpec) -> Result<(Job, String), String> {
-        let empty = serde_json::Map::new();
-        let job_config = spec.job_config.as_object().unwrap_or(&empty);
-        let user_config = spec.merged_user_config.as_object().unwrap_or(&empty);
-        let body = construct_job(&JobInputs {
-            job_config,
-            args: Some(spec.command.clone()),
-            job_name: &spec.job_name,
-            pod_name: Some(&spec.job_name),
-            component: Some("step_worker"),
-            labels: spec.labels.clone(),
-            env_vars: spec
-                .env
-                .iter()
-                .map(|(k, v)| json!({"name": k, "value": v}))
-                .collect(),
-            user_config,
-            dagster_version: DAGSTER_VERSION,
-        })
-        .map_err(|e| e.to_string())?;
-        let container = body
-            .pointer("/spec/template/spec/containers/0/name")
-            .and_then(Value::as_str)
-            .unwrap_or("dagster")
-            .to_string();
-        let job: Job = serde_json::from_value(body)
-            .map_err(|e| format!("the step Job does not parse as a Kubernetes Job: {e}"))?;
-        Ok((job, container))
     }
 }
 
@@ -387,11 +356,16 @@ impl StepLauncher for KubernetesLauncher {
             job_name: spec.job_name.clone(),
             reason,
         };
-        let cluster = self.cluster(spec).await.map_err(create_err)?;
+        let Workload::Job(step) = &spec.workload else {
+            return Err(create_err(
+                "the kubernetes launcher runs Kubernetes Jobs, not local processes".into(),
+            ));
+        };
+        let cluster = self.cluster(step).await.map_err(create_err)?;
         self.check_access(&cluster, &spec.namespace)
             .await
             .map_err(create_err)?;
-        let (job, container) = self.build_job(spec).map_err(create_err)?;
+        let JobBody { job, container } = step.body.clone().map_err(create_err)?;
         let watched = job
             .metadata
             .labels
@@ -492,6 +466,10 @@ impl StepLauncher for KubernetesLauncher {
             adopted_existing: adopted,
             log_errors,
         })
+    }
+
+    fn runs(&self) -> WorkloadKind {
+        WorkloadKind::Job
     }
 
     fn kind(&self) -> &'static str {

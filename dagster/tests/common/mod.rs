@@ -1,5 +1,5 @@
-//! Helpers shared by the `dagster_*` integration tests (included with `#[path]`): fixtures, the venv
-//! Python with real Dagster, and a fresh Dagster Postgres instance per test.
+//! Helpers shared by the integration tests (`mod common;`): fixtures, the venv Python with real
+//! Dagster, and a fresh Dagster Postgres instance per test.
 #![allow(dead_code)]
 
 use std::io::Write as _;

@@ -14,7 +14,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 use tracing::{debug, warn};
 
-use super::events::Event;
+use crate::events::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {

@@ -2,18 +2,17 @@
 //! launcher running a stand-in for `dagster api execute_step` (a script that prints a real pod log,
 //! crashes or hangs, chosen through the per-step container env, which also exercises env plumbing).
 
-#[path = "dagster_common.rs"]
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use celeriac_dagster::events::filter_events;
+use celeriac_dagster::launcher::process::ProcessLauncher;
+use celeriac_dagster::step::args::StepTaskArgs;
+use celeriac_dagster::step::command::compressed_input_json;
+use celeriac_dagster::step::task::ExecuteStepK8sJob;
 use celeriac_wire::message::TaskRequest;
-use celeriac_worker::dagster::command::compressed_input_json;
-use celeriac_worker::dagster::events::filter_events;
-use celeriac_worker::dagster::step_args::StepTaskArgs;
-use celeriac_worker::launcher::process::ProcessLauncher;
-use celeriac_worker::tasks::step::ExecuteStepK8sJob;
 use celeriac_worker::tasks::{Task, TaskContext, TaskOutcome};
 use celeriac_worker::CancellationToken;
 use common::{all_logs, drop_db, fixture, fixture_json, fixture_path, run_python, TestInstance};
@@ -174,7 +173,7 @@ async fn step_succeeds_fails_and_is_skipped_like_python() {
     assert_eq!(events.len(), 2 + step_events.len());
     assert_eq!(&events[2..], &step_events[..]);
     let py = run_python(PY_EVENTS, &json!(events));
-    let job = celeriac_worker::dagster::command::job_name(&ok_run, "my_op", 0);
+    let job = celeriac_dagster::step::command::job_name(&ok_run, "my_op", 0);
     assert_eq!(py[0]["type"], json!("ENGINE_EVENT"));
     assert_eq!(
         py[0]["message"],

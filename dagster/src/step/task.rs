@@ -15,16 +15,18 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Task, TaskContext, TaskOutcome};
-use crate::dagster::command::{command_args, job_name};
-use crate::dagster::events::{
+use celeriac_worker::tasks::{Task, TaskContext, TaskOutcome};
+
+use super::args::StepTaskArgs;
+use super::command::{command_args, job_name};
+use crate::events::{
     engine_event, filter_events, step_failure, ErrorInfo, Event, Meta, StepRef, DELEGATE_MARKER,
 };
-use crate::dagster::instance::{Instance, InstanceError, Instances};
-use crate::dagster::k8s_config::merge_user_config;
-use crate::dagster::metrics::{StepMetrics, StepOutcome};
-use crate::dagster::step_args::StepTaskArgs;
+use crate::instance::{Instance, InstanceError, Instances};
+use crate::k8s_config::merge_user_config;
 use crate::launcher::{LaunchError, StepLauncher, StepRun, StepSpec};
+use crate::metrics::{StepMetrics, StepOutcome};
+use crate::step::workload::Step;
 
 /// The registered task name.
 pub const TASK_NAME: &str = "execute_step_k8s_job";
@@ -65,6 +67,8 @@ impl ExecuteStepK8sJob {
     }
 }
 
+/// A `FAILURE` result in the shape Python stores. The traceback names the task's original source path
+/// (`celeriac/worker/src/tasks/step.rs`), kept so stored results stay byte-identical across releases.
 fn failure(exc_type: &str, module: &str, message: impl Into<String>) -> TaskOutcome {
     let message = message.into();
     let qualified = if module == "builtins" {
@@ -247,28 +251,16 @@ impl Task for ExecuteStepK8sJob {
             .cloned()
             .filter(Value::is_object)
             .unwrap_or_else(|| json!({}));
-        let spec = StepSpec {
-            job_name: job.clone(),
-            namespace: args.job_namespace.clone(),
-            run_id: args.run_id.clone(),
-            step_key: step_key.to_string(),
+        let step = Step {
+            job_name: &job,
             command: command_args(&args),
             env: vec![
                 ("DAGSTER_RUN_JOB_NAME".into(), run.job_name.clone()),
                 ("DAGSTER_RUN_STEP_KEY".into(), step_key.to_string()),
             ],
-            image: args.job_config_str("job_image").map(str::to_owned),
             labels,
-            job_config: Value::Object(args.job_config.clone()),
-            merged_user_config: merge_user_config(&tag_config, &per_step),
-            user_defined_k8s_config: tag_config,
-            per_step_k8s_config: per_step,
-            load_incluster_config: args.load_incluster_config,
-            kubeconfig_file: args.kubeconfig_file.clone(),
-            wait_timeout: args
-                .job_wait_timeout
-                .filter(|t| *t > 0.0 && t.is_finite())
-                .map(Duration::from_secs_f64),
+            job_config: &args.job_config,
+            user_config: merge_user_config(&tag_config, &per_step),
         };
 
         // 11. E2, stored and returned.
@@ -299,7 +291,19 @@ impl Task for ExecuteStepK8sJob {
             .await;
         let mut events = vec![executing.dagster_event_json()];
 
-        // 12–13. Run the step, watching for revocation and for the run leaving STARTED.
+        // 12–13. Resolve the step for the launcher (the Job body, or the local command and
+        // environment) and run it, watching for revocation and for the run leaving STARTED.
+        let spec = StepSpec {
+            job_name: job.clone(),
+            namespace: args.job_namespace.clone(),
+            run_id: args.run_id.clone(),
+            step_key: step_key.to_string(),
+            wait_timeout: args
+                .job_wait_timeout
+                .filter(|t| *t > 0.0 && t.is_finite())
+                .map(Duration::from_secs_f64),
+            workload: step.resolve(self.launcher.runs(), &args),
+        };
         info!(run_id = %args.run_id, step = step_key, job = %job, attempt = args.attempt, launcher = self.launcher.kind(), "launching step");
         let stop = CancellationToken::new();
         let launched = std::time::Instant::now();

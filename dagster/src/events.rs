@@ -234,7 +234,7 @@ mod tests {
     #[test]
     fn filters_real_pod_log() {
         // A step pod log captured from a real run (captures/k8s/R1-pod-*.log).
-        let text = include_str!("../../tests/fixtures/step_pod.log");
+        let text = include_str!("../tests/fixtures/step_pod.log");
         let events = filter_events(text);
         assert!(
             events.iter().any(|l| l.contains("\"STEP_SUCCESS\"")),

@@ -1,0 +1,31 @@
+//! The tasks of Dagster's Celery app (`dagster_celery_k8s.app`), as a worker [`Registry`].
+
+use std::sync::Arc;
+
+use celeriac_worker::tasks::ping::Ping;
+use celeriac_worker::tasks::Registry;
+
+use crate::config::{DagsterConfig, LauncherKind};
+use crate::launcher::kubernetes::KubernetesLauncher;
+use crate::launcher::process::ProcessLauncher;
+use crate::launcher::StepLauncher;
+use crate::step::task::ExecuteStepK8sJob;
+
+/// The tasks a celeriac worker serves: Dagster's `execute_step_k8s_job` and `celery.ping`, exactly
+/// the set Dagster's `dagster_celery_k8s.app` registers.
+/// Steps run with the configured launcher (`auto`: Kubernetes when a cluster is configured).
+pub fn registry(config: &DagsterConfig) -> anyhow::Result<Registry> {
+    let mut registry = Registry::default();
+    registry.register(Arc::new(Ping));
+    let launcher: Arc<dyn StepLauncher> = match config.launcher.decide() {
+        LauncherKind::Kubernetes => Arc::new(KubernetesLauncher::new(config.kubernetes.clone())),
+        _ => Arc::new(ProcessLauncher::default()),
+    };
+    tracing::info!(
+        launcher = launcher.kind(),
+        configured = ?config.launcher,
+        "step launcher selected"
+    );
+    registry.register(Arc::new(ExecuteStepK8sJob::new(launcher)));
+    Ok(registry)
+}
