@@ -241,49 +241,56 @@ pub fn truncate_repr(s: String, max: usize) -> String {
     format!("{cut}...")
 }
 
-/// Python's `repr(float)`: the shortest round-tripping digits, fixed notation when the decimal exponent
-/// is in `-4 < exp <= 16`, otherwise `d.ddde±XX`.
+/// Python's `str(float)` (= `repr`): the shortest digits that round-trip, fixed notation when the decimal
+/// exponent is in `-4 <= exp < 16`, otherwise `d.ddde±XX`; JSON's `NaN`, `Infinity`, `-Infinity` for the
+/// non-finite (Python's `json.dumps` spelling).
+///
+/// Ties are broken as Python does: when the double lies exactly
+/// halfway between two shortest candidates (`818650564465832.25` → `...832.2` or `...832.3`), Python's
+/// `dtoa` picks the even digit while Rust's shortest formatting rounds up. Rust's fixed-precision
+/// formatting rounds the exact value half-to-even, so the shortest length is taken from `{:e}` and the
+/// digits from `{:.N$e}` (when they round-trip, which they do unless the double is at a binade edge).
 pub fn python_float_repr(f: f64) -> String {
     if f.is_nan() {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
     }
     if f == 0.0 {
-        return if f.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
+        return if f.is_sign_negative() { "-0.0" } else { "0.0" }.into();
     }
-    // `{:e}` yields the shortest round-trip digits as `d.ddde<exp>`.
-    let sci = format!("{f:e}");
+    let shortest = format!("{f:e}");
+    let len = shortest
+        .split_once('e')
+        .map_or(shortest.as_str(), |(m, _)| m)
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .count();
+    let even = format!("{f:.prec$e}", prec = len.saturating_sub(1));
+    let sci = if even.parse::<f64>() == Ok(f) {
+        even
+    } else {
+        shortest
+    };
     let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
-    let negative = mantissa.starts_with('-');
-    let digits: String = mantissa.chars().filter(|c| c.is_ascii_digit()).collect();
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let digits = digits.trim_end_matches('0');
+    let digits = if digits.is_empty() { "0" } else { digits };
     let decpt = exp + 1; // position of the decimal point relative to the digit string
     let mut out = String::new();
-    if negative {
+    if f < 0.0 {
         out.push('-');
     }
     if decpt > -4 && decpt <= 16 {
         if decpt <= 0 {
             out.push_str("0.");
-            for _ in 0..(-decpt) {
-                out.push('0');
-            }
-            out.push_str(&digits);
-        } else if (decpt as usize) >= digits.len() {
-            out.push_str(&digits);
-            for _ in 0..(decpt as usize - digits.len()) {
-                out.push('0');
-            }
+            out.extend(std::iter::repeat_n('0', decpt.unsigned_abs() as usize));
+            out.push_str(digits);
+        } else if decpt as usize >= digits.len() {
+            out.push_str(digits);
+            out.extend(std::iter::repeat_n('0', decpt as usize - digits.len()));
             out.push_str(".0");
         } else {
             out.push_str(&digits[..decpt as usize]);

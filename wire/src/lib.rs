@@ -11,5 +11,6 @@ pub mod json;
 pub mod message;
 pub mod pidbox;
 pub mod result;
+pub mod saferepr;
 pub mod task;
 pub mod url;
