@@ -665,16 +665,19 @@ def _reexecution_tags(spec: ShapeSpec, parent: DagsterRun) -> dict:
     return tags
 
 
-def create_run(instance, spec: ShapeSpec, extra_run_config: dict | None = None) -> DagsterRun:
+def create_run(instance, spec: ShapeSpec, extra_run_config: dict | None = None,
+               job_code_origin=None) -> DagsterRun:
     """Creates the shape's run (NOT_STARTED) in `instance`; `extra_run_config` (e.g. the celery_k8s
-    `execution` section) is merged into the run config of the run itself, not of in-process parents."""
+    `execution` section) is merged into the run config of the run itself, not of in-process parents.
+    `job_code_origin` (the job's Python origin) lets a run worker reconstruct the job from the run."""
     run_config = _merge(spec.run_config, extra_run_config)
     job_def = spec.job
     if spec.create == "plain":
         tags = {**job_def.tags, **spec.run_tags}
         plan = create_execution_plan(job_def, run_config, tags=tags)
         return instance.create_run_for_job(job_def=job_def, execution_plan=plan, run_config=run_config,
-                                           tags=tags, status=DagsterRunStatus.NOT_STARTED)
+                                           tags=tags, status=DagsterRunStatus.NOT_STARTED,
+                                           job_code_origin=job_code_origin)
     if spec.create == "op_selection":
         tags = {**job_def.tags, **spec.run_tags}
         sub = job_def.get_subset(op_selection=spec.op_selection)
@@ -682,7 +685,8 @@ def create_run(instance, spec: ShapeSpec, extra_run_config: dict | None = None) 
         return instance.create_run_for_job(job_def=job_def, execution_plan=plan, run_config=run_config,
                                            tags=tags, status=DagsterRunStatus.NOT_STARTED,
                                            op_selection=list(spec.op_selection),
-                                           resolved_op_selection=set(spec.op_selection))
+                                           resolved_op_selection=set(spec.op_selection),
+                                           job_code_origin=job_code_origin)
     parent = _run_parent_in_process(instance, spec)
     tags = _reexecution_tags(spec, parent)
     if spec.create == "reexecute_from_failure":
@@ -704,7 +708,7 @@ def create_run(instance, spec: ShapeSpec, extra_run_config: dict | None = None) 
     return instance.create_run_for_job(job_def=job_def, execution_plan=plan, run_config=run_config, tags=tags,
                                        status=DagsterRunStatus.NOT_STARTED,
                                        root_run_id=parent.root_run_id or parent.run_id,
-                                       parent_run_id=parent.run_id)
+                                       parent_run_id=parent.run_id, job_code_origin=job_code_origin)
 
 
 defs = Definitions(

@@ -150,11 +150,62 @@ impl DagsterHome {
     }
 
     fn create_with(broker: &str, backend: &str, extra: &[&str]) -> Result<DagsterHome> {
+        Self::create_from("make_instance.py", broker, backend, extra)
+    }
+
+    /// An instance whose run launcher is `dagster_celeriac.CeleriacRunLauncher` (celery-k8s runs are handed
+    /// to the celeriac coordinator), with run monitoring on and a workspace of `plan_shapes.py`.
+    pub fn create_coordinator(broker: &str, backend: &str, extra: &[&str]) -> Result<DagsterHome> {
+        Self::create_from("make_coordinator_home.py", broker, backend, extra)
+    }
+
+    /// Creates a run of a `plan_shapes.py` shape and drives it (`run_shape.py --mode python|launch|create`):
+    /// returns the script's JSON summary (status, per-step events, step stats, hand-off…).
+    pub fn run_shape(
+        &self,
+        shape: &str,
+        mode: &str,
+        timeout: Duration,
+        envs: &[(&str, &str)],
+    ) -> Result<serde_json::Value> {
+        let mut all: Vec<(&str, &str)> = vec![("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")];
+        all.extend_from_slice(envs);
+        let timeout_s = timeout.as_secs().to_string();
+        let out = run_python(
+            &[
+                &peer("run_shape.py").display().to_string(),
+                "--home",
+                &self.dir.display().to_string(),
+                "--shape",
+                shape,
+                "--mode",
+                mode,
+                "--timeout",
+                &timeout_s,
+            ],
+            &all,
+            timeout + Duration::from_secs(120),
+        )
+        .with_context(|| format!("run_shape.py --shape {shape} --mode {mode}"))?;
+        let line = out
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .unwrap_or_default();
+        serde_json::from_str(line).with_context(|| format!("parsing run_shape.py output: {out}"))
+    }
+
+    fn create_from(
+        script: &str,
+        broker: &str,
+        backend: &str,
+        extra: &[&str],
+    ) -> Result<DagsterHome> {
         let db = unique("celeriac_t").to_lowercase();
         let dir = artifacts_dir().join(&db);
         std::fs::create_dir_all(&dir)?;
         let dir_s = dir.display().to_string();
-        let script = peer("make_instance.py").display().to_string();
+        let script = peer(script).display().to_string();
         let mut args: Vec<&str> = vec![
             &script,
             &dir_s,
@@ -171,7 +222,7 @@ impl DagsterHome {
             &[("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")],
             Duration::from_secs(120),
         )
-        .context("make_instance.py")?;
+        .with_context(|| script.clone())?;
         Ok(DagsterHome {
             dir,
             db,

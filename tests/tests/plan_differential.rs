@@ -265,10 +265,16 @@ fn rust_engine_matches_dagsters_active_execution() -> Result<()> {
     let mut per_shape: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut failures = Vec::new();
     let mut traces = 0;
+    let mut fan_in_run = None;
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).context("trace line")?;
         match v["kind"].as_str() {
-            Some("shape") => shape = Some(rt.block_on(load_shape(&client, &v))?),
+            Some("shape") => {
+                if v["shape"] == "fan_in_optional" {
+                    fan_in_run = v["run_id"].as_str().map(str::to_string);
+                }
+                shape = Some(rt.block_on(load_shape(&client, &v))?)
+            }
             Some("trace") => {
                 let s = shape.as_ref().context("trace before its shape")?;
                 let calls = v["calls"].as_array().context("calls")?;
@@ -301,5 +307,90 @@ fn rust_engine_matches_dagsters_active_execution() -> Result<()> {
     assert!(traces >= MIN_TRACES, "only {traces} traces");
     assert!(per_shape.len() >= 13, "only {} shapes", per_shape.len());
     let _ = std::fs::remove_file(&out);
+    let fan_in_run = fan_in_run.context("no fan_in_optional run")?;
+    rt.block_on(bad_snapshots_name_the_run_and_the_class(
+        &client,
+        &fan_in_run,
+    ))
+}
+
+/// A copy of a real run whose stored plan is (a) not zlib at all, (b) a plan with a step-input source
+/// class no Dagster has: loading either fails with an error naming the run (and the class), no panic.
+async fn bad_snapshots_name_the_run_and_the_class(
+    client: &tokio_postgres::Client,
+    source_run: &str,
+) -> Result<()> {
+    use std::io::Write as _;
+    let row = client
+        .query_one(
+            "SELECT run_id, run_body FROM runs WHERE run_id = $1",
+            &[&source_run],
+        )
+        .await?;
+    let body: Value = serde_json::from_str(row.get::<_, &str>(1))?;
+    let good = celeriac_dagster::run::load_run(client, row.get(0)).await?;
+    let snapshot_id = good
+        .execution_plan_snapshot_id
+        .clone()
+        .context("snapshot id")?;
+    let stored: Vec<u8> = client
+        .query_one(
+            "SELECT snapshot_body FROM snapshots WHERE snapshot_id = $1",
+            &[&snapshot_id],
+        )
+        .await?
+        .get(0);
+    let text = celeriac_dagster::serdes::parse_zlib(&stored)?.to_string();
+    let renamed = text.replacen("\"FromStepOutput\"", "\"FromTheFuture\"", 1);
+    assert_ne!(
+        renamed, text,
+        "the plan has a FromStepOutput source to rename"
+    );
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(renamed.as_bytes())?;
+    let future_class = enc.finish()?;
+    for (label, bytes, want) in [
+        (
+            "garbage",
+            b"not zlib at all".to_vec(),
+            "not zlib-compressed",
+        ),
+        ("unknown class", future_class, "FromTheFuture"),
+    ] {
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let snap_id = format!("bad{}", &run_id[..8]);
+        let mut run_body = body.clone();
+        run_body["run_id"] = json!(run_id);
+        run_body["execution_plan_snapshot_id"] = json!(snap_id);
+        client
+            .execute(
+                "INSERT INTO snapshots (snapshot_id, snapshot_body, snapshot_type) VALUES ($1, $2, 'EXECUTION_PLAN')",
+                &[&snap_id, &bytes],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO runs (run_id, pipeline_name, status, run_body) VALUES ($1, $2, 'NOT_STARTED', $3)",
+                &[&run_id, &good.job_name, &run_body.to_string()],
+            )
+            .await?;
+        let record = celeriac_dagster::run::load_run(client, &run_id).await?;
+        let err = celeriac_dagster::run::load_plan(client, &record)
+            .await
+            .err()
+            .with_context(|| format!("{label}: the bad snapshot loaded"))?;
+        let text = err.to_string();
+        assert!(
+            text.contains(&run_id) && text.contains(want),
+            "{label}: {text}"
+        );
+        if label == "unknown class" {
+            assert!(
+                text.contains("steps[") && text.contains("source"),
+                "names where: {text}"
+            );
+        }
+        println!("{label}: {text}");
+    }
     Ok(())
 }

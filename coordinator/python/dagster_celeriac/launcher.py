@@ -87,7 +87,7 @@ HANDOFF_VERSION = 1
 
 _DDL = f"""CREATE TABLE IF NOT EXISTS {HANDOFF_TABLE} (
   run_id      text PRIMARY KEY,
-  handoff     jsonb NOT NULL,
+  handoff     json NOT NULL,
   created_at  double precision NOT NULL,
   owner       text,
   heartbeat   double precision,
@@ -99,7 +99,7 @@ _DDL = f"""CREATE TABLE IF NOT EXISTS {HANDOFF_TABLE} (
 # that writes `heartbeat = EXTRACT(EPOCH FROM clock_timestamp())` is compared without any clock skew.
 _DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
 _INSERT = text(
-    f"INSERT INTO {HANDOFF_TABLE} (run_id, handoff, created_at) VALUES (:run_id, CAST(:handoff AS jsonb), {_DB_NOW}) "
+    f"INSERT INTO {HANDOFF_TABLE} (run_id, handoff, created_at) VALUES (:run_id, CAST(:handoff AS json), {_DB_NOW}) "
     "ON CONFLICT (run_id) DO NOTHING"
 )
 _NOTIFY = text("SELECT pg_notify(:channel, :run_id)")
@@ -189,11 +189,35 @@ class CeleriacRunLauncher(CeleryK8sRunLauncher):
         if executor_name not in self.handoff_executors:
             return super().launch_run(context)
 
-        exc_config = _get_validated_celery_k8s_executor_config(run.run_config)
-        run_worker_job = self._run_worker_job(context, exc_config)
-        container = run_worker_job.spec.template.spec.containers[0]
+        handoff, image = self.compute_handoff(run, context.job_code_origin, executor_name)
         # Set docker/image tag as the parent does (launcher.py:232-236).
-        self._instance.add_run_tags(run.run_id, {DOCKER_IMAGE_TAG: container.image})
+        self._instance.add_run_tags(run.run_id, {DOCKER_IMAGE_TAG: image})
+        payload = json.dumps(handoff, default=_json_default)
+        with self._connect() as conn:
+            conn.execution_options(isolation_level="READ COMMITTED")  # the engine is AUTOCOMMIT
+            with conn.begin():
+                if not self._handoff_table_ready:
+                    # serialize concurrent CREATE TABLE IF NOT EXISTS (it can race on pg_type otherwise)
+                    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": HANDOFF_TABLE})
+                    conn.execute(text(_DDL))
+                conn.execute(_INSERT, {"run_id": run.run_id, "handoff": payload})
+                conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "run_id": run.run_id})
+        self._handoff_table_ready = True
+
+        self._instance.report_engine_event(
+            "Handed run to the celeriac coordinator",
+            run,
+            EngineEventData({"Run ID": run.run_id, "Hand-off table": HANDOFF_TABLE}),
+            cls=self.__class__,
+        )
+
+    def compute_handoff(self, run: DagsterRun, job_code_origin, executor_name: str):
+        """The hand-off of `run`: everything its run worker's celery_k8s_job_executor would compute, computed
+        with that executor's own code (see HANDOFF_FIELDS), and the run-worker image. Writes nothing but the
+        parent's image-precedence engine event."""
+        exc_config = _get_validated_celery_k8s_executor_config(run.run_config)
+        run_worker_job = self._run_worker_job(run, job_code_origin, exc_config)
+        container = run_worker_job.spec.template.spec.containers[0]
 
         # DAGSTER_CURRENT_IMAGE as seen by the run-worker pod (only knowable when set explicitly in its env).
         current_image = None
@@ -228,7 +252,7 @@ class CeleriacRunLauncher(CeleryK8sRunLauncher):
             "run_id": run.run_id,
             "job_name": run.job_name,
             "instance_ref": pack_value(self._instance.get_ref()),
-            "job_origin": pack_value(context.job_code_origin),
+            "job_origin": pack_value(job_code_origin),
             "job_config_dict": executor.job_config.to_dict(),
             "job_namespace": executor.job_namespace,
             "per_step_k8s_config": executor.per_step_k8s_config,
@@ -246,33 +270,16 @@ class CeleriacRunLauncher(CeleryK8sRunLauncher):
             "launcher_version": __version__,
             "dagster_version": dagster_version,
         }
-        payload = json.dumps(handoff, default=_json_default)
-        with self._connect() as conn:
-            conn.execution_options(isolation_level="READ COMMITTED")  # the engine is AUTOCOMMIT
-            with conn.begin():
-                if not self._handoff_table_ready:
-                    # serialize concurrent CREATE TABLE IF NOT EXISTS (it can race on pg_type otherwise)
-                    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": HANDOFF_TABLE})
-                    conn.execute(text(_DDL))
-                conn.execute(_INSERT, {"run_id": run.run_id, "handoff": payload})
-                conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "run_id": run.run_id})
-        self._handoff_table_ready = True
+        return handoff, container.image
 
-        self._instance.report_engine_event(
-            "Handed run to the celeriac coordinator",
-            run,
-            EngineEventData({"Run ID": run.run_id, "Hand-off table": HANDOFF_TABLE}),
-            cls=self.__class__,
-        )
-
-    def _run_worker_job(self, context: LaunchRunContext, exc_config):
-        """The run-worker Job body exactly as CeleryK8sRunLauncher.launch_run builds it (launcher.py:162-230)."""
+    def _run_worker_job(self, run: DagsterRun, job_code_origin, exc_config):
+        """The run-worker Job body exactly as CeleryK8sRunLauncher.launch_run builds it (launcher.py:162-230),
+        including its engine event when both the executor config and the code location name an image."""
         from dagster._cli.api import ExecuteRunArgs
 
-        run = context.dagster_run
         job_name = get_job_name_from_run_id(run.run_id)
         job_image_from_executor_config = exc_config.get("job_image")
-        job_origin = cast("JobPythonOrigin", context.job_code_origin)
+        job_origin = cast("JobPythonOrigin", job_code_origin)
         job_image = job_origin.repository_origin.container_image
         if job_image:
             if job_image_from_executor_config:

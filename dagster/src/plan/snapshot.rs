@@ -153,15 +153,21 @@ impl Source {
                 o.field("step_output_handle")?,
                 &o.path_of("step_output_handle"),
             )?),
-            "FromMultipleSources" | "FromMultipleSourcesLoadSingleSource" => Source::Multiple {
-                sources: o
-                    .list("sources")?
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| Source::decode(s, &format!("{}[{i}]", o.path_of("sources"))))
-                    .collect::<Result<_, _>>()?,
-                load_single: o.class == "FromMultipleSourcesLoadSingleSource",
-            },
+            "FromMultipleSources" | "FromMultipleSourcesLoadSingleSource" => {
+                if let Some(load) = o.get("source_to_load_from") {
+                    // Not needed for scheduling, but a class Dagster would not load is an error here too.
+                    Source::decode(load, &o.path_of("source_to_load_from"))?;
+                }
+                Source::Multiple {
+                    sources: o
+                        .list("sources")?
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| Source::decode(s, &format!("{}[{i}]", o.path_of("sources"))))
+                        .collect::<Result<_, _>>()?,
+                    load_single: o.class == "FromMultipleSourcesLoadSingleSource",
+                }
+            }
             "FromSourceAsset" | "FromLoadableAsset" => {
                 let keys = match o.get("ordering_step_keys") {
                     None | Some(Value::Null) => Vec::new(),
@@ -533,5 +539,23 @@ impl PlanSnapshot {
     /// Reads `snapshots.snapshot_body` (zlib-compressed serdes JSON).
     pub fn from_stored(body: &[u8]) -> Result<Self, SerdesError> {
         Self::decode(&serdes::parse_zlib(body)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_source_class_is_named_with_its_path() {
+        let text = include_str!("../../tests/fixtures/plan_snapshot_fan_in_and_nested_map.json")
+            .replacen("\"FromStepOutput\"", "\"FromTheFuture\"", 1);
+        let v = crate::serdes::parse(text.as_bytes()).expect("json");
+        let err = PlanSnapshot::decode(&v).expect_err("unknown class refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("FromTheFuture") && msg.contains("steps["),
+            "{msg}"
+        );
     }
 }

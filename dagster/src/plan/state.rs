@@ -36,8 +36,8 @@ impl OutputHandle {
     }
 
     pub fn pack(&self) -> Value {
-        json!({"__class__": "StepOutputHandle", "mapping_key": self.mapping_key,
-               "output_name": self.output_name, "step_key": self.step_key})
+        json!({"__class__": "StepOutputHandle", "step_key": self.step_key,
+               "output_name": self.output_name, "mapping_key": self.mapping_key})
     }
 
     /// Python's `str()` of the named tuple: the key serdes sorts set items by.
@@ -228,13 +228,14 @@ impl KnownState {
 
     /// `pack_value(known_state)`.
     pub fn pack(&self) -> Value {
+        // `pack_value` order: the class, then the fields as declared.
         json!({
             "__class__": "KnownExecutionState",
-            "dynamic_mappings": pack_mappings(&self.dynamic_mappings),
-            "parent_state": self.parent_state.as_ref().map(|p| p.raw.clone()),
             "previous_retry_attempts": self.previous_retry_attempts,
-            "ready_outputs": pack_handle_set(&self.ready_outputs),
+            "dynamic_mappings": pack_mappings(&self.dynamic_mappings),
             "step_output_versions": self.step_output_versions,
+            "ready_outputs": pack_handle_set(&self.ready_outputs),
+            "parent_state": self.parent_state.as_ref().map(|p| p.raw.clone()),
         })
     }
 
