@@ -21,6 +21,7 @@ pub mod launcher;
 pub mod metrics;
 pub mod plan;
 pub mod run;
+pub mod run_events;
 pub mod serdes;
 pub mod step;
 pub mod submission;
