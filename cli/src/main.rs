@@ -1,6 +1,8 @@
 //! `celeriac`: one binary, one subcommand per component.
 //!
 //! * `celeriac worker …` — the Celery worker that runs Dagster steps.
+//! * `celeriac coordinator …` — the run coordinator that drives celery-k8s runs (crate
+//!   `celeriac-coordinator`).
 //! * `celeriac flower …` — Flower's API, metrics and dashboard for the fleet (crate `celeriac-flower`).
 
 mod dagster_celery;
@@ -29,6 +31,8 @@ struct Cli {
 enum Command {
     /// Consume step tasks and run them.
     Worker(worker::WorkerArgs),
+    /// Drive celery-k8s Dagster runs handed over by CeleriacRunLauncher (no Python run worker).
+    Coordinator(celeriac_coordinator::CoordinatorArgs),
     /// Flower-compatible API, metrics and live dashboard, with persistent task history.
     Flower(celeriac_flower::FlowerArgs),
 }
@@ -47,6 +51,7 @@ fn main() -> std::process::ExitCode {
     block_on("celeriac", async {
         match cli.command {
             Command::Worker(args) => worker::run(args).await,
+            Command::Coordinator(args) => celeriac_coordinator::main(args).await,
             Command::Flower(args) => Ok(celeriac_flower::run(args).await?),
         }
     })

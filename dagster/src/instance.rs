@@ -110,6 +110,30 @@ fn apply_param(config: &mut Config, key: &str, value: &str) -> Result<(), Instan
 fn target_from_yaml(yaml: &str) -> Result<Target, InstanceError> {
     let cfg: Value =
         serde_norway::from_str(yaml).map_err(|e| InstanceError::Config(e.to_string()))?;
+    target_from_config(&cfg)
+}
+
+/// The Postgres connection of an instance's run storage, from its `dagster.yaml` text: the
+/// `storage: {postgres: …}` block, or a `run_storage` of `dagster_postgres`. Returns the connection
+/// settings (`{env: VAR}` resolved) and a description without the password.
+pub fn postgres_from_dagster_yaml(text: &str) -> Result<(Config, String), InstanceError> {
+    let doc: Value =
+        serde_norway::from_str(text).map_err(|e| InstanceError::Config(e.to_string()))?;
+    let storage = doc
+        .pointer("/storage/postgres")
+        .or_else(|| doc.pointer("/run_storage/config"))
+        .ok_or_else(|| {
+            InstanceError::Unsupported(
+                "dagster.yaml has no Postgres storage (storage.postgres or a dagster_postgres run_storage)"
+                    .into(),
+            )
+        })?;
+    let target = target_from_config(storage)?;
+    Ok((target.config, target.display))
+}
+
+/// Parses a Postgres storage config (`postgres_url` or `postgres_db`).
+fn target_from_config(cfg: &Value) -> Result<Target, InstanceError> {
     if let Some(url) = cfg.get("postgres_url") {
         let url = resolve(url, "postgres_url")?
             .ok_or_else(|| InstanceError::Config("postgres_url is empty".into()))?;

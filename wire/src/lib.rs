@@ -5,7 +5,9 @@
 //! [`task`] builds task messages as a Celery client publishes them. [`url`] turns Celery/Dagster URLs into the right implementation.
 
 pub mod backend;
+pub mod backoff;
 pub mod broker;
+pub mod connect;
 pub mod events;
 pub mod json;
 pub mod message;

@@ -239,6 +239,26 @@ pub mod client {
     use crate::broker::{Broker, BrokerError, ExchangeSpec, OutgoingMessage, Subscription};
     use crate::json::{parse_lenient, to_python_string};
 
+    /// Broadcasts `method` to every worker without waiting for replies (`app.control.revoke(...,
+    /// reply=False)`): the body carries no `ticket`/`reply_to`, the headers Celery's `clock` and a
+    /// one-second `expires`.
+    pub async fn broadcast(
+        broker: &dyn Broker,
+        method: &str,
+        arguments: Value,
+    ) -> Result<(), BrokerError> {
+        let body = json!({
+            "method": method, "arguments": arguments, "destination": null, "pattern": null, "matcher": null,
+        });
+        let mut msg = OutgoingMessage::json(to_python_string(&body, false));
+        msg.headers.insert("clock".into(), json!(1));
+        msg.headers
+            .insert("expires".into(), json!(crate::events::now_epoch() + 1.0));
+        msg.properties.delivery_mode = Some(2);
+        msg.properties.priority = Some(0);
+        broker.broadcast(&ExchangeSpec::pidbox(), "", msg).await
+    }
+
     pub async fn call(
         broker: &dyn Broker,
         method: &str,

@@ -227,6 +227,8 @@ async fn declarations_match_python_celery() -> Result<()> {
     let plain = QueueSpec {
         name: q1.clone(),
         max_priority: None,
+        expires_ms: None,
+        with_exchange: true,
     };
     match broker.consume(&plain, 1).await {
         Err(BrokerError::Refused { operation, reason }) => {

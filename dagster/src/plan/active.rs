@@ -85,7 +85,7 @@ impl SortKey {
 
 /// Instance-wide concurrency pools (`InstanceConcurrencyContext`): asked before a step with a pool is
 /// handed out. celery-k8s deployments without pool limits always grant.
-pub trait ConcurrencyClaims: Send {
+pub trait ConcurrencyClaims: Send + Sync {
     /// `claim(pool, step_key, step_priority)`: whether the step may start now.
     fn claim(&mut self, pool: &str, step_key: &str, priority: i64) -> bool;
     /// `free_step`: the step finished; its slot (if any) is released.

@@ -78,3 +78,82 @@ impl ResultBackend for RedisBackend {
         "redis"
     }
 }
+
+/// The client side of the `redis://` backend, as a Celery client reads it: a stored result
+/// (`GET celery-task-meta-<id>`) and results as they are published (the worker `PUBLISH`es each one on
+/// its key's channel; one `PSUBSCRIBE celery-task-meta-*` follows them all).
+#[derive(Clone)]
+pub struct RedisResults {
+    client: redis::Client,
+    con: ConnectionManager,
+}
+
+/// One published result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishedResult {
+    pub task_id: String,
+    pub meta: serde_json::Value,
+}
+
+/// Prefix of the result keys and channels.
+pub const RESULT_KEY_PREFIX: &str = "celery-task-meta-";
+
+impl RedisResults {
+    pub async fn connect(url: &str) -> Result<RedisResults, BackendError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?;
+        let con = tokio::time::timeout(
+            Duration::from_secs(10),
+            ConnectionManager::new(client.clone()),
+        )
+        .await
+        .map_err(|_| BackendError::Unavailable(format!("{}: timed out after 10 s", redact(url))))?
+        .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?;
+        Ok(RedisResults { client, con })
+    }
+
+    /// The stored result of `task_id`, if any (unparseable documents are an error, not `None`).
+    pub async fn get(&self, task_id: &str) -> Result<Option<serde_json::Value>, BackendError> {
+        let key = format!("{RESULT_KEY_PREFIX}{task_id}");
+        let mut con = self.con.clone();
+        let raw: Option<Vec<u8>> = con
+            .get(&key)
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("GET {key}: {e}")))?;
+        match raw {
+            None => Ok(None),
+            Some(bytes) => parse_lenient(&bytes)
+                .map(Some)
+                .map_err(|e| BackendError::Unavailable(format!("{key} holds {e}"))),
+        }
+    }
+
+    /// Follows every published result until the connection drops (the caller resubscribes and then
+    /// reads what it missed with [`Self::get`]). Undecodable payloads are passed on as JSON strings so
+    /// the caller can report them against their task.
+    pub async fn subscribe(
+        &self,
+    ) -> Result<impl futures::Stream<Item = PublishedResult> + Send + 'static, BackendError> {
+        let mut pubsub = self
+            .client
+            .get_async_pubsub()
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("pub/sub connection: {e}")))?;
+        pubsub
+            .psubscribe(format!("{RESULT_KEY_PREFIX}*"))
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("PSUBSCRIBE: {e}")))?;
+        Ok(futures::StreamExt::filter_map(
+            pubsub.into_on_message(),
+            |msg| async move {
+                let channel = msg.get_channel_name().to_string();
+                let task_id = channel.strip_prefix(RESULT_KEY_PREFIX)?.to_string();
+                let payload = msg.get_payload_bytes();
+                let meta = parse_lenient(payload).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
+                });
+                Some(PublishedResult { task_id, meta })
+            },
+        ))
+    }
+}

@@ -426,22 +426,30 @@ async fn declare_task_queue(
     name: ShortString,
     spec: QueueSpec,
 ) -> Result<(), BrokerError> {
-    ch.exchange_declare(
-        name.clone(),
-        lapin::ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|e| classify(&format!("exchange.declare {}", spec.name), &e))?;
+    if spec.with_exchange {
+        ch.exchange_declare(
+            name.clone(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| classify(&format!("exchange.declare {}", spec.name), &e))?;
+    }
     let mut args = FieldTable::default();
     if let Some(max) = spec.max_priority {
         args.insert(
             ShortString::from("x-max-priority"),
             AMQPValue::LongInt(i32::from(max)),
+        );
+    }
+    if let Some(ms) = spec.expires_ms {
+        args.insert(
+            ShortString::from("x-expires"),
+            AMQPValue::LongInt(i32::try_from(ms).unwrap_or(i32::MAX)),
         );
     }
     ch.queue_declare(
@@ -456,15 +464,17 @@ async fn declare_task_queue(
     )
     .await
     .map_err(|e| classify(&format!("queue.declare {}", spec.name), &e))?;
-    ch.queue_bind(
-        name.clone(),
-        name.clone(),
-        name,
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|e| classify(&format!("queue.bind {}", spec.name), &e))?;
+    if spec.with_exchange {
+        ch.queue_bind(
+            name.clone(),
+            name.clone(),
+            name,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| classify(&format!("queue.bind {}", spec.name), &e))?;
+    }
     Ok(())
 }
 

@@ -25,6 +25,11 @@ use crate::message::{Properties, RawMessage};
 pub struct QueueSpec {
     pub name: String,
     pub max_priority: Option<u8>,
+    /// `x-expires` in ms: RabbitMQ deletes the queue after this long unused (reply queues).
+    pub expires_ms: Option<u32>,
+    /// Declared with a direct exchange of the same name bound to it, as Celery declares task queues.
+    /// Reply queues are reached through the default exchange only (and leave no exchange behind).
+    pub with_exchange: bool,
 }
 
 impl QueueSpec {
@@ -33,6 +38,19 @@ impl QueueSpec {
         Self {
             name: name.into(),
             max_priority: Some(10),
+            expires_ms: None,
+            with_exchange: true,
+        }
+    }
+
+    /// A durable reply queue for `rpc://` results that outlives its consumer (so a restarted or
+    /// replacement consumer still finds the results published meanwhile) and expires when unused.
+    pub fn replies(name: &str, expires_ms: u32) -> Self {
+        Self {
+            name: name.into(),
+            max_priority: None,
+            expires_ms: Some(expires_ms),
+            with_exchange: false,
         }
     }
 }

@@ -593,6 +593,9 @@ impl Broker for RedisBroker {
     /// kombu's queue declaration: the binding `<q>␆␖␆␖<q>` in `_kombu.binding.<q>` (and, since kombu
     /// 5.5, `_kombu.binding_permanent.<q>`).
     async fn declare(&self, queue: &QueueSpec) -> Result<(), BrokerError> {
+        if !queue.with_exchange {
+            return Ok(()); // a reply list: reached by name through the default exchange
+        }
         let mut con = self.cmd();
         let sep = &self.inner.options.sep;
         let member = format!("{0}{sep}{sep}{0}", queue.name);
