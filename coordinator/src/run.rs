@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use celeriac_dagster::events::ErrorInfo;
 use celeriac_dagster::plan::{ActiveExecution, ExecutionPlan, SortKey, StepEvent};
 use celeriac_dagster::run::RunRecord;
-use celeriac_dagster::run_events::{self as ev, EngineData, FailureReason, RunScope, ERROR, INFO};
+use celeriac_dagster::run_events::{
+    self as ev, EngineData, FailureReason, RunScope, ERROR, INFO, WARNING,
+};
 use celeriac_dagster::submission::{run_priority, step_task, Handoff};
 use celeriac_wire::broker::{Acker, QueueSpec};
 use celeriac_wire::json::python_repr;
@@ -73,6 +75,8 @@ pub struct Driver {
     run_error: Option<ErrorInfo>,
     /// STEP_FAILURE events reported, in order (the first one explains a failed run).
     failed_steps: Vec<Value>,
+    /// Step key → the order of its first submission (ties of Python's per-tick result order).
+    submitted: std::collections::HashMap<String, usize>,
     stopping: bool,
     revoke_deadline: Option<Instant>,
     /// Set when the run was finished by someone else (forced cancel, run monitoring).
@@ -158,6 +162,7 @@ impl Driver {
                 step_errors: Vec::new(),
                 run_error: None,
                 failed_steps: Vec::new(),
+                submitted: std::collections::HashMap::new(),
                 stopping: false,
                 revoke_deadline: None,
                 externally_finished: None,
@@ -295,6 +300,11 @@ impl Driver {
             t,
         ));
         commit.events.push(ev::run_start(&self.scope, t));
+        if let Some(warning) = self.priority_misuse() {
+            commit
+                .events
+                .push(ev::log_line(&self.scope, None, WARNING, &warning, t));
+        }
         self.submit_ready(&mut commit, t);
         self.commit(commit).await?;
         info!(run_id = %self.scope.run_id, job = %self.scope.job_name, steps = self.in_flight.len(), "run started");
@@ -338,6 +348,8 @@ impl Driver {
         let mut in_flight_steps = self.engine.snapshot().in_flight;
         in_flight_steps.retain(|k| !handed.contains(k));
         for row in &rows {
+            let n = self.submitted.len();
+            self.submitted.entry(row.step_key.clone()).or_insert(n);
             if row.result.is_none() {
                 self.order.push(row.task_id.clone());
                 self.in_flight.insert(
@@ -377,6 +389,31 @@ impl Driver {
         self.commit(commit).await?;
         info!(run_id = %self.scope.run_id, in_flight = self.in_flight.len(), replayed = applied.len(), "run resumed");
         Ok(())
+    }
+
+    /// `_warn_on_priority_misuse`: steps with `dagster/priority` but no `dagster-celery/priority`.
+    fn priority_misuse(&self) -> Option<String> {
+        let plan = self.engine.plan();
+        let bad: Vec<&str> = plan
+            .step_keys_to_execute()
+            .iter()
+            .filter(|k| {
+                plan.step(k).is_ok_and(|s| {
+                    s.tags
+                        .contains_key(celeriac_dagster::plan::active::PRIORITY_TAG)
+                        && !s
+                            .tags
+                            .contains_key(celeriac_dagster::plan::active::CELERY_STEP_PRIORITY_TAG)
+                })
+            })
+            .map(String::as_str)
+            .collect();
+        (!bad.is_empty()).then(|| {
+            format!(
+                "The following steps do not have \"dagster-celery/priority\" set but do have \"dagster/priority\" set which is not applicable for the celery engine: [{}]. Consider using a function to set both keys.",
+                bad.join(", ")
+            )
+        })
     }
 
     fn status_change(&self, reason: Option<FailureReason>) -> StatusChange {
@@ -480,6 +517,8 @@ impl Driver {
             applied_at: None,
         };
         commit.new_tasks.push(row.clone());
+        let n = self.submitted.len();
+        self.submitted.entry(key.to_string()).or_insert(n);
         self.order.push(task_id.clone());
         self.in_flight.insert(
             task_id,
@@ -930,6 +969,19 @@ impl Driver {
             .map(|(s, _)| s)
             .unwrap_or_default();
         let canceling = run_status == "CANCELING";
+        // Python applies the results of one tick in priority order, then submission order.
+        let mut failed = std::mem::take(&mut self.failed_steps);
+        failed.sort_by_key(|e| {
+            let key = e
+                .get("step_key")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            (
+                self.engine.sort_key(key).unwrap_or(0),
+                self.submitted.get(key).copied().unwrap_or(usize::MAX),
+            )
+        });
+        self.failed_steps = failed;
         let failed_keys: Vec<Value> = self
             .failed_steps
             .iter()

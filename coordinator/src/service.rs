@@ -106,6 +106,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
         ready: AtomicBool::new(false),
     });
     let bound = crate::http::serve(settings.http_addr, shared.clone(), stop.clone()).await?;
+    info!(%bound, "HTTP listening");
     info!(replica = %settings.replica, http = %bound, broker = %url::redact(&settings.broker),
           backend = %url::redact(&settings.result_backend), "celeriac coordinator ready");
 

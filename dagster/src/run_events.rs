@@ -15,6 +15,7 @@ use crate::plan::snapshot::StepHandle;
 /// Python's logging levels as stored in `EventLogEntry.level`.
 pub const DEBUG: u8 = 10;
 pub const INFO: u8 = 20;
+pub const WARNING: u8 = 30;
 pub const ERROR: u8 = 40;
 
 /// Why a run failed (`RunFailureReason`).

@@ -171,13 +171,55 @@ pub fn tail(path: &Path, n: usize) -> String {
 }
 
 /// A running `celeriac worker` process.
-pub struct WorkerProcess {
+pub struct CeleriacProcess {
     child: Option<Child>,
     pub log: PathBuf,
     pub hostname: String,
 }
 
-impl WorkerProcess {
+/// The worker is the most common process of the tests.
+pub type WorkerProcess = CeleriacProcess;
+
+impl CeleriacProcess {
+    /// Starts `celeriac coordinator --instance-config <home>/dagster.yaml -b … --result-backend … <extra>`
+    /// as replica `replica` and waits until it is ready.
+    pub fn coordinator(
+        dagster_yaml: &Path,
+        broker: &str,
+        backend: &str,
+        replica: &str,
+        extra: &[&str],
+    ) -> Result<CeleriacProcess> {
+        let log =
+            artifacts_dir().join(format!("{}.log", unique(&format!("coordinator_{replica}"))));
+        let mut cmd = Command::new(celeriac_bin());
+        cmd.arg("coordinator")
+            .arg("--instance-config")
+            .arg(dagster_yaml)
+            .args([
+                "-b",
+                broker,
+                "--result-backend",
+                backend,
+                "--replica",
+                replica,
+            ])
+            .args(["--http-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info,celeriac_coordinator=debug")
+            .env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
+        let file = std::fs::File::create(&log)?;
+        cmd.stdout(file.try_clone()?).stderr(file);
+        let child = cmd.spawn().context("spawning celeriac coordinator")?;
+        let mut process = CeleriacProcess {
+            child: Some(child),
+            log,
+            hostname: replica.to_string(),
+        };
+        process.wait_for_log("celeriac coordinator ready", Duration::from_secs(30))?;
+        Ok(process)
+    }
+
     /// Starts `celeriac worker <args>` and waits until it logs that it is ready.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Result<WorkerProcess> {
         let hostname = format!("{}@localhost", unique("celeriac"));
@@ -201,7 +243,7 @@ impl WorkerProcess {
         let file = std::fs::File::create(&log)?;
         cmd.stdout(file.try_clone()?).stderr(file);
         let child = cmd.spawn().context("spawning celeriac worker")?;
-        let mut worker = WorkerProcess {
+        let mut worker = CeleriacProcess {
             child: Some(child),
             log,
             hostname,
@@ -234,14 +276,14 @@ impl WorkerProcess {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     bail!(
-                        "worker exited ({status}) before logging {needle:?}:\n{}",
+                        "process exited ({status}) before logging {needle:?}:\n{}",
                         tail(&self.log, 60)
                     );
                 }
             }
             if start.elapsed() > timeout {
                 bail!(
-                    "worker did not log {needle:?} within {timeout:?}:\n{}",
+                    "process did not log {needle:?} within {timeout:?}:\n{}",
                     tail(&self.log, 60)
                 );
             }
@@ -308,7 +350,7 @@ impl WorkerProcess {
     }
 }
 
-impl Drop for WorkerProcess {
+impl Drop for CeleriacProcess {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -62,7 +62,8 @@ pub enum SortKey {
 }
 
 impl SortKey {
-    fn key(&self, step: &Step) -> Result<i64, PlanError> {
+    /// The sort key of a step (lower first).
+    pub fn key(&self, step: &Step) -> Result<i64, PlanError> {
         let tag = |name: &str, default: i64| -> Result<i64, PlanError> {
             match step.tags.get(name) {
                 None => Ok(default),
@@ -261,6 +262,11 @@ impl ActiveExecution {
 
     pub fn plan(&self) -> &ExecutionPlan {
         &self.plan
+    }
+
+    /// The sort key of a step, as submissions are ordered.
+    pub fn sort_key(&self, step_key: &str) -> Result<i64, PlanError> {
+        self.sort_key.key(self.plan.step(step_key)?)
     }
 
     pub fn step(&self, key: &str) -> Result<&Step, PlanError> {
