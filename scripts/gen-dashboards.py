@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Writes the chart's Grafana dashboards (charts/celeriac/dashboards/*.json).
 
-Every expression uses only series a celeriac worker or flower-compat exports; the chart test
-(tests/tests/helm_chart.rs) checks each metric name against live /metrics scrapes.
+Every expression uses only series a celeriac worker, flower-compat or the run coordinator exports; the
+chart test (tests/tests/helm_chart.rs) checks each metric name against live /metrics scrapes of a worker
+and flower-compat, and the coordinator's (celeriac_coordinator_*) against its list of metric names.
 """
 import json
 import os
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "charts", "celeriac", "dashboards")
 JOB = 'job=~"$job"'
+# The run coordinator's own scrape job ("<release>-celeriac-coordinator").
+CJOB = 'job=~"$coordinator_job"'
 
 
 def ts(title, exprs, unit="short", w=12, h=8, legend="{{queue_name}}"):
@@ -24,6 +27,11 @@ def stat(title, expr, unit="short", w=6):
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
             "targets": [{"refId": "A", "expr": expr}]}
+
+
+def row(title):
+    """A (never collapsed) row: its panels follow it at the top level of the dashboard."""
+    return {"type": "row", "title": title, "collapsed": False, "gridPos": {"w": 24, "h": 1}, "panels": []}
 
 
 def var(name, query, label=None, include_all=True):
@@ -74,7 +82,30 @@ fleet = dashboard("celeriac-fleet", "celeriac / Fleet overview", [
     ts("Kubernetes API errors", [(f'sum by (verb, code) (rate(celeriac_kubernetes_api_errors_total{{{JOB}}}[$__rate_interval]))', "{{verb}} {{code}}")], unit="ops"),
     ts("Broker reconnects (1h)", [(f'sum by (hostname) (increase(celeriac_broker_reconnects_total{{{JOB}}}[1h]))', "{{hostname}}")]),
     ts("Workers online (flower-compat)", [('sum(flower_worker_online)', "online")]),
-], [])
+    # The run coordinator (`coordinator.enabled`): the runs it drives instead of Python run workers.
+    row("Run coordinator"),
+    stat("Coordinators up", f'count(celeriac_coordinator_runs_owned{{{CJOB}}})'),
+    stat("Runs owned", f'sum(celeriac_coordinator_runs_owned{{{CJOB}}})'),
+    stat("Steps in flight", f'sum(celeriac_coordinator_steps_in_flight{{{CJOB}}})'),
+    stat("Longest without progress", f'max(celeriac_coordinator_seconds_since_progress{{{CJOB}}})', unit="s"),
+    ts("Runs owned per replica", [(f'sum by (pod) (celeriac_coordinator_runs_owned{{{CJOB}}})', "{{pod}}")]),
+    ts("Steps in flight per replica", [(f'sum by (pod) (celeriac_coordinator_steps_in_flight{{{CJOB}}})', "{{pod}}")]),
+    ts("Step result to next submit p50 / p99", [
+        (f'histogram_quantile(0.5, sum by (le) (rate(celeriac_coordinator_result_to_submit_seconds_bucket{{{CJOB}}}[$__rate_interval])))', "p50"),
+        (f'histogram_quantile(0.99, sum by (le) (rate(celeriac_coordinator_result_to_submit_seconds_bucket{{{CJOB}}}[$__rate_interval])))', "p99"),
+    ], unit="s"),
+    ts("Run launch to first step submitted p99", [
+        (f'histogram_quantile(0.99, sum by (le) (rate(celeriac_coordinator_launch_to_first_submit_seconds_bucket{{{CJOB}}}[$__rate_interval])))', "p99"),
+    ], unit="s"),
+    ts("Runs finished by status", [
+        (f'sum by (status) (increase(celeriac_coordinator_runs_finished_total{{{CJOB}}}[$__rate_interval]))', "{{status}}")]),
+    ts("Takeovers of a dead replica's runs", [
+        (f'sum by (pod) (increase(celeriac_coordinator_takeovers_total{{{CJOB}}}[$__rate_interval]))', "{{pod}}")]),
+    ts("Seconds since progress (worst run per replica)", [
+        (f'max by (pod) (celeriac_coordinator_seconds_since_progress{{{CJOB}}})', "{{pod}}")], unit="s"),
+    ts("Lease renewals per second", [
+        (f'sum by (pod) (rate(celeriac_coordinator_leases_renewed_total{{{CJOB}}}[$__rate_interval]))', "{{pod}}")], unit="ops"),
+], [var("coordinator_job", "label_values(celeriac_coordinator_runs_owned, job)", "Coordinator job")])
 
 queue = dashboard("celeriac-queue", "celeriac / Queue", [
     stat("Waiting in the broker", f'max(celery_queue_length{{{JOB}, queue_name=~"$queue"}})'),

@@ -418,6 +418,43 @@ pub fn scraped_names(exposition: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The prefix of every metric name the run coordinator (`celeriac coordinator`) exports.
+pub const COORDINATOR_METRIC_PREFIX: &str = "celeriac_coordinator_";
+
+/// The metrics `celeriac coordinator` exports (names final, all present from start-up): `(name, type)`.
+///
+/// The chart's dashboards and alert rules are checked against this list (`tests/tests/helm_chart.rs`
+/// runs no coordinator); the coordinator's own test scrapes a live coordinator's `/metrics` and checks
+/// that every series of [`coordinator_series_names`] is there, which ties this list to the binary.
+pub const COORDINATOR_METRICS: &[(&str, &str)] = &[
+    ("celeriac_coordinator_runs_owned", "gauge"),
+    ("celeriac_coordinator_steps_in_flight", "gauge"),
+    ("celeriac_coordinator_result_to_submit_seconds", "histogram"),
+    (
+        "celeriac_coordinator_launch_to_first_submit_seconds",
+        "histogram",
+    ),
+    ("celeriac_coordinator_takeovers_total", "counter"),
+    ("celeriac_coordinator_runs_finished_total", "counter"),
+    ("celeriac_coordinator_seconds_since_progress", "gauge"),
+    ("celeriac_coordinator_leases_renewed_total", "counter"),
+];
+
+/// The sample names of [`COORDINATOR_METRICS`] as PromQL reads them and a scrape shows them: a
+/// histogram `h` as `h_bucket`, `h_sum` and `h_count`, every other metric under its own name.
+pub fn coordinator_series_names() -> BTreeSet<String> {
+    COORDINATOR_METRICS
+        .iter()
+        .flat_map(|(name, kind)| match *kind {
+            "histogram" => ["_bucket", "_sum", "_count"]
+                .iter()
+                .map(|suffix| format!("{name}{suffix}"))
+                .collect::<Vec<_>>(),
+            _ => vec![name.to_string()],
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{metric_names, roundtrip_problems};
@@ -443,6 +480,19 @@ mod tests {
 
     fn names(e: &str) -> Vec<String> {
         metric_names(e).into_iter().collect()
+    }
+
+    #[test]
+    fn the_coordinator_histograms_are_read_as_bucket_sum_and_count() {
+        let names = super::coordinator_series_names();
+        assert_eq!(names.len(), super::COORDINATOR_METRICS.len() + 2 * 2);
+        assert!(names.contains("celeriac_coordinator_result_to_submit_seconds_bucket"));
+        assert!(names.contains("celeriac_coordinator_launch_to_first_submit_seconds_count"));
+        assert!(!names.contains("celeriac_coordinator_result_to_submit_seconds"));
+        assert!(names.contains("celeriac_coordinator_runs_owned"));
+        assert!(names
+            .iter()
+            .all(|n| n.starts_with(super::COORDINATOR_METRIC_PREFIX)));
     }
 
     #[test]

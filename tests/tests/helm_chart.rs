@@ -3,21 +3,24 @@
 //! * every `ci/*-values.yaml` renders and lints clean with Helm v4; each built-in object survives a
 //!   field-by-field round trip through its k8s-openapi type; each custom resource passes the upstream
 //!   prometheus-operator / KEDA models; what the chart promises (one Deployment per queue, the
-//!   worker's exact RBAC, drain time, scaling signal, `job` label) is checked on the output;
+//!   worker's exact RBAC, drain time, scaling signal, `job` label; the run coordinator's lack of any
+//!   Kubernetes API access, its Dagster inputs, replicas, PDB and alerts) is checked on the output;
 //! * the schema rejects bad values with a message that names the field;
 //! * the rendered RBAC, Secrets, ConfigMaps, the worker Deployment and flower-compat are applied to
 //!   the real 1.20 cluster; the process kubelet runs the worker pod (image `celeriac/celeriac` →
 //!   the built binary, its celery YAML mounted from the ConfigMap); a real Dagster run succeeds
 //!   through it with only the chart's RBAC; every metric name in the dashboards, alert rules and
-//!   KEDA query is found in live `/metrics` scrapes of that worker and flower-compat.
+//!   KEDA query is found in live `/metrics` scrapes of that worker and flower-compat (the run
+//!   coordinator's, `celeriac_coordinator_*`, in its list of exported metrics).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use celeriac_tests::chart::{
-    builtin_problems, ci_values_files, crd_problems, lint, metric_names, promql_expressions,
-    rejection, render, render_file, scraped_names, Rendered,
+    builtin_problems, chart_dir, ci_values_files, coordinator_series_names, crd_problems, lint,
+    metric_names, promql_expressions, rejection, render, render_file, scraped_names, Rendered,
+    COORDINATOR_METRICS, COORDINATOR_METRIC_PREFIX,
 };
 use celeriac_tests::dagster::DagsterHome;
 use celeriac_tests::k8s::{audit_requests, block_on, cluster, pod_running, TestNamespace};
@@ -241,7 +244,349 @@ fn check_promises(name: &str, rendered: &[Rendered]) -> Result<()> {
             "{name}: job label {job:?} must match .*celery.*"
         );
     }
+    check_coordinator(name, rendered)
+}
+
+/// The alerts the PrometheusRule carries for the run coordinator.
+const COORDINATOR_ALERTS: &[&str] = &[
+    "CeleriacCoordinatorDown",
+    "CeleriacRunStuck",
+    "CeleriacCoordinatorTakeovers",
+];
+
+fn is_coordinator(r: &Rendered) -> bool {
+    r.object["metadata"]["labels"]["app.kubernetes.io/component"] == "coordinator"
+}
+
+/// The value following `flag` in a container's args.
+fn arg_after<'a>(container: &'a Value, flag: &str) -> Option<&'a str> {
+    let args = container["args"].as_array()?;
+    let i = args.iter().position(|a| *a == flag)?;
+    args.get(i + 1)?.as_str()
+}
+
+/// A container's env entry `name`.
+fn env_of<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == name)
+}
+
+/// `matchLabels` is a subset of `labels`.
+fn selects(match_labels: &Value, labels: &Value) -> bool {
+    match_labels
+        .as_object()
+        .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k] == *v))
+}
+
+/// The alert rules of the rendered PrometheusRules, by alert name.
+fn alerts(rendered: &[Rendered]) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for r in kinds(rendered, "PrometheusRule") {
+        for g in r.object["spec"]["groups"].as_array().into_iter().flatten() {
+            for rule in g["rules"].as_array().into_iter().flatten() {
+                if let Some(a) = rule["alert"].as_str() {
+                    out.insert(a.to_string(), rule.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The run coordinator, when the values enable it: no Kubernetes API access (own service account,
+/// no token, no Role or binding), the Dagster instance and secrets exactly as the workers get them,
+/// the lease/heartbeat relation, probes, the workers' security context, replicas on different nodes
+/// under a PDB, its own scrape job and its alerts. Disabled: none of its objects or alerts.
+fn check_coordinator(name: &str, rendered: &[Rendered]) -> Result<()> {
+    let objects: Vec<&Rendered> = rendered.iter().filter(|r| is_coordinator(r)).collect();
+    let rules = alerts(rendered);
+    let deployments: Vec<_> = objects
+        .iter()
+        .filter(|r| r.kind() == "Deployment")
+        .collect();
+    let Some(d) = deployments.first() else {
+        assert!(
+            objects.is_empty(),
+            "{name}: coordinator objects without its Deployment: {:?}",
+            objects.iter().map(|o| o.name()).collect::<Vec<_>>()
+        );
+        for a in COORDINATOR_ALERTS {
+            assert!(!rules.contains_key(*a), "{name}: {a} without a coordinator");
+        }
+        return Ok(());
+    };
+    assert_eq!(deployments.len(), 1, "{name}: one coordinator Deployment");
+    let template = &d.object["spec"]["template"];
+    let pod = &template["spec"];
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let sub = args.iter().position(|a| *a == "coordinator");
+    assert!(
+        c["command"][0] == "celeriac" && sub.is_some(),
+        "{name}: runs `celeriac coordinator`: {args:?}"
+    );
+
+    // No Kubernetes API access: its own service account, no token, nothing granted to it.
+    let sa = pod["serviceAccountName"].as_str().unwrap_or_default();
+    assert_eq!(
+        pod["automountServiceAccountToken"], false,
+        "{name}: no service account token in the coordinator pod"
+    );
+    let worker = kinds(rendered, "Deployment")
+        .into_iter()
+        .find(|w| w.object["metadata"]["labels"]["app.kubernetes.io/component"] == "worker")
+        .context("a worker Deployment")?;
+    let worker_pod = &worker.object["spec"]["template"]["spec"];
+    let wc = &worker_pod["containers"][0];
+    assert_ne!(
+        worker_pod["serviceAccountName"].as_str(),
+        Some(sa),
+        "{name}: the coordinator does not share the workers' service account (it has a Role)"
+    );
+    if let Some(account) = kinds(rendered, "ServiceAccount")
+        .iter()
+        .find(|a| a.name() == sa)
+    {
+        assert!(is_coordinator(account), "{name}: {sa} is the coordinator's");
+        assert_eq!(
+            account.object["automountServiceAccountToken"], false,
+            "{name}: the coordinator's service account does not automount a token"
+        );
+    }
+    for r in rendered {
+        match r.kind() {
+            "Role" | "ClusterRole" => assert!(
+                !is_coordinator(r),
+                "{name}: {} {} is a coordinator Role",
+                r.kind(),
+                r.name()
+            ),
+            "RoleBinding" | "ClusterRoleBinding" => {
+                for s in r.object["subjects"].as_array().into_iter().flatten() {
+                    assert!(
+                        !(s["kind"] == "ServiceAccount" && s["name"] == sa),
+                        "{name}: {} {} binds the coordinator's service account {sa}",
+                        r.kind(),
+                        r.name()
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // The Dagster instance and the secrets, exactly as the workers get them.
+    let pg = env_of(c, "DAGSTER_PG_PASSWORD").context("DAGSTER_PG_PASSWORD")?;
+    let worker_pg =
+        env_of(wc, "DAGSTER_PG_PASSWORD").context("the worker's DAGSTER_PG_PASSWORD")?;
+    assert_eq!(
+        pg["valueFrom"], worker_pg["valueFrom"],
+        "{name}: DAGSTER_PG_PASSWORD from the workers' Postgres secret"
+    );
+    // The worker's celery-config Secret: the first Secret of its envFrom.
+    let celery_secret = wc["envFrom"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|e| e["secretRef"]["name"].as_str())
+        .context("the workers' celery-config Secret")?;
+    for var in ["DAGSTER_CELERY_BROKER_URL", "DAGSTER_CELERY_BACKEND_URL"] {
+        let e = env_of(c, var).with_context(|| format!("{name}: coordinator env {var}"))?;
+        assert_eq!(
+            e["valueFrom"]["secretKeyRef"],
+            serde_json::json!({"name": celery_secret, "key": var}),
+            "{name}: {var} from the workers' celery-config Secret"
+        );
+    }
+    let dagster_home = kinds(rendered, "ConfigMap")
+        .into_iter()
+        .find_map(|cm| {
+            cm.object["data"]["DAGSTER_HOME"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .context("the workers' DAGSTER_HOME")?;
+    let instance = format!("{dagster_home}/dagster.yaml");
+    assert_eq!(
+        arg_after(c, "--instance-config"),
+        Some(instance.as_str()),
+        "{name}: --instance-config is the instance mounted at <dagsterHome>/dagster.yaml"
+    );
+    assert_eq!(
+        env_of(c, "DAGSTER_HOME").map(|e| &e["value"]),
+        Some(&Value::from(dagster_home.as_str()))
+    );
+    let mount = c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"] == instance.as_str())
+        .with_context(|| format!("{name}: a mount at {instance}"))?;
+    assert_eq!(mount["subPath"], "dagster.yaml");
+    let volume = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .context("the instance volume")?;
+    assert!(
+        volume["configMap"]["name"]
+            .as_str()
+            .is_some_and(|n| !n.is_empty()),
+        "{name}: the instance comes from the Dagster chart's ConfigMap: {volume}"
+    );
+    assert_eq!(
+        env_of(c, "CELERIAC_COORDINATOR_REPLICA").map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]),
+        Some(&Value::from("metadata.name")),
+        "{name}: the replica is named after its pod"
+    );
+
+    // Leases survive a missed renewal.
+    let lease: u64 = arg_after(c, "--lease-timeout")
+        .unwrap_or_default()
+        .parse()?;
+    let heartbeat: u64 = arg_after(c, "--heartbeat-interval")
+        .unwrap_or_default()
+        .parse()?;
+    assert!(
+        heartbeat >= 1 && lease >= 2 * heartbeat,
+        "{name}: lease {lease}s vs heartbeat {heartbeat}s"
+    );
+    assert!(
+        arg_after(c, "--max-runs")
+            .unwrap_or_default()
+            .parse::<u64>()?
+            >= 1
+    );
+
+    // HTTP: probes, the scrape Service with its own job.
+    let port = c["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "http")
+        .and_then(|p| p["containerPort"].as_i64())
+        .context("the coordinator's http port")?;
+    assert_eq!(
+        arg_after(c, "--http-addr"),
+        Some(format!("0.0.0.0:{port}").as_str())
+    );
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let svc = objects
+        .iter()
+        .find(|r| r.kind() == "Service")
+        .context("the coordinator Service")?;
+    assert!(selects(
+        &svc.object["spec"]["selector"],
+        &template["metadata"]["labels"]
+    ));
+    assert_eq!(svc.object["spec"]["ports"][0]["targetPort"], "http");
+    let job = svc.object["metadata"]["labels"]["celeriac.dev/job"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        job.ends_with("-celeriac-coordinator"),
+        "{name}: the coordinator's own job: {job:?}"
+    );
+    assert_eq!(
+        svc.object["metadata"]["labels"]["celeriac.dev/scrape"],
+        "true"
+    );
+
+    // The workers' security context; a quick, clean stop.
+    assert_eq!(c["securityContext"], wc["securityContext"]);
+    assert_eq!(pod["securityContext"], worker_pod["securityContext"]);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap_or(30);
+    assert!(
+        (5..=60).contains(&grace),
+        "{name}: the coordinator stops within seconds (grace {grace}s)"
+    );
+
+    // Replicas on different nodes, a PDB that keeps one when there are several.
+    let replicas = d.object["spec"]["replicas"].as_i64().unwrap_or(1);
+    let anti = &pod["affinity"]["podAntiAffinity"];
+    assert!(anti.is_object(), "{name}: replicas prefer different nodes");
+    let pdbs: Vec<_> = objects
+        .iter()
+        .filter(|r| r.kind() == "PodDisruptionBudget")
+        .collect();
+    if replicas > 1 && !pdbs.is_empty() {
+        let spec = &pdbs[0].object["spec"];
+        assert!(selects(
+            &spec["selector"]["matchLabels"],
+            &template["metadata"]["labels"]
+        ));
+        if let Some(min) = spec["minAvailable"].as_i64() {
+            assert!(
+                (1..replicas).contains(&min),
+                "{name}: minAvailable {min} of {replicas}"
+            );
+        }
+    }
+    if replicas <= 1 {
+        assert!(
+            pdbs.is_empty(),
+            "{name}: no PDB for a single coordinator (it would block drains)"
+        );
+    }
+
+    // Alerts: on the coordinator's own job.
+    if !kinds(rendered, "PrometheusRule").is_empty() {
+        for a in COORDINATOR_ALERTS {
+            let rule = rules
+                .get(*a)
+                .with_context(|| format!("{name}: alert {a}"))?;
+            let expr = rule["expr"].as_str().unwrap_or_default();
+            assert!(
+                expr.contains(&format!("job=\"{job}\"")),
+                "{name}: {a} reads the coordinator's job {job}: {expr}"
+            );
+        }
+    }
     Ok(())
+}
+
+/// Metric names the expressions read that are not exported, with where they are read, and every
+/// name read. The run coordinator's (`celeriac_coordinator_*`) are checked against its list of
+/// metrics, [`COORDINATOR_METRICS`]: no coordinator runs here, the coordinator's own test scrapes a
+/// live one for them. All other names are checked against `live`.
+fn unexported_metrics(
+    exprs: &[(String, String)],
+    live: &BTreeSet<String>,
+) -> (BTreeMap<String, Vec<String>>, BTreeSet<String>) {
+    let coordinator = coordinator_series_names();
+    let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut used = BTreeSet::new();
+    for (place, expr) in exprs {
+        for m in metric_names(expr) {
+            used.insert(m.clone());
+            let known = if m.starts_with(COORDINATOR_METRIC_PREFIX) {
+                coordinator.contains(&m)
+            } else {
+                live.contains(&m)
+            };
+            if !known {
+                missing.entry(m).or_default().push(place.clone());
+            }
+        }
+    }
+    (missing, used)
 }
 
 #[test]
@@ -275,6 +620,48 @@ fn the_schema_rejects_bad_values_with_a_clear_message() -> Result<()> {
             "apiVersionOverrides: {podDisruptionBudget: policy/v2}",
             "/apiVersionOverrides/podDisruptionBudget",
         ),
+        (
+            "coordinator: {leaseTimeoutSeconds: -1}",
+            "/coordinator/leaseTimeoutSeconds",
+        ),
+        (
+            "coordinator: {enabled: true, replicaCount: 0}",
+            "/coordinator/replicaCount",
+        ),
+        (
+            "coordinator: {heartbeatIntervalSeconds: 0}",
+            "/coordinator/heartbeatIntervalSeconds",
+        ),
+        ("coordinator: {maxRuns: 0}", "/coordinator/maxRuns"),
+        (
+            "coordinator: {enabled: true, leaseTimout: 30}",
+            "additional properties 'leaseTimout' not allowed",
+        ),
+        (
+            "coordinator: {instanceConfigMap: ''}",
+            "/coordinator/instanceConfigMap",
+        ),
+        (
+            "coordinator: {image: {pullPolicy: Sometimes}}",
+            "/coordinator/image/pullPolicy",
+        ),
+        (
+            "coordinator: {podDisruptionBudget: {minAvailable: 0}}",
+            "/coordinator/podDisruptionBudget/minAvailable",
+        ),
+        (
+            "prometheusRule: {runStuckMinutes: 0}",
+            "/prometheusRule/runStuckMinutes",
+        ),
+        // Across fields: the template refuses them, naming both keys.
+        (
+            "coordinator: {enabled: true, leaseTimeoutSeconds: 8, heartbeatIntervalSeconds: 5}",
+            "coordinator.leaseTimeoutSeconds (8) must be at least twice coordinator.heartbeatIntervalSeconds (5)",
+        ),
+        (
+            "coordinator: {enabled: true, replicaCount: 2, podDisruptionBudget: {minAvailable: 2}}",
+            "coordinator.podDisruptionBudget.minAvailable (2) must be below coordinator.replicaCount (2)",
+        ),
         // Not a schema matter, but a clear failure all the same.
         ("rabbitmq: {enabled: false}", "needs a broker"),
         (
@@ -289,6 +676,170 @@ fn the_schema_rejects_bad_values_with_a_clear_message() -> Result<()> {
             "values {values:?}: Helm's message should name {expected:?}, got: {message}"
         );
     }
+    Ok(())
+}
+
+/// The run coordinator as `ci/coordinator-values.yaml` deploys it next to the Dagster chart: two
+/// replicas under a PDB, no Kubernetes API access, the Dagster chart's instance ConfigMap and Secrets;
+/// without `coordinator.enabled` nothing of it; one replica, no PDB.
+#[test]
+fn the_coordinator_values_deploy_two_replicas_without_kubernetes_access() -> Result<()> {
+    let file = chart_dir().join("ci/coordinator-values.yaml");
+    let rendered = render_file(&file, "dagster", "dagster")?;
+    let coordinator: Vec<&Rendered> = rendered.iter().filter(|r| is_coordinator(r)).collect();
+    let of_kind = |kind: &str| -> Vec<&Rendered> {
+        coordinator
+            .iter()
+            .copied()
+            .filter(|r| r.kind() == kind)
+            .collect()
+    };
+    let d = of_kind("Deployment")
+        .first()
+        .copied()
+        .context("the coordinator Deployment")?;
+    assert_eq!(d.name(), "dagster-celeriac-coordinator");
+    assert_eq!(d.object["spec"]["replicas"], 2);
+    let pdb = of_kind("PodDisruptionBudget");
+    assert_eq!(pdb.len(), 1, "a PDB for the two replicas");
+    assert_eq!(pdb[0].object["spec"]["minAvailable"], 1);
+
+    let pod = &d.object["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let sa = of_kind("ServiceAccount");
+    assert_eq!(sa.len(), 1);
+    assert_eq!(pod["serviceAccountName"], sa[0].name());
+    assert_eq!(sa[0].object["automountServiceAccountToken"], false);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let bound: Vec<_> = rendered
+        .iter()
+        .filter(|r| {
+            r.object["subjects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["name"] == sa[0].name())
+        })
+        .map(|r| format!("{} {}", r.kind(), r.name()))
+        .collect();
+    assert!(bound.is_empty(), "nothing binds the coordinator: {bound:?}");
+    assert!(of_kind("Role").is_empty() && of_kind("RoleBinding").is_empty());
+
+    let secret_of = |var: &str| env_of(c, var).map(|e| e["valueFrom"]["secretKeyRef"].clone());
+    assert_eq!(
+        secret_of("DAGSTER_PG_PASSWORD"),
+        Some(
+            serde_json::json!({"name": "dagster-postgresql-secret", "key": "postgresql-password"})
+        )
+    );
+    for var in ["DAGSTER_CELERY_BROKER_URL", "DAGSTER_CELERY_BACKEND_URL"] {
+        assert_eq!(
+            secret_of(var),
+            Some(serde_json::json!({"name": "dagster-celery-config-secret", "key": var}))
+        );
+    }
+    assert_eq!(
+        c["volumeMounts"][0],
+        serde_json::json!({"name": "dagster-instance", "mountPath": "/opt/dagster/dagster_home/dagster.yaml",
+            "subPath": "dagster.yaml", "readOnly": true})
+    );
+    assert_eq!(
+        pod["volumes"][0],
+        serde_json::json!({"name": "dagster-instance", "configMap": {"name": "dagster-instance"}})
+    );
+    assert_eq!(arg_after(c, "--lease-timeout"), Some("45"));
+    assert_eq!(arg_after(c, "--max-runs"), Some("500"));
+    // The user's nodeAffinity is kept, the default anti-affinity added next to it.
+    let affinity = &pod["affinity"];
+    assert!(affinity["nodeAffinity"].is_object());
+    let term = &affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+        ["podAffinityTerm"];
+    assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
+    assert!(selects(
+        &term["labelSelector"]["matchLabels"],
+        &d.object["spec"]["template"]["metadata"]["labels"]
+    ));
+    let rules = alerts(&rendered);
+    assert!(rules["CeleriacRunStuck"]["expr"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("> 1200"));
+
+    // Disabled (the default): none of it.
+    let off = render("{}", "dagster", "dagster")?;
+    assert!(off.iter().all(|r| !is_coordinator(r)));
+    assert!(COORDINATOR_ALERTS
+        .iter()
+        .all(|a| !alerts(&off).contains_key(*a)));
+    // One replica: no PDB (it would block node drains); a service account of the user's.
+    let one = render(
+        "coordinator: {enabled: true, replicaCount: 1, serviceAccount: {create: false, name: celeriac-coordinator}}",
+        "dagster",
+        "dagster",
+    )?;
+    check_coordinator("one replica", &one)?;
+    let kinds_one: Vec<&str> = one
+        .iter()
+        .filter(|r| is_coordinator(r))
+        .map(|r| r.kind())
+        .collect();
+    assert_eq!(kinds_one, ["Deployment", "Service"]);
+    let d1 = one
+        .iter()
+        .find(|r| is_coordinator(r) && r.kind() == "Deployment")
+        .context("coordinator Deployment")?;
+    assert_eq!(
+        d1.object["spec"]["template"]["spec"]["serviceAccountName"],
+        "celeriac-coordinator"
+    );
+    Ok(())
+}
+
+/// The coordinator's alert rules and dashboard panels read only metrics the coordinator exports
+/// (its list, [`COORDINATOR_METRICS`]; the coordinator's own test scrapes them live), and the
+/// dashboards show every one of them. The other names are checked live by the cluster test.
+#[test]
+fn the_coordinators_promql_reads_only_metrics_it_exports() -> Result<()> {
+    let rendered = render_file(
+        &chart_dir().join("ci/coordinator-values.yaml"),
+        "celeriac",
+        "dagster",
+    )?;
+    let exprs = promql_expressions(&rendered);
+    let coordinator_exprs: Vec<(String, String)> = exprs
+        .iter()
+        .filter(|(place, expr)| {
+            COORDINATOR_ALERTS
+                .iter()
+                .any(|a| place == &format!("PrometheusRule {:?}", Some(*a)))
+                || metric_names(expr)
+                    .iter()
+                    .any(|m| m.starts_with(COORDINATOR_METRIC_PREFIX))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        coordinator_exprs.len() >= COORDINATOR_ALERTS.len() + COORDINATOR_METRICS.len(),
+        "the coordinator's alerts and panels: {coordinator_exprs:#?}"
+    );
+    // Checked against no live names: every name of these expressions must be the coordinator's.
+    let (missing, used) = unexported_metrics(&coordinator_exprs, &BTreeSet::new());
+    assert!(
+        missing.is_empty(),
+        "coordinator expressions read metrics the coordinator does not export: {missing:#?}"
+    );
+    for (metric, kind) in COORDINATOR_METRICS {
+        let read = match *kind {
+            "histogram" => used.contains(&format!("{metric}_bucket")),
+            _ => used.contains(*metric),
+        };
+        assert!(read, "no dashboard panel or alert reads {metric}");
+    }
+    eprintln!(
+        "{} coordinator expressions read {:?}",
+        coordinator_exprs.len(),
+        used
+    );
     Ok(())
 }
 
@@ -522,19 +1073,10 @@ grafanaDashboards: {{enabled: true}}
         "dashboards, rules and KEDA carry expressions: {}",
         exprs.len()
     );
-    let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut used = BTreeSet::new();
-    for (place, expr) in &exprs {
-        for m in metric_names(expr) {
-            used.insert(m.clone());
-            if !live.contains(&m) {
-                missing.entry(m).or_default().push(place.clone());
-            }
-        }
-    }
+    let (missing, used) = unexported_metrics(&exprs, &live);
     assert!(
         missing.is_empty(),
-        "metrics not in live /metrics: {missing:#?}"
+        "metrics not in live /metrics (or, celeriac_coordinator_*, not exported by the coordinator): {missing:#?}"
     );
     eprintln!(
         "{} PromQL expressions read {} metric names, all live: {used:?}",

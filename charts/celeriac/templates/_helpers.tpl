@@ -104,3 +104,51 @@ execution:
 {{- if .Values.apiVersionOverrides.horizontalPodAutoscaler -}}{{ .Values.apiVersionOverrides.horizontalPodAutoscaler }}
 {{- else if .Capabilities.APIVersions.Has "autoscaling/v2" -}}autoscaling/v2{{- else -}}autoscaling/v2beta2{{- end -}}
 {{- end -}}
+
+{{/*
+The run coordinator (`celeriac coordinator`): "<release>-celeriac-coordinator", its own service account
+(no Kubernetes API access), the worker image unless `coordinator.image` says otherwise.
+*/}}
+{{- define "celeriac.coordinator.fullname" -}}
+{{- printf "%s-coordinator" (include "celeriac.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "celeriac.coordinator.serviceAccountName" -}}
+{{- if .Values.coordinator.serviceAccount.create -}}
+{{- default (include "celeriac.coordinator.fullname" .) .Values.coordinator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.coordinator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "celeriac.coordinator.image" -}}
+{{- $image := .Values.coordinator.image -}}
+{{- printf "%s:%s" (default .Values.image.repository $image.repository) (coalesce $image.tag .Values.image.tag .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* Selector labels of the coordinator pods. */}}
+{{- define "celeriac.coordinator.selector" -}}
+app.kubernetes.io/name: celeriac
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: coordinator
+{{- end -}}
+
+{{/* The Prometheus job of the coordinator scrape (label celeriac.dev/job of its Service). */}}
+{{- define "celeriac.coordinator.job" -}}
+{{- include "celeriac.coordinator.fullname" . -}}
+{{- end -}}
+
+{{/*
+Cross-field rules the schema cannot express; rendered (empty) by every coordinator template, so any of
+them fails the release with the offending keys named.
+*/}}
+{{- define "celeriac.coordinator.validate" -}}
+{{- $c := .Values.coordinator -}}
+{{- if lt (int $c.leaseTimeoutSeconds) (mul 2 (int $c.heartbeatIntervalSeconds) | int) -}}
+{{- fail (printf "coordinator.leaseTimeoutSeconds (%v) must be at least twice coordinator.heartbeatIntervalSeconds (%v): a lease must survive one missed renewal" $c.leaseTimeoutSeconds $c.heartbeatIntervalSeconds) -}}
+{{- end -}}
+{{- $min := $c.podDisruptionBudget.minAvailable -}}
+{{- if and $c.podDisruptionBudget.enabled (gt (int $c.replicaCount) 1) (not (kindIs "string" $min)) (ge (int $min) (int $c.replicaCount)) -}}
+{{- fail (printf "coordinator.podDisruptionBudget.minAvailable (%v) must be below coordinator.replicaCount (%v), or no coordinator pod could ever be evicted (node drains would hang)" $min $c.replicaCount) -}}
+{{- end -}}
+{{- end -}}
