@@ -11,6 +11,7 @@ dynamic outputs). Op behaviour that differs between a parent run and its re-exec
 import copy
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -591,6 +592,32 @@ asset_check_job: JobDefinition = _asset_defs.get_job_def("asset_check_job")
 
 
 # ---------------------------------------------------------------------------------------------------------
+# slow: a fan-out of two sleeping ops joined by a third (SLEEP_SECONDS each), for fault tests that act
+# while steps run (termination, coordinator crashes, broker restarts).
+@op(tags=QUEUE)
+def sl_a():
+    time.sleep(float(S["SLEEP_SECONDS"]))
+    return 1
+
+
+@op(tags=QUEUE)
+def sl_b():
+    time.sleep(float(S["SLEEP_SECONDS"]))
+    return 2
+
+
+@op(tags=QUEUE)
+def sl_join(a, b):
+    time.sleep(float(S["SLEEP_SECONDS"]))
+    return a + b
+
+
+@job(executor_def=celery_k8s_job_executor)
+def slow():
+    sl_join(sl_a(), sl_b())
+
+
+# ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShapeSpec:
     name: str
@@ -631,6 +658,7 @@ SHAPES: dict[str, ShapeSpec] = {s.name: s for s in [
               "re-execute from failure: failed op + failed mapped step of a dynamic output, skipped op",
               create="reexecute_from_failure", parent_run_config=REEXEC_PARENT_CONFIG),
     ShapeSpec("asset_check", asset_check_job, "blocking asset checks (own step and in-step), downstream assets"),
+    ShapeSpec("slow", slow, "two sleeping ops joined by a third (fault tests)"),
 ]}
 
 
@@ -714,6 +742,7 @@ def create_run(instance, spec: ShapeSpec, extra_run_config: dict | None = None,
 defs = Definitions(
     jobs=[fan_in_optional, dynamic_collect, nested_dynamic, mapped_graph_dynamic, empty_dynamic, retry_success,
           retry_exhausted, retry_requested, fail_abandon, optional_skip, priorities, subset_diamond, reexec_mixed,
+          slow,
           _asset_check_job],
     assets=[ac_raw, ac_clean, ac_raw2, ac_clean2],
     asset_checks=[ac_raw_check],

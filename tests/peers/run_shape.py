@@ -1,12 +1,14 @@
 """Creates one run of a plan_shapes.py shape and drives it, then prints a summary for differential tests.
 
-usage: run_shape.py --home <DAGSTER_HOME> --shape <name> --mode python|launch|create [--timeout S]
+usage: run_shape.py --home <DAGSTER_HOME> --shape <name> --mode python|launch|create [--timeout S] [--no-wait]
+       run_shape.py --home <DAGSTER_HOME> --shape - --mode summary|terminate --run-id <id>
 
   python  the run is executed by Python's own run worker: `dagster api execute_run <ExecuteRunArgs>`, exactly
           the command CeleryK8sRunLauncher's run-worker Job runs (celery_k8s_job_executor publishes the steps)
   launch  the run is launched through `instance.launch_run` (the run launcher of the home's dagster.yaml; with
           CeleriacRunLauncher the celeriac coordinator drives it) and waited for
   create  the run is only created (NOT_STARTED)
+  summary the summary of an existing run; terminate: Dagster's termination (the run launcher's terminate())
 
 With a CeleriacRunLauncher home, the output also carries the run's hand-off ("handoff") as the launcher computes
 it (for message-parity tests).
@@ -67,15 +69,18 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--home", required=True)
     p.add_argument("--shape", required=True)
-    p.add_argument("--mode", choices=["python", "launch", "create"], required=True)
+    p.add_argument("--mode", choices=["python", "launch", "create", "summary", "terminate"], required=True)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--no-wait", action="store_true", help="launch: print the run id as soon as it is launched")
+    p.add_argument("--run-id", help="summary/terminate: the run")
     a = p.parse_args()
     home = os.path.abspath(a.home)
     os.environ["DAGSTER_HOME"] = home
     os.environ.setdefault("DAGSTER_PG_PASSWORD", "unused")
 
     import settings
-    settings.save(home)
+    if a.mode not in ("summary", "terminate"):  # step processes of running runs read the saved settings
+        settings.save(home)
     import yaml
     from dagster import DagsterInstance
     from dagster._cli.api import ExecuteRunArgs
@@ -83,6 +88,15 @@ def main():
     from dagster._serdes import serialize_value
 
     import plan_shapes
+
+    if a.mode in ("summary", "terminate"):
+        with DagsterInstance.get() as instance:
+            if a.mode == "terminate":
+                # Dagster's own termination path: the run launcher's terminate().
+                print(json.dumps({"run_id": a.run_id, "terminated": instance.run_launcher.terminate(a.run_id)}))
+            else:
+                print(json.dumps(summarize(instance, a.run_id), default=str))
+        return
 
     spec = plan_shapes.SHAPES[a.shape]
     with open(os.path.join(home, "run_config.yaml")) as f:
@@ -111,6 +125,9 @@ def main():
                 print(f"run_shape.py: the run worker did not finish within {a.timeout} s", file=sys.stderr)
         else:
             instance.launch_run(run_id, workspace=None)
+            if a.no_wait:
+                print(json.dumps({"run_id": run_id, "handoff": handoff}, default=str))
+                return
             deadline = time.time() + a.timeout
             while time.time() < deadline:
                 if instance.get_run_by_id(run_id).status.value in TERMINAL:

@@ -168,25 +168,37 @@ impl DagsterHome {
         timeout: Duration,
         envs: &[(&str, &str)],
     ) -> Result<serde_json::Value> {
+        self.run_shape_with(shape, mode, &[], timeout, envs)
+    }
+
+    /// [`Self::run_shape`] with extra arguments (`--no-wait`, `--run-id <id>`).
+    pub fn run_shape_with(
+        &self,
+        shape: &str,
+        mode: &str,
+        extra: &[&str],
+        timeout: Duration,
+        envs: &[(&str, &str)],
+    ) -> Result<serde_json::Value> {
         let mut all: Vec<(&str, &str)> = vec![("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")];
         all.extend_from_slice(envs);
         let timeout_s = timeout.as_secs().to_string();
-        let out = run_python(
-            &[
-                &peer("run_shape.py").display().to_string(),
-                "--home",
-                &self.dir.display().to_string(),
-                "--shape",
-                shape,
-                "--mode",
-                mode,
-                "--timeout",
-                &timeout_s,
-            ],
-            &all,
-            timeout + Duration::from_secs(120),
-        )
-        .with_context(|| format!("run_shape.py --shape {shape} --mode {mode}"))?;
+        let script = peer("run_shape.py").display().to_string();
+        let dir = self.dir.display().to_string();
+        let mut args = vec![
+            script.as_str(),
+            "--home",
+            &dir,
+            "--shape",
+            shape,
+            "--mode",
+            mode,
+            "--timeout",
+            &timeout_s,
+        ];
+        args.extend_from_slice(extra);
+        let out = run_python(&args, &all, timeout + Duration::from_secs(120))
+            .with_context(|| format!("run_shape.py --shape {shape} --mode {mode}"))?;
         let line = out
             .lines()
             .rev()

@@ -365,6 +365,7 @@ pub fn lines_of(child: &mut Child) -> impl Iterator<Item = String> + '_ {
     BufReader::new(out).lines().map_while(|l| l.ok())
 }
 
+pub mod brokers;
 pub mod chart;
 pub mod dagster;
 pub mod k8s;

@@ -1,0 +1,113 @@
+//! Private broker nodes for fault tests: a RabbitMQ node of the test's own (same Debian package as the
+//! machine's, on its own ports and data directory) that can be stopped and restarted without touching
+//! the shared broker other tests use at the same time.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{artifacts_dir, free_port, unique};
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// A RabbitMQ node of this test (`rabbitmq-server -detached` with its own node name and ports).
+pub struct PrivateRabbit {
+    pub node: String,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRabbit {
+    pub fn start() -> Result<PrivateRabbit> {
+        let name = unique("celeriac_rmq");
+        let node = format!("{name}@localhost");
+        let port = free_port()?;
+        let dist = free_port()?;
+        let dir = artifacts_dir().join(&name);
+        std::fs::create_dir_all(dir.join("log"))?;
+        std::fs::create_dir_all(dir.join("mnesia"))?;
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users.guest = true\n"),
+        )?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        // The server runs as the rabbitmq user (Debian's wrapper): it must own its directory.
+        let _ = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status();
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .status()
+            .context("starting a private rabbitmq-server")?;
+        if !status.success() {
+            bail!("rabbitmq-server -detached failed ({status})");
+        }
+        let rabbit = PrivateRabbit { node, port, dir };
+        rabbit.wait_up(Duration::from_secs(60))?;
+        Ok(rabbit)
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}//", self.port)
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<()> {
+        let out = Command::new("rabbitmqctl")
+            .args(["-n", &self.node])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_up(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while !port_open(self.port) {
+            if start.elapsed() > timeout {
+                bail!(
+                    "private RabbitMQ {} did not open port {}",
+                    self.node,
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// Stops the broker application (every connection drops) for `down`, then starts it again.
+    /// Durable queues and persistent messages survive, as in a real broker restart.
+    pub fn restart(&self, down: Duration) -> Result<()> {
+        self.ctl(&["stop_app"])?;
+        std::thread::sleep(down);
+        self.ctl(&["start_app"])?;
+        self.wait_up(Duration::from_secs(60))
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        let _ = self.ctl(&["stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
