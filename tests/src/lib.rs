@@ -369,6 +369,7 @@ pub mod brokers;
 pub mod chart;
 pub mod dagster;
 pub mod k8s;
+pub mod prometheus;
 
 /// Messages waiting in `queue` on `broker` (Redis: all priority lists; AMQP: ready messages), and on Redis
 /// the number of unacknowledged deliveries in kombu's `unacked` hash.
