@@ -109,7 +109,9 @@ pub fn scrape_config(
         .find(|r| r.kind() == "ServiceMonitor")
         .context("no ServiceMonitor rendered")?;
     let spec = &sm.object["spec"];
-    let job_label = spec["jobLabel"].as_str().context("ServiceMonitor jobLabel")?;
+    let job_label = spec["jobLabel"]
+        .as_str()
+        .context("ServiceMonitor jobLabel")?;
     let selector = spec["selector"]["matchLabels"]
         .as_object()
         .context("ServiceMonitor selector.matchLabels")?;
@@ -157,7 +159,10 @@ pub fn scrape_config(
             );
         }
         labels.insert("__meta_kubernetes_namespace".into(), namespace.into());
-        labels.insert("__meta_kubernetes_service_name".into(), service.name().into());
+        labels.insert(
+            "__meta_kubernetes_service_name".into(),
+            service.name().into(),
+        );
         labels.insert("__meta_kubernetes_pod_name".into(), t.pod.clone());
         labels.insert(
             "__meta_kubernetes_pod_container_name".into(),
@@ -187,7 +192,8 @@ pub fn scrape_config(
                    "regex": format!("({});true", v.as_str().unwrap_or_default())})
         })
         .collect();
-    let mut relabel = vec![json!({"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"})];
+    let mut relabel =
+        vec![json!({"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"})];
     relabel.extend(keep_selector);
     relabel.extend([
         json!({"action": "keep", "source_labels": ["__meta_kubernetes_endpoint_port_name"], "regex": port}),
@@ -260,7 +266,10 @@ impl Prometheus {
         let file = std::fs::File::create(&log)?;
         let child = Command::new(bin_dir().join("prometheus"))
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--web.enable-lifecycle")
             .stdout(file.try_clone()?)

@@ -35,6 +35,10 @@ const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672//";
 const SILENT_ALERTS: &[(&str, &str)] = &[
     ("CeleriacWorkerDown", "the worker is up and consuming"),
     (
+        "CeleriacStepFailureRatioHigh",
+        "each job's failure ratio (its signal, in the report) is under failureRatio 0.25",
+    ),
+    (
         "CeleriacBacklogStuck",
         "steps started on the queue within the window",
     ),
@@ -43,10 +47,7 @@ const SILENT_ALERTS: &[(&str, &str)] = &[
         "no Kubernetes API request failed (firing case: promtool unit test)",
     ),
     ("CeleriacCoordinatorDown", "the coordinator is scraped"),
-    (
-        "CeleriacRunStuck",
-        "runs progressed within runStuckMinutes",
-    ),
+    ("CeleriacRunStuck", "runs progressed within runStuckMinutes"),
     (
         "CeleriacCoordinatorTakeovers",
         "no replica died, nothing was taken over",
@@ -142,7 +143,11 @@ fn promtool_checks_the_rendered_rules_and_passes_their_unit_tests() -> Result<()
             }
         }
     }
-    assert!(!files.is_empty(), "no *.test.yaml in {}", tests_dir.display());
+    assert!(
+        !files.is_empty(),
+        "no *.test.yaml in {}",
+        tests_dir.display()
+    );
     let mut args = vec!["test", "rules"];
     args.extend(files.iter().map(String::as_str));
     let (ok, out) = promtool(&args, &dir)?;
@@ -150,7 +155,10 @@ fn promtool_checks_the_rendered_rules_and_passes_their_unit_tests() -> Result<()
     println!("promtool test rules: {}", out.trim());
     for a in &alerts {
         assert!(firing.contains(a), "{a}: no firing case in the unit tests");
-        assert!(silent.contains(a), "{a}: no non-firing case in the unit tests");
+        assert!(
+            silent.contains(a),
+            "{a}: no non-firing case in the unit tests"
+        );
     }
     assert!(
         firing.is_subset(&alerts) && silent.is_subset(&alerts),
@@ -214,6 +222,23 @@ fn label_values_query(q: &str) -> Option<(String, String)> {
     let inner = q.trim().strip_prefix("label_values(")?.strip_suffix(')')?;
     let (m, l) = inner.split_once(',')?;
     Some((m.trim().to_string(), l.trim().to_string()))
+}
+
+/// An alert expression without its final `> N` threshold (the quantity the alert watches).
+fn alert_signal(expr: &str) -> Option<String> {
+    let e = expr.trim();
+    if [" unless ", " and ", " or "]
+        .iter()
+        .any(|op| e.contains(op))
+    {
+        return None; // a set expression: no single watched quantity
+    }
+    let i = e.rfind('>')?;
+    let threshold = e[i + 1..].trim();
+    threshold
+        .parse::<f64>()
+        .ok()
+        .map(|_| e[..i].trim().to_string())
 }
 
 fn alert_name(place: &str) -> Option<&str> {
@@ -320,8 +345,48 @@ fn prometheus_evaluates_every_dashboard_rule_and_scaler_expression_on_a_live_run
             let mut out = Vec::new();
             for shape in ["slow", "fail_abandon", "retry_success"] {
                 let r = home.run_shape(shape, "launch", Duration::from_secs(300), &envs)?;
-                out.push((shape.to_string(), r["status"].as_str().unwrap_or("").to_string()));
+                out.push((
+                    shape.to_string(),
+                    r["status"].as_str().unwrap_or("").to_string(),
+                ));
             }
+            // A run terminated while its steps run (Dagster's termination: the coordinator revokes
+            // them with terminate): the cancelled outcome.
+            let mut slow_envs = envs.to_vec();
+            slow_envs[1] = ("SLEEP_SECONDS", "30");
+            let r = home.run_shape_with(
+                "slow",
+                "launch",
+                &["--no-wait"],
+                Duration::from_secs(60),
+                &slow_envs,
+            )?;
+            let run_id = r["run_id"].as_str().context("launched run id")?.to_string();
+            wait_until("the slow steps in flight", Duration::from_secs(120), || {
+                let r = prometheus.query(&format!(
+                    "sum(celeriac_queue_in_flight{{queue_name=\"{queue}\"}}) > 1"
+                ))?;
+                Ok((!values(&r).is_empty()).then_some(()))
+            })?;
+            home.run_shape_with(
+                "-",
+                "terminate",
+                &["--run-id", &run_id],
+                Duration::from_secs(60),
+                &[],
+            )?;
+            let status = wait_until("the terminated run ends", Duration::from_secs(90), || {
+                let s = home.run_shape_with(
+                    "-",
+                    "summary",
+                    &["--run-id", &run_id],
+                    Duration::from_secs(60),
+                    &[],
+                )?;
+                let status = s["status"].as_str().unwrap_or("").to_string();
+                Ok(matches!(status.as_str(), "CANCELED" | "FAILURE" | "SUCCESS").then_some(status))
+            })?;
+            out.push(("slow (terminated)".to_string(), status));
             Ok(out)
         });
         // During: once a step is in flight, evaluate everything once (recorded in the report).
@@ -340,7 +405,7 @@ fn prometheus_evaluates_every_dashboard_rule_and_scaler_expression_on_a_live_run
     println!("runs: {runs:?} in {:?}", started.elapsed());
     assert_eq!(
         runs.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(),
-        ["SUCCESS", "FAILURE", "SUCCESS"],
+        ["SUCCESS", "FAILURE", "SUCCESS", "CANCELED"],
         "the runs end as their shapes say"
     );
     // After: two scrapes and the workers' 10 s queue-length poll later.
@@ -358,7 +423,11 @@ fn prometheus_evaluates_every_dashboard_rule_and_scaler_expression_on_a_live_run
             "{}: {} series lines, promtool check metrics: {}",
             t.component,
             body.lines().filter(|l| !l.starts_with('#')).count(),
-            if out.trim().is_empty() { "clean" } else { out.trim() }
+            if out.trim().is_empty() {
+                "clean"
+            } else {
+                out.trim()
+            }
         );
         assert!(ok, "promtool check metrics on {}:\n{out}", t.component);
     }
@@ -384,15 +453,27 @@ fn prometheus_evaluates_every_dashboard_rule_and_scaler_expression_on_a_live_run
                 if !a.0.is_empty() {
                     problems.push(format!("{alert} fires in a healthy fleet: {}", a.1));
                 }
-                empty_listed.push(format!("{alert}: silent ({why})"));
+                // Its signal (the expression before its final threshold) reads live data.
+                let waits_for_event = EMPTY_WITHOUT_EVENT
+                    .iter()
+                    .any(|(m, _)| metric_names(expr).contains(*m));
+                let signal = alert_signal(expr).map(|e| -> Result<String> {
+                    let v = values(&prometheus.query(&e)?);
+                    if v.is_empty() && !waits_for_event {
+                        problems.push(format!("{alert}: its signal has no data: {e}"));
+                    }
+                    Ok(format!("signal `{e}` = {v:?}"))
+                });
+                let signal = match signal {
+                    Some(r) => format!("; {}", r?),
+                    None => String::new(),
+                };
+                empty_listed.push(format!("{alert}: silent ({why}){signal}"));
                 continue;
             }
         }
         let names = metric_names(expr);
-        if let Some((m, why)) = EMPTY_WITHOUT_EVENT
-            .iter()
-            .find(|(m, _)| names.contains(*m))
-        {
+        if let Some((m, why)) = EMPTY_WITHOUT_EVENT.iter().find(|(m, _)| names.contains(*m)) {
             if a.0.is_empty() && d.0.is_empty() {
                 empty_listed.push(format!("{place}: empty ({m}: {why})"));
                 continue;
@@ -433,7 +514,10 @@ fn prometheus_evaluates_every_dashboard_rule_and_scaler_expression_on_a_live_run
 
 /// Evaluates every expression (Grafana variables resolved through Prometheus itself): per
 /// expression, its numbers and a short rendering for the report.
-fn evaluate(prometheus: &Prometheus, exprs: &[(String, String)]) -> Result<Vec<(Vec<f64>, String)>> {
+fn evaluate(
+    prometheus: &Prometheus,
+    exprs: &[(String, String)],
+) -> Result<Vec<(Vec<f64>, String)>> {
     let mut vars = BTreeMap::new();
     for (_, e) in exprs {
         if let Some((metric, label)) = label_values_query(e) {
@@ -457,9 +541,7 @@ fn evaluate(prometheus: &Prometheus, exprs: &[(String, String)]) -> Result<Vec<(
             continue;
         }
         let q = substitute(e, &vars);
-        let r = prometheus
-            .query(&q)
-            .with_context(|| format!("query {q}"))?;
+        let r = prometheus.query(&q).with_context(|| format!("query {q}"))?;
         let nums = values(&r);
         let shown = if nums.is_empty() {
             "empty".to_string()
@@ -511,11 +593,29 @@ serviceMonitor: {{enabled: true, interval: "2s", scrapeTimeout: "1s"}}
     ];
     // The queue's one replica (minReplicas is 1: a queue always has a worker exporting the series).
     let first = WorkerProcess::start(
-        &["-b", AMQP, "--result-backend", "rpc://", "-Q", &qa, "-c", "1"],
+        &[
+            "-b",
+            AMQP,
+            "--result-backend",
+            "rpc://",
+            "-Q",
+            &qa,
+            "-c",
+            "1",
+        ],
         &envs,
     )?;
     let second_b = WorkerProcess::start(
-        &["-b", AMQP, "--result-backend", "rpc://", "-Q", &qb, "-c", "8"],
+        &[
+            "-b",
+            AMQP,
+            "--result-backend",
+            "rpc://",
+            "-Q",
+            &qb,
+            "-c",
+            "8",
+        ],
         &envs,
     )?;
     let targets = [ScrapeTarget {
@@ -523,7 +623,8 @@ serviceMonitor: {{enabled: true, interval: "2s", scrapeTimeout: "1s"}}
         address: first.http_addr().context("worker address")?,
         pod: format!("{}-0", deployment_name(&rendered, "worker")),
     }];
-    let prometheus = Prometheus::start(&[scrape_config(&rendered, "dagster", &targets)?], "2s", &[])?;
+    let prometheus =
+        Prometheus::start(&[scrape_config(&rendered, "dagster", &targets)?], "2s", &[])?;
     prometheus.wait_targets_up(1, Duration::from_secs(30))?;
     let backlog = |p: &Prometheus| -> Result<Option<f64>> {
         Ok(values(&p.query(&keda_query)?).first().copied())
@@ -546,7 +647,16 @@ serviceMonitor: {{enabled: true, interval: "2s", scrapeTimeout: "1s"}}
         })?;
         // A second replica for queue A (what KEDA/the HPA does on that signal).
         let second = WorkerProcess::start(
-            &["-b", AMQP, "--result-backend", "rpc://", "-Q", &qa, "-c", "8"],
+            &[
+                "-b",
+                AMQP,
+                "--result-backend",
+                "rpc://",
+                "-Q",
+                &qa,
+                "-c",
+                "8",
+            ],
             &envs,
         )?;
         let mut targets2 = targets.to_vec();
@@ -558,20 +668,33 @@ serviceMonitor: {{enabled: true, interval: "2s", scrapeTimeout: "1s"}}
         // The new replica becomes a target (its in-flight steps are part of the sum).
         prometheus.reload(&[scrape_config(&rendered, "dagster", &targets2)?])?;
         prometheus.wait_targets_up(2, Duration::from_secs(30))?;
+        let falling = std::cell::RefCell::new(Vec::new());
         wait_until("the backlog falls to 0", Duration::from_secs(120), || {
             let b = backlog(&prometheus)?.unwrap_or(f64::NAN);
-            samples.push((t0.elapsed().as_secs_f64(), b));
+            falling.borrow_mut().push((t0.elapsed().as_secs_f64(), b));
             Ok((b == 0.0).then_some(()))
+        })
+        .with_context(|| {
+            format!(
+                "rising {samples:?}, falling {:?}; series: {:?}",
+                falling.borrow(),
+                prometheus.query("{__name__=~\"celery_queue_length|celeriac_queue_in_flight\"}")
+            )
         })?;
-        let summary = run
-            .join()
-            .map_err(|_| anyhow::anyhow!("run panicked"))??;
+        samples.extend(falling.into_inner());
+        let summary = run.join().map_err(|_| anyhow::anyhow!("run panicked"))??;
         assert_eq!(summary.status, "SUCCESS", "{summary:?}");
         drop(second);
         Ok(())
     })?;
     drop(second_b);
-    println!("backlog samples (s, steps): {samples:?}");
+    samples.dedup_by(|b, a| a.1 == b.1);
+    let changes: Vec<String> = samples
+        .iter()
+        .map(|(t, b)| format!("{t:.1}s: {b}"))
+        .collect();
+    println!("backlog series (changes): {}", changes.join(", "));
+    assert_eq!(samples.last().map(|s| s.1), Some(0.0), "falls back to 0");
     assert!(peak >= 6.0, "peak {peak}");
     Ok(())
 }
