@@ -10,6 +10,12 @@ bash scripts/python-peers.sh >/dev/null
 bash scripts/browser.sh >/dev/null
 # Helm v4 (helm-python-sdk) and the upstream CRD models for the chart tests (tests/tests/helm_chart.rs).
 bash scripts/chart-peers.sh >/dev/null
+# Real Prometheus 2.42 + promtool from Debian's package for the monitoring tests (tests/tests/prometheus.rs);
+# the package's service is never started, the tests run the binary on loopback.
+bash scripts/prometheus.sh >/dev/null
+# One venv per older Dagster release of the version matrix (tests/tests/dagster_versions.rs), cached
+# (≈ 1 min each, once per machine).
+bash scripts/dagster-versions.sh >/dev/null
 # The Kubernetes 1.20.2 control plane for the Kubernetes tests: built once into the cache (~5 min on
 # a fresh machine), started by the first test that needs it, with this run's binaries.
 bash scripts/k8s-build.sh >/dev/null

@@ -22,6 +22,13 @@ pub const CONFIG_KEYS: [&str; 9] = [
     "service_spec_config",
 ];
 
+/// Version skew: keys of [`CONFIG_KEYS`] that older supported releases' `to_dict()` does not send, with
+/// the release that added them (`dagster/tests/fixtures/versions/`). A task from such a publisher
+/// lacks the key; [`normalize`] fills it with `{}`, as `from_dict` does, so the merge and the Job body
+/// are the same as for a newer publisher that sends it empty. (`deployment_metadata`/`service_metadata`
+/// came in 1.9 and `merge_behavior` in 1.6, both before the oldest supported release, 1.9.)
+pub const CONFIG_KEYS_ADDED: [(&str, &str); 1] = [("service_spec_config", "1.12.0")];
+
 /// Lists that are replaced rather than concatenated (`ALWAYS_SHALLOW_MERGE_LIST_FIELDS`).
 const ALWAYS_SHALLOW_MERGE_LIST_FIELDS: [&str; 2] = ["command", "args"];
 

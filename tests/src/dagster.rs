@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use crate::{artifacts_dir, peer, run_python, unique};
+use crate::{artifacts_dir, peer, run_python, run_python_in, unique};
 
 /// A Dagster instance home with its own Postgres database.
 pub struct DagsterHome {
@@ -15,6 +15,9 @@ pub struct DagsterHome {
     pub db: String,
     pub broker: String,
     pub backend: String,
+    /// The python whose Dagster made the instance and runs its jobs (the project venv's, or an
+    /// older release's for the version matrix).
+    pub python: PathBuf,
 }
 
 impl Drop for DagsterHome {
@@ -153,6 +156,15 @@ impl DagsterHome {
         Self::create_from("make_instance.py", broker, backend, extra)
     }
 
+    /// An instance made, and run, by another venv's Dagster (`python` = its `bin/python`).
+    pub fn create_in_venv(
+        python: &std::path::Path,
+        broker: &str,
+        backend: &str,
+    ) -> Result<DagsterHome> {
+        Self::create_from_in(python, "make_instance.py", broker, backend, &[])
+    }
+
     /// An instance whose run launcher is `dagster_celeriac.CeleriacRunLauncher` (celery-k8s runs are handed
     /// to the celeriac coordinator), with run monitoring on and a workspace of `plan_shapes.py`.
     pub fn create_coordinator(broker: &str, backend: &str, extra: &[&str]) -> Result<DagsterHome> {
@@ -213,6 +225,16 @@ impl DagsterHome {
         backend: &str,
         extra: &[&str],
     ) -> Result<DagsterHome> {
+        Self::create_from_in(&crate::python(), script, broker, backend, extra)
+    }
+
+    fn create_from_in(
+        python: &std::path::Path,
+        script: &str,
+        broker: &str,
+        backend: &str,
+        extra: &[&str],
+    ) -> Result<DagsterHome> {
         let db = unique("celeriac_t").to_lowercase();
         let dir = artifacts_dir().join(&db);
         std::fs::create_dir_all(&dir)?;
@@ -229,7 +251,8 @@ impl DagsterHome {
             backend,
         ];
         args.extend_from_slice(extra);
-        run_python(
+        run_python_in(
+            python,
             &args,
             &[("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")],
             Duration::from_secs(120),
@@ -240,6 +263,7 @@ impl DagsterHome {
             db,
             broker: broker.into(),
             backend: backend.into(),
+            python: python.to_path_buf(),
         })
     }
 
@@ -254,7 +278,8 @@ impl DagsterHome {
         let mut all: Vec<(&str, &str)> = vec![("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")];
         all.extend_from_slice(envs);
         let timeout_s = timeout.as_secs().to_string();
-        let out = run_python(
+        let out = run_python_in(
+            &self.python,
             &[
                 &peer("run_job.py").display().to_string(),
                 "--home",

@@ -115,8 +115,26 @@ pub fn peer(script: &str) -> PathBuf {
 
 /// Runs the venv python with `args`; fails with its stderr when it exits non-zero. Returns stdout.
 pub fn run_python(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Result<String> {
-    let mut cmd = Command::new(python());
-    cmd.args(args).env("PATH", path_with_venv());
+    run_python_in(&python(), args, envs, timeout)
+}
+
+/// [`run_python`] with another venv's python (its `bin` first on PATH): the Dagster version matrix.
+pub fn run_python_in(
+    python: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<String> {
+    let bin = python.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut cmd = Command::new(python);
+    cmd.args(args).env(
+        "PATH",
+        format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -369,6 +387,7 @@ pub mod brokers;
 pub mod chart;
 pub mod dagster;
 pub mod k8s;
+pub mod prometheus;
 
 /// Messages waiting in `queue` on `broker` (Redis: all priority lists; AMQP: ready messages), and on Redis
 /// the number of unacknowledged deliveries in kombu's `unacked` hash.

@@ -242,7 +242,12 @@ fn dagster_launch_path_with_run_monitoring_needs_no_run_worker() -> Result<()> {
             "--location",
             "plan_shapes",
             "--run-config",
-            fleet.home.dir.join("run_config.yaml").to_str().unwrap_or_default(),
+            fleet
+                .home
+                .dir
+                .join("run_config.yaml")
+                .to_str()
+                .unwrap_or_default(),
         ],
         &[
             ("DAGSTER_PG_PASSWORD", "unused-with-trust-auth"),

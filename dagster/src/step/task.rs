@@ -422,8 +422,14 @@ impl Task for ExecuteStepK8sJob {
         // 16–17. The step's own events.
         let step_events = filter_events(&step_run.logs);
         info!(run_id = %args.run_id, step = step_key, job = %job, succeeded = step_run.succeeded, step_events = step_events.len(), "step finished");
+        // An op that raises reports STEP_FAILURE from a step process that exits 0 (its Job
+        // completes): for the per-job metrics (failure-ratio panels, CeleriacStepFailureRatioHigh)
+        // that is a failed step too, not only a failed Job.
+        let op_failed = step_events.iter().any(|e| {
+            serde_json::from_str::<Value>(e).is_ok_and(|v| v["event_type_value"] == "STEP_FAILURE")
+        });
         events.extend(step_events);
-        finished(if step_run.succeeded {
+        finished(if step_run.succeeded && !op_failed {
             StepOutcome::Success
         } else {
             StepOutcome::Failure

@@ -83,7 +83,7 @@ async fn poll_queue_lengths(shared: Arc<Shared>, stop: CancellationToken) {
         for q in shared.queues.all() {
             match shared.broker.queue_length(&q.config.name).await {
                 Ok(n) => {
-                    let running = q.limit().saturating_sub(q.slots.available_permits());
+                    let running = q.in_flight();
                     shared.metrics.queue_length(&q.config.name, n, running)
                 }
                 Err(e) => tracing::debug!(queue = %q.config.name, "queue length unavailable: {e}"),

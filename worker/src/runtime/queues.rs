@@ -22,11 +22,21 @@ pub struct QueueHandle {
     pub limit: AtomicUsize,
     /// Cancelled by `cancel_consumer` (a child of the worker's stop token).
     pub stop: CancellationToken,
+    /// Deliveries being handled now. Not `limit - free permits`: the consumer takes a permit
+    /// *before* it waits for the next message, so an idle consumer holds one and permit arithmetic
+    /// reports a step in flight that does not exist (every idle replica added 1 to the backlog the
+    /// autoscalers read, so a fleet could never scale in to its minimum).
+    pub handling: AtomicUsize,
 }
 
 impl QueueHandle {
     pub fn limit(&self) -> usize {
         self.limit.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries being handled now (running steps of this queue in this worker).
+    pub fn in_flight(&self) -> usize {
+        self.handling.load(Ordering::SeqCst)
     }
 }
 
@@ -52,6 +62,7 @@ impl QueueSet {
             slots: Arc::new(Semaphore::new(config.concurrency)),
             limit: AtomicUsize::new(config.concurrency),
             stop: parent.child_token(),
+            handling: AtomicUsize::new(0),
             config,
         });
         queues.insert(handle.config.name.clone(), handle.clone());

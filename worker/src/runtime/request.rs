@@ -36,14 +36,19 @@ pub(crate) async fn handle(
     delivery: Delivery,
     slot: OwnedSemaphorePermit,
 ) {
+    use std::sync::atomic::Ordering;
     let report_slots = |shared: &Shared| {
-        let free = queue.slots.available_permits();
-        shared
-            .metrics
-            .slots(&queue.config.name, queue.limit().saturating_sub(free), free);
+        let running = queue.in_flight();
+        shared.metrics.slots(
+            &queue.config.name,
+            running,
+            queue.limit().saturating_sub(running),
+        );
     };
+    queue.handling.fetch_add(1, Ordering::SeqCst);
     report_slots(&shared);
     handle_inner(&shared, &queue.config, delivery).await;
+    queue.handling.fetch_sub(1, Ordering::SeqCst);
     drop(slot);
     report_slots(&shared);
 }
