@@ -169,7 +169,7 @@ impl Settings {
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9809))),
             status_poll: Duration::from_secs(2),
             revoke_grace: Duration::from_secs(3),
-            db_pool: 4,
+            db_pool: 8,
         })
     }
 }

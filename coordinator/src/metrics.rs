@@ -10,9 +10,10 @@ use prometheus::{
     TextEncoder,
 };
 
-/// Latency buckets from a millisecond to a minute.
+/// Latency buckets from half a millisecond to a minute (fine below 100 ms, where the targets are).
 const BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 pub struct Metrics {

@@ -351,13 +351,17 @@ impl Driver {
             let n = self.submitted.len();
             self.submitted.entry(row.step_key.clone()).or_insert(n);
             if row.result.is_none() {
+                let mut kept = row.clone();
+                if kept.published {
+                    kept.message = Value::Null;
+                }
                 self.order.push(row.task_id.clone());
                 self.in_flight.insert(
                     row.task_id.clone(),
                     InFlight {
                         step_key: row.step_key.clone(),
                         published: row.published,
-                        row: row.clone(),
+                        row: kept,
                     },
                 );
             }
@@ -559,28 +563,34 @@ impl Driver {
         if pending.is_empty() {
             return Ok(());
         }
-        let mut published = Vec::new();
-        for id in &pending {
-            let Some(task) = self.in_flight.get(id) else {
-                continue;
-            };
-            let out = outgoing(&task.row);
-            let mut backoff = celeriac_wire::backoff::Backoff::default();
-            loop {
-                match self.shared.publish(&task.row.queue, out.clone()).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        warn!(run_id = %self.scope.run_id, step = %task.step_key, "cannot publish the step task: {e}; retrying");
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
+        // All at once: the broker confirms them together (persistent messages: one disk sync for many).
+        let shared = self.shared.clone();
+        let run_id = self.scope.run_id.clone();
+        let sends = pending.iter().filter_map(|id| {
+            let task = self.in_flight.get(id)?;
+            let (shared, run_id) = (shared.clone(), run_id.clone());
+            let (id, queue, step, out) = (
+                id.clone(),
+                task.row.queue.clone(),
+                task.step_key.clone(),
+                outgoing(&task.row),
+            );
+            Some(async move {
+                let mut backoff = celeriac_wire::backoff::Backoff::default();
+                while let Err(e) = shared.publish(&queue, out.clone()).await {
+                    warn!(%run_id, %step, "cannot publish the step task: {e}; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
-            }
-            debug!(run_id = %self.scope.run_id, step = %task.step_key, task_id = %id, queue = %task.row.queue, "step task published");
-            published.push(id.clone());
-        }
+                debug!(%run_id, %step, task_id = %id, %queue, "step task published");
+                id
+            })
+        });
+        let published: Vec<String> = futures::future::join_all(sends).await;
         for id in &published {
             if let Some(t) = self.in_flight.get_mut(id) {
                 t.published = true;
+                // The message is kept in the database; a published task needs only its identity here.
+                t.row.message = Value::Null;
             }
         }
         self.shared.store.mark_published(&published).await?;
@@ -702,10 +712,15 @@ impl Driver {
         self.shared.results.forget(&task_id).await;
         self.after_results(&mut commit, std::slice::from_ref(&task.step_key), t);
         let had_new = !commit.new_tasks.is_empty();
+        let decided = received.elapsed();
         if !self.commit(commit).await? {
             debug!(run_id = %self.scope.run_id, task_id, "result already applied by a previous owner");
         }
+        let committed = received.elapsed();
         self.publish_pending().await?;
+        debug!(run_id = %self.scope.run_id, step = %task.step_key, decided_ms = decided.as_secs_f64() * 1e3,
+               committed_ms = committed.as_secs_f64() * 1e3, published_ms = received.elapsed().as_secs_f64() * 1e3,
+               "result applied");
         settle(ack).await;
         if had_new {
             self.shared

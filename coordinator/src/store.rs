@@ -177,8 +177,14 @@ impl Store {
     }
 
     async fn conn(&self) -> Result<Conn<'_>, StoreError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut guard = self.slots[i].lock().await;
+        // A free connection if there is one, else wait for the next in turn.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.slots.len();
+        let free = (0..n).find_map(|k| self.slots[(start + k) % n].try_lock().ok());
+        let mut guard = match free {
+            Some(g) => g,
+            None => self.slots[start % n].lock().await,
+        };
         if guard.as_ref().is_none_or(Client::is_closed) {
             let (client, connection) = self.dedicated().await?;
             let database = self.database.clone();
@@ -386,81 +392,144 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(query("begin"))?;
-        let owner: Option<String> = tx
-            .query_opt(
-                &format!("SELECT owner FROM {RUNS_TABLE} WHERE run_id = $1 FOR UPDATE"),
-                &[&run_id],
+        // Every statement is sent at once (pipelined, in order); the lease check decides afterwards
+        // whether the transaction commits or rolls back.
+        let lock_sql = format!("SELECT owner FROM {RUNS_TABLE} WHERE run_id = $1 FOR UPDATE");
+        let lock = async {
+            let row = tx
+                .query_opt(&lock_sql, &[&run_id])
+                .await
+                .map_err(query("lock run lease"))?;
+            Ok::<_, StoreError>(
+                row.and_then(|r| r.try_get::<_, Option<String>>(0).ok())
+                    .flatten(),
             )
-            .await
-            .map_err(query("lock run lease"))?
-            .and_then(|r| r.try_get(0).ok());
+        };
+        let apply_sql = format!(
+            "UPDATE {TASKS_TABLE} SET result = $2, applied_at = $3,
+               applied_seq = nextval('{TASKS_TABLE}_applied_seq')
+             WHERE task_id = $1 AND result IS NULL"
+        );
+        let applied = async {
+            match &commit.applied {
+                Some((task_id, result, at)) => tx
+                    .execute(&apply_sql, &[task_id, &result.to_string(), at])
+                    .await
+                    .map_err(query("record task result")),
+                None => Ok(1),
+            }
+        };
+        let tasks = async {
+            if commit.new_tasks.is_empty() {
+                Ok(())
+            } else {
+                insert_tasks(&tx, &commit.new_tasks).await
+            }
+        };
+        let events = async {
+            if commit.events.is_empty() {
+                Ok(())
+            } else {
+                insert_events(&tx, run_id, &commit.events).await
+            }
+        };
+        let status = async {
+            // The status follows the first event that changes it (RUN_START, RUN_SUCCESS, …).
+            let first = commit.events.iter().find_map(|e| {
+                let status = e.event_type.as_deref().and_then(status_of)?;
+                Some((status, e.timestamp))
+            });
+            match (&commit.status, first) {
+                (Some(change), Some((status, at))) => {
+                    apply_status(&tx, run_id, status, change, chrono_naive(at)).await
+                }
+                _ => Ok(()),
+            }
+        };
+        let (owner, applied, (), (), ()) = tokio::try_join!(lock, applied, tasks, events, status)?;
         if owner.as_deref() != Some(replica) {
             return Err(StoreError::LostLease(run_id.to_string()));
         }
-        if let Some((task_id, result, at)) = &commit.applied {
-            let sql = format!(
-                "UPDATE {TASKS_TABLE} SET result = $2, applied_at = $3,
-                   applied_seq = nextval('{TASKS_TABLE}_applied_seq')
-                 WHERE task_id = $1 AND result IS NULL"
-            );
-            let n = tx
-                .execute(&sql, &[task_id, &result.to_string(), at])
-                .await
-                .map_err(query("record task result"))?;
-            if n == 0 {
-                return Ok(false);
-            }
-        }
-        for task in &commit.new_tasks {
-            let sql = format!(
-                "INSERT INTO {TASKS_TABLE} (task_id, run_id, step_key, attempt, queue, submitted_at, message)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
-            );
-            tx.execute(
-                &sql,
-                &[
-                    &task.task_id,
-                    &task.run_id,
-                    &task.step_key,
-                    &task.attempt,
-                    &task.queue,
-                    &task.submitted_at,
-                    &task.message.to_string(),
-                ],
-            )
-            .await
-            .map_err(query("record step task"))?;
-        }
-        let mut status = commit.status.clone();
-        for event in &commit.events {
-            let ts = chrono_naive(event.timestamp);
-            let row = tx
-                .query_one(
-                    "INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key, asset_key, partition)
-                     VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id",
-                    &[&run_id, &event.entry_json(), &event.event_type, &ts, &event.step_key],
-                )
-                .await
-                .map_err(query("store event"))?;
-            let id: i64 = row
-                .try_get::<_, i64>(0)
-                .or_else(|_| row.try_get::<_, i32>(0).map(i64::from))
-                .map_err(query("read event id"))?;
-            tx.execute(
-                "SELECT pg_notify('run_events', $1)",
-                &[&format!("{run_id}_{id}")],
-            )
-            .await
-            .map_err(query("notify run_events"))?;
-            if let Some(new_status) = event.event_type.as_deref().and_then(status_of) {
-                if let Some(change) = status.take() {
-                    apply_status(&tx, run_id, new_status, &change, ts).await?;
-                }
-            }
+        if applied == 0 {
+            return Ok(false); // the result was applied before (redelivered): roll back everything
         }
         tx.commit().await.map_err(query("commit"))?;
         Ok(true)
     }
+}
+
+/// `$1, $2, …` groups of `width` placeholders for `rows` rows.
+fn placeholders(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cols: Vec<String> = (1..=width).map(|c| format!("${}", r * width + c)).collect();
+            format!("({})", cols.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Step tasks of one decision, in one statement.
+async fn insert_tasks(
+    tx: &tokio_postgres::Transaction<'_>,
+    tasks: &[TaskRow],
+) -> Result<(), StoreError> {
+    let messages: Vec<String> = tasks.iter().map(|t| t.message.to_string()).collect();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+    for (t, message) in tasks.iter().zip(&messages) {
+        params.extend([
+            &t.task_id as &(dyn tokio_postgres::types::ToSql + Sync),
+            &t.run_id,
+            &t.step_key,
+            &t.attempt,
+            &t.queue,
+            &t.submitted_at,
+            message,
+        ]);
+    }
+    let sql = format!(
+        "INSERT INTO {TASKS_TABLE} (task_id, run_id, step_key, attempt, queue, submitted_at, message)
+         VALUES {}",
+        placeholders(tasks.len(), 7)
+    );
+    tx.execute(&sql, &params)
+        .await
+        .map_err(query("record step tasks"))?;
+    Ok(())
+}
+
+/// Events of one decision and their notifications, in one statement.
+async fn insert_events(
+    tx: &tokio_postgres::Transaction<'_>,
+    run_id: &str,
+    events: &[EventRow],
+) -> Result<(), StoreError> {
+    let bodies: Vec<String> = events.iter().map(EventRow::entry_json).collect();
+    let times: Vec<chrono::NaiveDateTime> =
+        events.iter().map(|e| chrono_naive(e.timestamp)).collect();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+    for ((e, body), ts) in events.iter().zip(&bodies).zip(&times) {
+        params.extend([
+            &run_id as &(dyn tokio_postgres::types::ToSql + Sync),
+            body,
+            &e.event_type,
+            ts,
+            &e.step_key,
+        ]);
+    }
+    // One statement: the rows, then `NOTIFY run_events, '<run_id>_<id>'` for each (as dagster-postgres
+    // signals every stored event).
+    let sql = format!(
+        "WITH stored AS (
+           INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key)
+           VALUES {} RETURNING run_id, id)
+         SELECT pg_notify('run_events', run_id || '_' || id) FROM stored",
+        placeholders(events.len(), 5)
+    );
+    tx.execute(&sql, &params)
+        .await
+        .map_err(query("store events"))?;
+    Ok(())
 }
 
 /// `SqlRunStorage.handle_run_event`: the failure-reason tag first, then status, body and times.

@@ -1,0 +1,107 @@
+//! `celeriac-load-step`: the step program of the load test, installed as `dagster` on the workers' PATH
+//! (or run by the process kubelet for the load image). Called as `dagster api execute_step
+//! --compressed-input-json <b64(zlib(json))>` exactly like the real one, it reads the step it was given,
+//! sleeps `LOAD_STEP_SECONDS` (default 0) and prints the serialized Dagster events a real one-output step
+//! prints (STEP_START, STEP_OUTPUT `result`, STEP_SUCCESS), so workers and coordinators see real results
+//! without the cost of a Python interpreter per step.
+
+use std::io::Read as _;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+fn input() -> Result<Value, String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args
+        .iter()
+        .position(|a| a == "--compressed-input-json")
+        .ok_or("usage: dagster api execute_step --compressed-input-json <b64>")?;
+    let b64 = args
+        .get(i + 1)
+        .ok_or("missing --compressed-input-json value")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("not base64: {e}"))?;
+    let mut text = String::new();
+    flate2::read::ZlibDecoder::new(&bytes[..])
+        .read_to_string(&mut text)
+        .map_err(|e| format!("not zlib: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))
+}
+
+fn event(kind: &str, job: &str, run_id: &str, step: &str, data: Value, message: &str) -> String {
+    let node = step.split('[').next().unwrap_or(step);
+    let v = json!({
+        "__class__": "DagsterEvent", "event_specific_data": data, "event_type_value": kind,
+        "logging_tags": {"job_name": job, "op_name": node, "resource_fn_name": "None",
+                         "resource_name": "None", "run_id": run_id, "step_key": step},
+        "message": message, "pid": std::process::id(), "pipeline_name": job,
+        "solid_handle": {"__class__": "SolidHandle", "name": node, "parent": null},
+        "step_handle": {"__class__": "StepHandle", "key": step,
+                        "solid_handle": {"__class__": "SolidHandle", "name": node, "parent": null}},
+        "step_key": step, "step_kind_value": "COMPUTE",
+    });
+    celeriac_dagster::serdes::to_string(&v)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = match input() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("celeriac-load-step: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let run_id = args["pipeline_run_id"].as_str().unwrap_or_default();
+    let step = args["step_keys_to_execute"][0].as_str().unwrap_or_default();
+    let job = args["pipeline_origin"]["pipeline_name"]
+        .as_str()
+        .unwrap_or_default();
+    let seconds: f64 = std::env::var("LOAD_STEP_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    let started = std::time::Instant::now();
+    println!(
+        "{}",
+        event(
+            "STEP_START",
+            job,
+            run_id,
+            step,
+            Value::Null,
+            &format!("Started execution of step \"{step}\".")
+        )
+    );
+    if seconds > 0.0 {
+        std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
+    }
+    let handle = json!({"__class__": "StepOutputHandle", "mapping_key": null, "output_name": "result", "step_key": step});
+    let output = json!({"__class__": "StepOutputData", "metadata_entries": [], "step_output_handle": handle,
+                        "type_check_data": {"__class__": "TypeCheckData", "description": null, "label": "result",
+                                            "metadata_entries": [], "success": true}, "version": null});
+    println!(
+        "{}",
+        event(
+            "STEP_OUTPUT",
+            job,
+            run_id,
+            step,
+            output,
+            "Yielded output \"result\" of type \"Any\". (Type check passed)."
+        )
+    );
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "{}",
+        event(
+            "STEP_SUCCESS",
+            job,
+            run_id,
+            step,
+            json!({"__class__": "StepSuccessData", "duration_ms": ms}),
+            &format!("Finished execution of step \"{step}\" in {ms:.0}ms.")
+        )
+    );
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,411 @@
+//! Scenario `coordinator`: many concurrent runs of a 10-step job driven by one `celeriac coordinator`,
+//! and the same job driven by Python's run workers (`dagster api execute_run`) in the same run of the
+//! load test, with the same celeriac workers, broker and database.
+//!
+//! Steps run the load-step program (real serialized events, no Python per step), so the figures are the
+//! orchestrator's: memory, launch → first step published, step result → next step published.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::env::{self, Home, Proc};
+use crate::procs::{self, Sampler};
+
+/// Knobs of the scenario.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Runs handed to the coordinator.
+    pub runs: usize,
+    /// Hand-offs per second.
+    pub rate: f64,
+    /// Seconds each step sleeps.
+    pub step_seconds: f64,
+    /// Worker concurrency (`-c`).
+    pub worker_concurrency: usize,
+    /// Runs driven by Python run workers for comparison.
+    pub python_runs: usize,
+}
+
+impl Params {
+    pub fn full() -> Params {
+        Params {
+            runs: 1000,
+            rate: 50.0,
+            step_seconds: 1.0,
+            worker_concurrency: 400,
+            python_runs: 4,
+        }
+    }
+    pub fn quick() -> Params {
+        Params {
+            runs: 40,
+            rate: 20.0,
+            step_seconds: 0.2,
+            worker_concurrency: 50,
+            python_runs: 1,
+        }
+    }
+}
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672//";
+const TERMINAL: &[&str] = &["SUCCESS", "FAILURE", "CANCELED"];
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Waits until `GET /readyz` on `port` answers 200.
+fn wait_ready(port: u16, timeout: Duration) -> Result<()> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        if start.elapsed() > timeout {
+            bail!("port {port} not ready within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Per-run latencies read back from the event log: hand-off (or process start) → first "Submitting"
+/// event, and for the join step: the last leaf's "Retrieving logs" (written just before its result is
+/// stored) → "Submitting" of the join.
+async fn latencies(
+    db: &tokio_postgres::Client,
+    runs: &[String],
+    started: &HashMap<String, f64>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let rows = db
+        .query(
+            "SELECT run_id, step_key, event::json->>'user_message',
+                    (event::json->'dagster_event'->>'message'), extract(epoch from timestamp)::float8
+             FROM event_logs WHERE run_id = ANY($1) AND dagster_event_type = 'ENGINE_EVENT'",
+            &[&runs],
+        )
+        .await?;
+    let mut first_submit: HashMap<String, f64> = HashMap::new();
+    let mut join_submit: HashMap<String, f64> = HashMap::new();
+    let mut last_leaf_result: HashMap<String, f64> = HashMap::new();
+    for r in rows {
+        let run: String = r.get(0);
+        let step: Option<String> = r.get(1);
+        let message: String = r.get::<_, Option<String>>(3).unwrap_or_default();
+        let ts: f64 = r.get(4);
+        let step = step.unwrap_or_default();
+        if message.starts_with("Submitting celery task") {
+            let e = first_submit.entry(run.clone()).or_insert(ts);
+            *e = e.min(ts);
+            if step == "join" {
+                join_submit.insert(run.clone(), ts);
+            }
+        } else if message.contains("Retrieving logs") && step.starts_with("leaf_") {
+            let e = last_leaf_result.entry(run.clone()).or_insert(ts);
+            *e = e.max(ts);
+        }
+    }
+    let launch: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| Some(first_submit.get(r)? - started.get(r)?))
+        .collect();
+    let next: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| Some(join_submit.get(r)? - last_leaf_result.get(r)?))
+        .collect();
+    Ok((launch, next))
+}
+
+async fn finished(db: &tokio_postgres::Client, runs: &[String]) -> Result<(usize, usize, usize)> {
+    let rows = db
+        .query(
+            "SELECT status, count(*) FROM runs WHERE run_id = ANY($1) GROUP BY status",
+            &[&runs],
+        )
+        .await?;
+    let mut done = 0;
+    let mut ok = 0;
+    let mut started = 0;
+    for r in rows {
+        let status: String = r.get(0);
+        let n = r.get::<_, i64>(1) as usize;
+        if TERMINAL.contains(&status.as_str()) {
+            done += n;
+        }
+        if status == "SUCCESS" {
+            ok += n;
+        }
+        if status == "STARTED" {
+            started += n;
+        }
+    }
+    Ok((done, ok, started))
+}
+
+/// Runs the scenario; returns the figures as JSON.
+pub async fn run(p: &Params) -> Result<Value> {
+    env::ensure_services()?;
+    let celeriac = env::celeriac_bin()?;
+    let step_dir = env::load_step_path()?;
+    let venv = env::venv()?;
+    let queue = env::unique("load");
+    let home = Home::create(BROKER, "rpc://")?;
+    let db = home.connect().await?;
+
+    eprintln!(
+        "loadtest coordinator: creating {} runs",
+        p.runs + p.python_runs
+    );
+    let made = env::python(
+        &[
+            env::repo_root()
+                .join("loadtest/peers/make_runs.py")
+                .to_str()
+                .unwrap_or_default(),
+            "--home",
+            home.dir.to_str().unwrap_or_default(),
+            "--job",
+            "ten_steps",
+            "--count",
+            &(p.runs + p.python_runs).to_string(),
+        ],
+        &[("LOAD_QUEUE", &queue)],
+        Duration::from_secs(1800),
+    )?;
+    let made: Value = serde_json::from_str(made.lines().last().unwrap_or_default())?;
+    let all: Vec<String> = made["run_ids"]
+        .as_array()
+        .context("run ids")?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let handoff = made["handoff"].clone();
+    let (coord_runs, python_runs) = all.split_at(p.runs);
+
+    let path = format!(
+        "{}:{}:{}",
+        step_dir.display(),
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let worker_port = free_port()?;
+    let mut worker_cmd = Command::new(&celeriac);
+    worker_cmd
+        .args([
+            "worker",
+            "-b",
+            BROKER,
+            "--result-backend",
+            "rpc://",
+            "-Q",
+            &queue,
+        ])
+        .args([
+            "-c",
+            &p.worker_concurrency.to_string(),
+            "--launcher",
+            "process",
+        ])
+        .args(["--http-addr", &format!("127.0.0.1:{worker_port}")])
+        .env("PATH", &path)
+        .env("LOAD_STEP_SECONDS", p.step_seconds.to_string())
+        .env("DAGSTER_PG_PASSWORD", "unused")
+        .env("RUST_LOG", "warn");
+    let worker = Proc::spawn("load_worker", worker_cmd)?;
+    wait_ready(worker_port, Duration::from_secs(60)).context("worker /readyz")?;
+
+    let port = free_port()?;
+    // LOAD_COORDINATOR_WRAP="valgrind --tool=dhat …" profiles the coordinator's heap.
+    let wrap = std::env::var("LOAD_COORDINATOR_WRAP").unwrap_or_default();
+    let mut wrap = wrap.split_whitespace();
+    let mut coord_cmd = match wrap.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(wrap).arg(&celeriac);
+            c
+        }
+        None => Command::new(&celeriac),
+    };
+    coord_cmd
+        .arg("coordinator")
+        .arg("--instance-config")
+        .arg(home.dir.join("dagster.yaml"))
+        .args([
+            "-b",
+            BROKER,
+            "--result-backend",
+            "rpc://",
+            "--max-runs",
+            "5000",
+        ])
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .env("DAGSTER_PG_PASSWORD", "unused")
+        .env(
+            "RUST_LOG",
+            std::env::var("LOAD_COORDINATOR_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    let mut coordinator = Proc::spawn("load_coordinator", coord_cmd)?;
+    coordinator.wait_for_log("celeriac coordinator ready", Duration::from_secs(60))?;
+    let cpid = coordinator.pid();
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss = procs::rss(cpid);
+    let cpu_before = procs::cpu_time(cpid);
+    let rss_sampler = Sampler::start(Duration::from_millis(200), move || procs::rss(cpid));
+
+    // Hand the runs over at the chosen rate, as CeleriacRunLauncher does (row + NOTIFY).
+    eprintln!(
+        "loadtest coordinator: handing {} runs over at {}/s",
+        p.runs, p.rate
+    );
+    let start = Instant::now();
+    let mut launched: HashMap<String, f64> = HashMap::new();
+    for (i, run_id) in coord_runs.iter().enumerate() {
+        let due = start + Duration::from_secs_f64(i as f64 / p.rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let mut h = handoff.clone();
+        h["run_id"] = json!(run_id);
+        h["launched_at"] = json!(crate::now());
+        let row = db
+            .query_one(
+                "INSERT INTO celeriac_coordinator_runs (run_id, handoff, created_at)
+                 VALUES ($1, $2::text::json, extract(epoch from clock_timestamp())) RETURNING created_at",
+                &[run_id, &h.to_string()],
+            )
+            .await?;
+        launched.insert(run_id.clone(), row.get::<_, f64>(0));
+        db.execute("SELECT pg_notify('celeriac_coordinator', $1)", &[run_id])
+            .await?;
+    }
+    let mut peak_in_flight = 0;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let (done, _, started) = finished(&db, coord_runs).await?;
+        peak_in_flight = peak_in_flight.max(started);
+        if done == coord_runs.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "coordinator runs did not finish within an hour ({done}/{} done)",
+                coord_runs.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let rss_series = rss_sampler.stop();
+    let cpu = procs::cpu_time(cpid).saturating_sub(cpu_before);
+    let metrics = scrape(port);
+    let (_, ok, _) = finished(&db, coord_runs).await?;
+    let (launch, next) = latencies(&db, coord_runs, &launched).await?;
+    let peak_rss = rss_series.iter().map(|s| s.1).max().unwrap_or(0);
+    drop(coordinator);
+    let hist = |name: &str, q: f64| procs::histogram_quantile(&metrics, name, q);
+
+    // Python's run workers, one process per run, driving the same job on the same fleet.
+    eprintln!(
+        "loadtest coordinator: {} runs through Python's run worker",
+        python_runs.len()
+    );
+    let mut py = Vec::new();
+    let mut py_started: HashMap<String, f64> = HashMap::new();
+    for run_id in python_runs {
+        let args = json!({
+            "__class__": "ExecuteRunArgs", "instance_ref": handoff["instance_ref"],
+            "pipeline_origin": handoff["job_origin"], "pipeline_run_id": run_id,
+            "set_exit_code_on_failure": null,
+        });
+        let mut cmd = Command::new(venv.join("bin/dagster"));
+        cmd.args([
+            "api",
+            "execute_run",
+            &celeriac_dagster::serdes::to_string(&args),
+        ])
+        .env("DAGSTER_HOME", &home.dir)
+        .env("DAGSTER_PG_PASSWORD", "unused")
+        .env("LOAD_QUEUE", &queue);
+        py_started.insert(run_id.clone(), crate::now());
+        let proc = Proc::spawn("python_run_worker", cmd)?;
+        let pid = proc.pid();
+        py.push((
+            proc,
+            Sampler::start(Duration::from_millis(200), move || procs::tree_pss(pid)),
+            Sampler::start(Duration::from_millis(200), move || procs::rss(pid)),
+        ));
+    }
+    let py_deadline = Instant::now() + Duration::from_secs(1200);
+    loop {
+        let (done, _, _) = finished(&db, python_runs).await?;
+        if done == python_runs.len() || Instant::now() > py_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut py_pss = Vec::new();
+    let mut py_rss = Vec::new();
+    for (proc, pss, rss) in py {
+        py_pss.push(pss.stop().iter().map(|s| s.1).max().unwrap_or(0) as f64);
+        py_rss.push(rss.stop().iter().map(|s| s.1).max().unwrap_or(0) as f64);
+        drop(proc);
+    }
+    let (_, py_ok, _) = finished(&db, python_runs).await?;
+    let (py_launch, py_next) = latencies(&db, python_runs, &py_started).await?;
+    drop(worker);
+
+    let per_run = if peak_in_flight > 0 {
+        peak_rss.saturating_sub(idle_rss) as f64 / peak_in_flight as f64
+    } else {
+        f64::NAN
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    Ok(json!({
+        "params": {"runs": p.runs, "rate": p.rate, "step_seconds": p.step_seconds,
+                   "worker_concurrency": p.worker_concurrency, "python_runs": p.python_runs,
+                   "steps_per_run": 10},
+        "celeriac": {
+            "runs_succeeded": ok, "elapsed_s": elapsed, "peak_runs_in_flight": peak_in_flight,
+            "idle_rss_bytes": idle_rss, "peak_rss_bytes": peak_rss, "rss_per_run_bytes": per_run,
+            "cpu_s": cpu.as_secs_f64(), "cpu_ms_per_step": cpu.as_secs_f64() * 1000.0 / (p.runs * 10) as f64,
+            "launch_to_first_step_p50_s": procs::quantile(&launch, 0.5),
+            "launch_to_first_step_p99_s": procs::quantile(&launch, 0.99),
+            "result_to_next_step_p50_s": procs::quantile(&next, 0.5),
+            "result_to_next_step_p99_s": procs::quantile(&next, 0.99),
+            "histogram_result_to_submit_p50_s": hist("celeriac_coordinator_result_to_submit_seconds", 0.5),
+            "histogram_result_to_submit_p99_s": hist("celeriac_coordinator_result_to_submit_seconds", 0.99),
+            "histogram_launch_to_first_submit_p99_s": hist("celeriac_coordinator_launch_to_first_submit_seconds", 0.99),
+            "rss_series": rss_series.iter().step_by(5).map(|(t, v)| json!([t, v])).collect::<Vec<_>>(),
+        },
+        "python": {
+            "runs_succeeded": py_ok,
+            "run_worker_pss_bytes_mean": mean(&py_pss), "run_worker_rss_bytes_mean": mean(&py_rss),
+            "launch_to_first_step_p50_s": procs::quantile(&py_launch, 0.5),
+            "launch_to_first_step_max_s": procs::quantile(&py_launch, 1.0),
+            "result_to_next_step_p50_s": procs::quantile(&py_next, 0.5),
+            "result_to_next_step_max_s": procs::quantile(&py_next, 1.0),
+        },
+    }))
+}

@@ -1,0 +1,93 @@
+//! `celeriac-loadtest`: drives the same load through celeriac and through the Python peers in one run,
+//! on the same broker and database, and writes `loadtest/REPORT.md` with the figures.
+//!
+//! ```sh
+//! cargo run -p celeriac-loadtest --release -- coordinator          # the full scenario
+//! cargo run -p celeriac-loadtest --release -- --quick coordinator  # a small version (CI)
+//! ```
+//! Results: `loadtest/results/<scenario>.json` (full runs) or `loadtest/work/quick/` (`--quick`), and
+//! the report rendered from the full runs' results.
+
+mod coordinator;
+mod env;
+mod procs;
+mod report;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+/// Seconds since the epoch.
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+#[derive(Parser)]
+#[command(
+    name = "celeriac-loadtest",
+    about = "celeriac and the Python peers under the same load"
+)]
+struct Args {
+    /// A small version of each scenario (minutes), checked but not reported.
+    #[arg(long)]
+    quick: bool,
+    /// Scenarios to run: `coordinator` (or `all`).
+    #[arg(required = true)]
+    scenarios: Vec<String>,
+    /// Runs handed to the coordinator (overrides the scenario's default).
+    #[arg(long)]
+    runs: Option<usize>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    let results_dir = if args.quick {
+        env::work_dir().join("quick")
+    } else {
+        env::repo_root().join("loadtest").join("results")
+    };
+    std::fs::create_dir_all(&results_dir)?;
+    let mut failures = Vec::new();
+    for scenario in &args.scenarios {
+        let names: Vec<&str> = match scenario.as_str() {
+            "all" => vec!["coordinator"],
+            other => vec![other],
+        };
+        for name in names {
+            let figures = match name {
+                "coordinator" => {
+                    let mut p = if args.quick {
+                        coordinator::Params::quick()
+                    } else {
+                        coordinator::Params::full()
+                    };
+                    if let Some(n) = args.runs {
+                        p.runs = n;
+                    }
+                    rt.block_on(coordinator::run(&p))
+                        .context("scenario coordinator")?
+                }
+                other => bail!("unknown scenario {other:?} (known: coordinator, all)"),
+            };
+            let problems = report::check(name, &figures);
+            for p in &problems {
+                eprintln!("loadtest {name}: {p}");
+            }
+            failures.extend(problems.into_iter().map(|p| format!("{name}: {p}")));
+            let path = results_dir.join(format!("{name}.json"));
+            std::fs::write(&path, serde_json::to_string_pretty(&figures)?)?;
+            eprintln!("loadtest {name}: figures in {}", path.display());
+            println!("{}", report::section(name, &figures));
+        }
+    }
+    if !args.quick {
+        report::write(&env::repo_root().join("loadtest"))?;
+    }
+    if !failures.is_empty() {
+        bail!("{} problem(s):\n{}", failures.len(), failures.join("\n"));
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Checks the figures of a scenario (none missing, no run lost) and renders `loadtest/REPORT.md` from the
+//! full runs' results.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::Value;
+
+fn num(v: &Value, path: &str) -> Option<f64> {
+    v.pointer(path)
+        .and_then(Value::as_f64)
+        .filter(|f| f.is_finite())
+}
+
+/// The figures each scenario must produce (JSON pointers).
+fn required(scenario: &str) -> &'static [&'static str] {
+    match scenario {
+        "coordinator" => &[
+            "/celeriac/peak_rss_bytes",
+            "/celeriac/rss_per_run_bytes",
+            "/celeriac/launch_to_first_step_p99_s",
+            "/celeriac/result_to_next_step_p99_s",
+            "/celeriac/histogram_result_to_submit_p99_s",
+            "/celeriac/cpu_ms_per_step",
+            "/python/run_worker_pss_bytes_mean",
+            "/python/launch_to_first_step_p50_s",
+            "/python/result_to_next_step_p50_s",
+        ],
+        _ => &[],
+    }
+}
+
+/// Problems that make a run of the scenario invalid: a missing figure, a run that did not succeed.
+pub fn check(scenario: &str, f: &Value) -> Vec<String> {
+    let mut out: Vec<String> = required(scenario)
+        .iter()
+        .filter(|p| num(f, p).is_none())
+        .map(|p| format!("figure {p} is missing"))
+        .collect();
+    if scenario == "coordinator" {
+        let runs = num(f, "/params/runs").unwrap_or(0.0);
+        let ok = num(f, "/celeriac/runs_succeeded").unwrap_or(-1.0);
+        if ok != runs {
+            out.push(format!("{ok} of {runs} coordinator runs succeeded"));
+        }
+        let py_runs = num(f, "/params/python_runs").unwrap_or(0.0);
+        let py_ok = num(f, "/python/runs_succeeded").unwrap_or(-1.0);
+        if py_ok != py_runs {
+            out.push(format!("{py_ok} of {py_runs} Python runs succeeded"));
+        }
+    }
+    out
+}
+
+fn mb(bytes: f64) -> String {
+    format!("{:.1} MB", bytes / 1e6)
+}
+fn kb(bytes: f64) -> String {
+    format!("{:.1} KB", bytes / 1e3)
+}
+fn ms(s: f64) -> String {
+    format!("{:.1} ms", s * 1000.0)
+}
+
+/// The report section of a scenario.
+pub fn section(scenario: &str, f: &Value) -> String {
+    let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
+    match scenario {
+        "coordinator" => format!(
+            "## Run coordinator: {runs} concurrent runs of a 10-step job\n\n\
+             One `celeriac coordinator` (release build) was handed {runs} runs at {rate}/s (steps of \
+             {step} s on celeriac workers, `-c {wc}`, RabbitMQ + `rpc://`); {py} run(s) of the same job \
+             went through Python's run worker (`dagster api execute_run`, one process per run) on the same \
+             fleet right after.\n\n\
+             | figure | celeriac coordinator | Python run worker |\n|---|---|---|\n\
+             | runs succeeded | {ok} / {runs} | {pyok} / {py} |\n\
+             | peak runs in flight | {peak} | {py} |\n\
+             | memory | peak RSS {prss} for all runs (idle {irss}); **{per_run} per run** | **{pypss} PSS per run** (RSS {pyrss}) |\n\
+             | launch → first step published, p50 / p99 | {l50} / {l99} | {pyl50} / {pylmax} (max) |\n\
+             | step result → next step published, p50 / p99 | {n50} / {n99} (histogram: {h50} / {h99}) | {pyn50} / {pynmax} (max) |\n\
+             | CPU per step | {cpu:.2} ms | — |\n\
+             | wall time | {el:.1} s | — |\n\n\
+             Result → next step is measured the same way on both sides from the event log: the last leaf \
+             step's worker event written just before its result is stored, to the \"Submitting celery task\" \
+             event of the join step (the histogram is the coordinator's own, from result received to the next \
+             tasks published).\n",
+            runs = g("/params/runs"),
+            rate = g("/params/rate"),
+            step = g("/params/step_seconds"),
+            wc = g("/params/worker_concurrency"),
+            py = g("/params/python_runs"),
+            ok = g("/celeriac/runs_succeeded"),
+            pyok = g("/python/runs_succeeded"),
+            peak = g("/celeriac/peak_runs_in_flight"),
+            prss = mb(g("/celeriac/peak_rss_bytes")),
+            irss = mb(g("/celeriac/idle_rss_bytes")),
+            per_run = kb(g("/celeriac/rss_per_run_bytes")),
+            pypss = mb(g("/python/run_worker_pss_bytes_mean")),
+            pyrss = mb(g("/python/run_worker_rss_bytes_mean")),
+            l50 = ms(g("/celeriac/launch_to_first_step_p50_s")),
+            l99 = ms(g("/celeriac/launch_to_first_step_p99_s")),
+            pyl50 = ms(g("/python/launch_to_first_step_p50_s")),
+            pylmax = ms(g("/python/launch_to_first_step_max_s")),
+            n50 = ms(g("/celeriac/result_to_next_step_p50_s")),
+            n99 = ms(g("/celeriac/result_to_next_step_p99_s")),
+            h50 = ms(g("/celeriac/histogram_result_to_submit_p50_s")),
+            h99 = ms(g("/celeriac/histogram_result_to_submit_p99_s")),
+            pyn50 = ms(g("/python/result_to_next_step_p50_s")),
+            pynmax = ms(g("/python/result_to_next_step_max_s")),
+            cpu = g("/celeriac/cpu_ms_per_step"),
+            el = g("/celeriac/elapsed_s"),
+        ),
+        other => format!("## {other}\n\n(no renderer)\n"),
+    }
+}
+
+/// Renders `REPORT.md` from `results/*.json`.
+pub fn write(loadtest_dir: &Path) -> Result<()> {
+    let mut body = String::from(
+        "# Load test report\n\nGenerated by `cargo run -p celeriac-loadtest --release -- <scenario>` from \
+         `loadtest/results/*.json` (raw figures there). Machine: 2 cores, 24 GB (the project's CI machine \
+         kind), services on loopback.\n\n",
+    );
+    let mut entries: Vec<_> = std::fs::read_dir(loadtest_dir.join("results"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let f: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        body.push_str(&section(&name, &f));
+        body.push('\n');
+    }
+    std::fs::write(loadtest_dir.join("REPORT.md"), body)?;
+    Ok(())
+}
