@@ -68,6 +68,11 @@ impl Results {
 
     /// Starts delivering the results of `run_id` (whose pending tasks are `task_ids`) to `tx`, until
     /// `stop` fires.
+    ///
+    /// On return the results of the run's tasks can no longer be lost: for `rpc://` its reply queue is
+    /// declared (a worker's reply to a queue that does not exist yet is dropped by the default
+    /// exchange, and a fast step can finish before a consumer started in the background would have
+    /// declared it); for Redis its tasks are routed. Returns early only when `stop` fires.
     pub async fn attach(
         &self,
         run_id: &str,
@@ -77,12 +82,14 @@ impl Results {
     ) {
         match self {
             Results::Rpc { broker } => {
-                tokio::spawn(consume_replies(
-                    broker.clone(),
-                    reply_queue(run_id),
-                    tx,
-                    stop,
-                ));
+                let queue = reply_queue(run_id);
+                let spec = QueueSpec::replies(&queue, REPLY_QUEUE_EXPIRES_MS);
+                let mut backoff = Backoff::default();
+                while let Err(e) = broker.declare(&spec).await {
+                    warn!(queue, "cannot declare the reply queue: {e}; retrying");
+                    tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff.next_delay()) => {} }
+                }
+                tokio::spawn(consume_replies(broker.clone(), queue, tx, stop));
             }
             Results::Redis { reader, routes } => {
                 {
