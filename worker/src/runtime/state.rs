@@ -47,16 +47,23 @@ pub struct WorkerState {
 }
 
 impl WorkerState {
+    // Never hold two of the locks at once: `start` and `finish` run concurrently on different
+    // threads, and nested locks taken in different orders deadlocked the whole worker (both runtime
+    // threads parked on each other's mutex: found by the coordinator load test).
+
     pub fn start(&self, req: ActiveRequest) {
-        let mut in_flight = lock(&self.in_flight);
-        let entry = in_flight.entry(req.queue.clone()).or_default();
-        entry.0 += 1;
-        entry.1 = entry.1.max(entry.0);
+        {
+            let mut in_flight = lock(&self.in_flight);
+            let entry = in_flight.entry(req.queue.clone()).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(entry.0);
+        }
         lock(&self.active).insert(req.id.clone(), req);
     }
 
     pub fn finish(&self, id: &str) {
-        if let Some(req) = lock(&self.active).remove(id) {
+        let removed = lock(&self.active).remove(id);
+        if let Some(req) = removed {
             if let Some(entry) = lock(&self.in_flight).get_mut(&req.queue) {
                 entry.0 = entry.0.saturating_sub(1);
             }
@@ -141,4 +148,57 @@ impl WorkerState {
 /// Locks a mutex, recovering the data if a panicking holder poisoned it (the state stays usable).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn request(id: String) -> ActiveRequest {
+        ActiveRequest {
+            id,
+            task: "t".into(),
+            name: "t".into(),
+            queue: "q".into(),
+            started: SystemTime::now(),
+            argsrepr: String::new(),
+            kwargsrepr: String::new(),
+            exchange: String::new(),
+            routing_key: "q".into(),
+            priority: 0,
+            redelivered: false,
+            acknowledged: false,
+            terminate: CancellationToken::new(),
+        }
+    }
+
+    /// Requests start and finish on every runtime thread at once; the worker must never deadlock
+    /// on its own state (it did: `start` and `finish` took two locks in opposite orders).
+    #[test]
+    fn concurrent_start_and_finish_never_deadlock() {
+        let state = Arc::new(WorkerState::default());
+        let (done, finished) = std::sync::mpsc::channel();
+        let threads = 4;
+        for t in 0..threads {
+            let (state, done) = (state.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..50_000 {
+                    let id = format!("{t}-{i}");
+                    state.start(request(id.clone()));
+                    state.finish(&id);
+                }
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..threads {
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a thread is stuck: the state deadlocked");
+        }
+        assert_eq!(state.processed(), threads * 50_000);
+        assert_eq!(state.in_flight().get("q"), Some(&(0, state.in_flight()["q"].1)));
+        assert!(state.active().is_empty());
+    }
 }
