@@ -240,6 +240,16 @@ impl CeleriacProcess {
 
     /// Starts `celeriac worker <args>` and waits until it logs that it is ready.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Result<WorkerProcess> {
+        Self::start_opts(args, envs, false)
+    }
+
+    /// [`Self::start`] in a process group of its own (led by the worker), so a test can kill the
+    /// worker's whole group ([`Self::kill_group`]) as a terminal or a service manager would.
+    pub fn start_grouped(args: &[&str], envs: &[(&str, &str)]) -> Result<WorkerProcess> {
+        Self::start_opts(args, envs, true)
+    }
+
+    fn start_opts(args: &[&str], envs: &[(&str, &str)], grouped: bool) -> Result<WorkerProcess> {
         let hostname = format!("{}@localhost", unique("celeriac"));
         let log = artifacts_dir().join(format!("{}.log", hostname.replace('@', "_")));
         let mut cmd = Command::new(celeriac_bin());
@@ -257,6 +267,10 @@ impl CeleriacProcess {
         cmd.env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
         for (k, v) in envs {
             cmd.env(k, v);
+        }
+        if grouped {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
         }
         let file = std::fs::File::create(&log)?;
         cmd.stdout(file.try_clone()?).stderr(file);
@@ -335,6 +349,16 @@ impl CeleriacProcess {
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL to the worker's whole process group (started with [`Self::start_grouped`]).
+    pub fn kill_group(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL)?;
             child.wait()?;
         }
         Ok(())

@@ -20,7 +20,8 @@ use celeriac_worker::tasks::{Task, TaskContext, TaskOutcome};
 use super::args::StepTaskArgs;
 use super::command::{command_args, job_name};
 use crate::events::{
-    engine_event, filter_events, step_failure, ErrorInfo, Event, Meta, StepRef, DELEGATE_MARKER,
+    engine_event, filter_events, step_failure, terminal_event, ErrorInfo, Event, Meta, StepRef,
+    DELEGATE_MARKER,
 };
 use crate::instance::{Instance, InstanceError, Instances};
 use crate::k8s_config::merge_user_config;
@@ -298,6 +299,9 @@ impl Task for ExecuteStepK8sJob {
             namespace: args.job_namespace.clone(),
             run_id: args.run_id.clone(),
             step_key: step_key.to_string(),
+            task_id: request.id.clone(),
+            attempt: args.attempt,
+            worker: ctx.hostname.clone(),
             wait_timeout: args
                 .job_wait_timeout
                 .filter(|t| *t > 0.0 && t.is_finite())
@@ -425,10 +429,39 @@ impl Task for ExecuteStepK8sJob {
         // An op that raises reports STEP_FAILURE from a step process that exits 0 (its Job
         // completes): for the per-job metrics (failure-ratio panels, CeleriacStepFailureRatioHigh)
         // that is a failed step too, not only a failed Job.
-        let op_failed = step_events.iter().any(|e| {
+        let mut op_failed = step_events.iter().any(|e| {
             serde_json::from_str::<Value>(e).is_ok_and(|v| v["event_type_value"] == "STEP_FAILURE")
         });
+        let unfinished = step_run.succeeded
+            && step_run.log_errors.is_empty()
+            && terminal_event(&step_events).is_none();
+        let lost_previous = self.launcher.take_lost_previous(&job);
         events.extend(step_events);
+        // The step process ended well but reported no outcome: Dagster refused to run a step that
+        // had already started ("Attempted to run … again"), which happens when the worker that
+        // started it died. Without a terminal event the run would fail with
+        // `DagsterUnknownStepStateError` and nothing saying why; fail the step naming the cause.
+        if unfinished {
+            let reason = match lost_previous {
+                Some(lost) => format!(
+                    "Step {step_key} cannot be finished: {lost}. Dagster refuses to run a step that already started, so the step process started again for task {} (attempt {}) on worker {} did not run it.",
+                    request.id, args.attempt, ctx.hostname
+                ),
+                None => format!(
+                    "Step {step_key} cannot be finished: its step process (job {job}, task {}, attempt {}, worker {}) ended without reporting success or failure. Dagster does this when the step had already started, i.e. a worker running it died mid-step (on another host, or before it recorded the step).",
+                    request.id, args.attempt, ctx.hostname
+                ),
+            };
+            warn!(run_id = %args.run_id, step = step_key, job = %job, "{reason}");
+            let err = ErrorInfo::new(class.module, "StepLostError", &reason);
+            events.push(
+                reporter
+                    .store(step_failure(&reporter.step, &err, &reason))
+                    .await
+                    .dagster_event_json(),
+            );
+            op_failed = true;
+        }
         finished(if step_run.succeeded && !op_failed {
             StepOutcome::Success
         } else {
