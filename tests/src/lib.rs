@@ -410,6 +410,7 @@ pub fn lines_of(child: &mut Child) -> impl Iterator<Item = String> + '_ {
 pub mod brokers;
 pub mod chart;
 pub mod dagster;
+pub mod fault_proxy;
 pub mod k8s;
 pub mod prometheus;
 
