@@ -110,6 +110,13 @@ impl DagsterHome {
         Self::create_with(broker, backend, &[])
     }
 
+    /// Every process reads the Postgres port from `$<var>` (`{env: var}` in dagster.yaml), and step
+    /// processes get `<var>=5432` from the run config's `env_vars`: a test can send the worker's
+    /// database connections (only) through a fault proxy.
+    pub fn create_with_pg_port_env(broker: &str, backend: &str, var: &str) -> Result<DagsterHome> {
+        Self::create_with(broker, backend, &["--pg-port-env", var])
+    }
+
     /// Steps run as Kubernetes Jobs in `namespace`, with `kubeconfig` as the task's kubeconfig_file.
     pub fn create_k8s(
         broker: &str,
