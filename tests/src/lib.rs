@@ -265,6 +265,10 @@ impl CeleriacProcess {
         cmd.env("PATH", path_with_venv())
             .env("RUST_LOG", "info,celeriac=debug");
         cmd.env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
+        // The process launcher's default state directory ($XDG_STATE_HOME/celeriac/steps) among the
+        // artefacts, not in the developer's home or the repository (tests pass --step-state-dir
+        // where they need their own).
+        cmd.env("XDG_STATE_HOME", artifacts_dir().join("state"));
         for (k, v) in envs {
             cmd.env(k, v);
         }
