@@ -68,6 +68,11 @@ pub struct WorkerArgs {
     /// until their ttlSecondsAfterFinished.
     #[arg(long = "job-retention", value_parser = parse_retention)]
     pub(crate) job_retention: Option<JobRetention>,
+    /// Process launcher: the directory where running steps are recorded, so a worker restarted on the
+    /// same host adopts them (`none`: steps die with their worker). Default
+    /// `$XDG_STATE_HOME/celeriac/steps`, else `.celeriac/steps` in the working directory.
+    #[arg(long = "step-state-dir")]
+    pub(crate) step_state_dir: Option<String>,
 }
 
 fn parse_launcher(s: &str) -> Result<LauncherKind, String> {
@@ -159,6 +164,7 @@ impl WorkerArgs {
             ..Default::default()
         };
         dagster_flags.kubernetes.job_retention = self.job_retention;
+        dagster_flags.process.state_dir = self.step_state_dir.clone();
         Ok((settings.merge(flags), dagster.merge(dagster_flags)))
     }
 }

@@ -6,7 +6,7 @@
 //! `CELERIAC_STEP_LAUNCHER` / `CELERIAC_KUBERNETES__<KEY>` (e.g. `CELERIAC_KUBERNETES__JOB_RETENTION=keep`),
 //! then the `--launcher` and `--job-retention` flags.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use celeriac_worker::config::{
@@ -20,6 +20,10 @@ pub struct DagsterConfig {
     /// Where steps run.
     pub launcher: LauncherKind,
     pub kubernetes: KubernetesConfig,
+    /// The process launcher's state directory (`process.state_dir`), where running steps are
+    /// recorded so a restarted worker adopts them; `None` (`state_dir: none`): steps die with their
+    /// worker instead.
+    pub process_state_dir: Option<PathBuf>,
 }
 
 /// Where step processes run.
@@ -94,6 +98,16 @@ pub struct DagsterSettings {
     /// `process`, `kubernetes` or `auto` (default).
     pub step_launcher: Option<LauncherKind>,
     pub kubernetes: KubernetesSettings,
+    pub process: ProcessSettings,
+}
+
+/// Raw `process:` settings of the process launcher.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct ProcessSettings {
+    /// A directory, or `none` to turn adoption off. Default `$XDG_STATE_HOME/celeriac/steps`, else
+    /// `.celeriac/steps` under the worker's working directory.
+    pub state_dir: Option<String>,
 }
 
 /// Raw `kubernetes:` settings (seconds as numbers; 0 disables the unschedulable timeout).
@@ -122,6 +136,9 @@ impl DagsterSettings {
         if other.step_launcher.is_some() {
             self.step_launcher = other.step_launcher;
         }
+        if other.process.state_dir.is_some() {
+            self.process.state_dir = other.process.state_dir;
+        }
         let (mine, theirs) = (&mut self.kubernetes, other.kubernetes);
         macro_rules! take_k {
             ($($f:ident),*) => { $( if theirs.$f.is_some() { mine.$f = theirs.$f; } )* };
@@ -144,7 +161,13 @@ impl DagsterSettings {
             d.unschedulable_timeout.map_or(0.0, |t| t.as_secs_f64()),
             "kubernetes.unschedulable_timeout",
         )?;
+        let process_state_dir = match self.process.state_dir.as_deref().map(str::trim) {
+            None => Some(crate::launcher::step_state::default_dir()),
+            Some("" | "none") => None,
+            Some(dir) => Some(PathBuf::from(dir)),
+        };
         Ok(DagsterConfig {
+            process_state_dir,
             launcher: self.step_launcher.unwrap_or(LauncherKind::Auto),
             kubernetes: KubernetesConfig {
                 job_retention: k.job_retention.unwrap_or(d.job_retention),
@@ -181,11 +204,17 @@ mod tests {
             Some(Duration::from_secs(900))
         );
         assert_eq!(c.kubernetes.api_retry_window, Duration::from_secs(180));
+        assert!(c
+            .process_state_dir
+            .is_some_and(|d| d.ends_with("steps") && d.to_string_lossy().contains("celeriac")));
     }
 
     #[test]
     fn layers_merge_per_key_and_bad_values_are_named() {
         let file = DagsterSettings {
+            process: ProcessSettings {
+                state_dir: Some("none".into()),
+            },
             step_launcher: Some(LauncherKind::Kubernetes),
             kubernetes: KubernetesSettings {
                 unschedulable_timeout: Some(0.0),
@@ -204,6 +233,7 @@ mod tests {
         assert_eq!(c.kubernetes.job_retention, JobRetention::Keep);
         assert_eq!(c.kubernetes.image_pull_timeout, Duration::from_secs(3));
         assert_eq!(c.kubernetes.unschedulable_timeout, None);
+        assert_eq!(c.process_state_dir, None);
         let mut bad = DagsterSettings::default();
         bad.kubernetes.api_retry_window = Some(-1.0);
         let e = bad.resolve().unwrap_err().to_string();

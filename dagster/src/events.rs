@@ -153,6 +153,17 @@ pub fn step_failure(step: &StepRef, error: &ErrorInfo, user_message: &str) -> Ev
     }
 }
 
+/// The step's outcome event among serialized `DagsterEvent`s: STEP_SUCCESS, STEP_FAILURE or
+/// STEP_UP_FOR_RETRY (what Dagster's `ActiveExecution` needs to consider a step finished; without one
+/// the run fails with `DagsterUnknownStepStateError`).
+pub fn terminal_event(events: &[String]) -> Option<String> {
+    events.iter().find_map(|e| {
+        let v = serde_json::from_str::<Value>(e).ok()?;
+        let t = v.get("event_type_value")?.as_str()?;
+        matches!(t, "STEP_SUCCESS" | "STEP_FAILURE" | "STEP_UP_FOR_RETRY").then(|| t.to_string())
+    })
+}
+
 /// Port of `filter_dagster_events_from_cli_logs`: JSON lines (possibly split over several lines) that are
 /// serialized `DagsterEvent`s, returned as their original text.
 pub fn filter_events(log: &str) -> Vec<String> {

@@ -30,6 +30,29 @@ pub enum InstanceError {
     Query { what: &'static str, reason: String },
 }
 
+impl InstanceError {
+    /// Worth retrying: the database could not be reached, the connection died or a query went
+    /// unanswered (as opposed to a configuration problem or an error the server answered with).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            InstanceError::Connect { .. } => true,
+            InstanceError::Query { reason, .. } => !reason.starts_with(SERVER_ERROR_PREFIX),
+            _ => false,
+        }
+    }
+}
+
+/// Prefix of the reason of a [`InstanceError::Query`] the server answered with an SQL error.
+const SERVER_ERROR_PREFIX: &str = "server error: ";
+
+fn query_error(what: &'static str, e: &tokio_postgres::Error) -> InstanceError {
+    let reason = match e.code() {
+        Some(_) => format!("{SERVER_ERROR_PREFIX}{e}"),
+        None => e.to_string(),
+    };
+    InstanceError::Query { what, reason }
+}
+
 /// What the step task reads of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunInfo {
@@ -49,8 +72,10 @@ struct Target {
 
 /// Default connect timeout when the storage config sets none.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Upper bound for one query.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound for one query (a statement timeout on the client side): past it the connection is
+/// taken for dead (a black-holed or half-open peer answers nothing, and TCP alone would wait for
+/// minutes) and the next query opens a new one.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn resolve(v: &Value, key: &str) -> Result<Option<String>, InstanceError> {
     match v {
@@ -212,6 +237,7 @@ pub struct Instances {
 
 /// A handle on one run's storages. Every operation takes the cached connection (re-opened if the
 /// server closed it), so a handle stays usable across a step that runs for hours.
+#[derive(Clone)]
 pub struct Instance {
     instances: Instances,
     runs: Target,
@@ -248,6 +274,19 @@ impl Instances {
         self.clients.lock().await.len()
     }
 
+    /// Drops `client` from the cache (it stopped answering): the next query connects afresh.
+    async fn evict(&self, target: &Target, client: &Arc<Client>, why: &str) {
+        let mut clients = self.clients.lock().await;
+        if clients
+            .get(&target.key)
+            .is_some_and(|c| Arc::ptr_eq(c, client))
+        {
+            warn!(database = %target.display, "Dagster database connection is dead ({why}); reconnecting");
+            clients.remove(&target.key);
+            celeriac_wire::reconnects::record("postgres");
+        }
+    }
+
     async fn client(&self, target: &Target) -> Result<Arc<Client>, InstanceError> {
         let mut clients = self.clients.lock().await;
         if let Some(c) = clients.get(&target.key) {
@@ -255,16 +294,26 @@ impl Instances {
                 return Ok(c.clone());
             }
             warn!(database = %target.display, "Dagster database connection was closed; reconnecting");
+            celeriac_wire::reconnects::record("postgres");
         }
-        let (client, connection) =
-            target
-                .config
-                .connect(NoTls)
-                .await
-                .map_err(|e| InstanceError::Connect {
-                    target: target.display.clone(),
-                    reason: e.to_string(),
-                })?;
+        // tokio-postgres's connect_timeout covers the TCP connect only: a server that accepts and
+        // then answers nothing (half-open, black-holed) would hold the handshake, and this cache's
+        // lock, forever.
+        let limit = target
+            .config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT);
+        let (client, connection) = tokio::time::timeout(limit, target.config.connect(NoTls))
+            .await
+            .map_err(|_| InstanceError::Connect {
+                target: target.display.clone(),
+                reason: format!("no answer within {} s", limit.as_secs()),
+            })?
+            .map_err(|e| InstanceError::Connect {
+                target: target.display.clone(),
+                reason: e.to_string(),
+            })?;
         let db = target.display.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -278,11 +327,13 @@ impl Instances {
     }
 }
 
-/// Runs `op` on the target's connection, once more on a fresh connection if the first one turned out closed.
+/// Runs `op` on the target's connection, once more on a fresh connection if the first one turned out
+/// closed (`idempotent` operations only: a write may have committed before the connection died).
 async fn with_client<T, F, Fut>(
     instances: &Instances,
     target: &Target,
     what: &'static str,
+    idempotent: bool,
     op: F,
 ) -> Result<T, InstanceError>
 where
@@ -295,20 +346,19 @@ where
         let result = tokio::time::timeout(QUERY_TIMEOUT, op(client.clone())).await;
         match result {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) if client.is_closed() && attempt == 0 => {
+            Ok(Err(e)) if idempotent && client.is_closed() && attempt == 0 => {
                 warn!(database = %target.display, "Dagster database connection lost during {what}: {e}; retrying");
             }
             Ok(Err(e)) => {
-                return Err(InstanceError::Query {
-                    what,
-                    reason: e.to_string(),
-                })
+                if e.code().is_none() {
+                    instances.evict(target, &client, &e.to_string()).await;
+                }
+                return Err(query_error(what, &e));
             }
             Err(_) => {
-                return Err(InstanceError::Query {
-                    what,
-                    reason: format!("no answer within {}s", QUERY_TIMEOUT.as_secs()),
-                })
+                let reason = format!("no answer within {}s", QUERY_TIMEOUT.as_secs());
+                instances.evict(target, &client, &reason).await;
+                return Err(InstanceError::Query { what, reason });
             }
         }
         attempt += 1;
@@ -318,13 +368,19 @@ where
 impl Instance {
     /// `instance.get_run_by_id`: status column (authoritative), job name and code location from the body.
     pub async fn get_run(&self, run_id: &str) -> Result<Option<RunInfo>, InstanceError> {
-        let row = with_client(&self.instances, &self.runs, "read run", |c| async move {
-            c.query_opt(
-                "SELECT run_body, status FROM runs WHERE run_id = $1",
-                &[&run_id],
-            )
-            .await
-        })
+        let row = with_client(
+            &self.instances,
+            &self.runs,
+            "read run",
+            true,
+            |c| async move {
+                c.query_opt(
+                    "SELECT run_body, status FROM runs WHERE run_id = $1",
+                    &[&run_id],
+                )
+                .await
+            },
+        )
         .await?;
         let Some(row) = row else { return Ok(None) };
         let body: String = row.try_get(0).map_err(|e| InstanceError::Query {
@@ -355,6 +411,18 @@ impl Instance {
     /// Stores an event and notifies listeners (`NOTIFY run_events, '<run_id>_<id>'`), as dagster-postgres
     /// does. Returns the `event_logs.id`.
     pub async fn report(&self, run_id: &str, event: &Event) -> Result<i64, InstanceError> {
+        self.report_checked(run_id, event, false).await
+    }
+
+    /// [`Self::report`] for a retry: when `maybe_stored` (an earlier attempt failed after sending its
+    /// INSERT, which may have committed), an identical row is looked for first and reused, so a
+    /// retried event is never stored twice.
+    pub async fn report_checked(
+        &self,
+        run_id: &str,
+        event: &Event,
+        maybe_stored: bool,
+    ) -> Result<i64, InstanceError> {
         let ts = chrono::DateTime::from_timestamp_micros((event.timestamp() * 1e6).round() as i64)
             .map(|d| d.naive_utc())
             .unwrap_or_default();
@@ -365,18 +433,31 @@ impl Instance {
             .map(str::to_owned);
         let body = event.entry_json();
         let event_type = event.event_type;
-        let row = with_client(&self.instances, &self.events, "insert event", |c| {
-            let (body, step_key) = (&body, &step_key);
-            async move {
-                c.query_one(
-                    "INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key, asset_key, partition) \
-                     VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id",
-                    &[&run_id, body, &event_type, &ts, step_key],
-                )
-                .await
+        let existing = if maybe_stored {
+            with_client(&self.instances, &self.events, "look for a stored event", true, |c| {
+                let body = &body;
+                async move {
+                    c.query_opt(
+                        "SELECT id FROM event_logs WHERE run_id = $1 AND timestamp = $2 AND event = $3 LIMIT 1",
+                        &[&run_id, &ts, body],
+                    )
+                    .await
+                }
+            })
+            .await?
+        } else {
+            None
+        };
+        let row = match existing {
+            Some(row) => {
+                debug!(run_id, "event already stored by an earlier attempt");
+                row
             }
-        })
-        .await?;
+            None => {
+                self.insert(run_id, &body, event_type, &ts, &step_key)
+                    .await?
+            }
+        };
         let id: i64 = row
             .try_get::<_, i64>(0)
             .or_else(|_| row.try_get::<_, i32>(0).map(i64::from))
@@ -385,15 +466,40 @@ impl Instance {
                 reason: e.to_string(),
             })?;
         let notify = format!("{run_id}_{id}");
-        with_client(&self.instances, &self.events, "notify run_events", |c| {
-            let notify = &notify;
-            async move {
-                c.execute("SELECT pg_notify('run_events', $1)", &[notify])
-                    .await
-            }
-        })
+        with_client(
+            &self.instances,
+            &self.events,
+            "notify run_events",
+            true,
+            |c| {
+                let notify = &notify;
+                async move {
+                    c.execute("SELECT pg_notify('run_events', $1)", &[notify])
+                        .await
+                }
+            },
+        )
         .await?;
         Ok(id)
+    }
+
+    async fn insert(
+        &self,
+        run_id: &str,
+        body: &str,
+        event_type: &'static str,
+        ts: &chrono::NaiveDateTime,
+        step_key: &Option<String>,
+    ) -> Result<tokio_postgres::Row, InstanceError> {
+        with_client(&self.instances, &self.events, "insert event", false, |c| async move {
+            c.query_one(
+                "INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key, asset_key, partition) \
+                 VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id",
+                &[&run_id, &body, &event_type, ts, step_key],
+            )
+            .await
+        })
+        .await
     }
 }
 

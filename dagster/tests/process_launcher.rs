@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::unix::process::CommandExt;
+
 use celeriac_dagster::launcher::process::ProcessLauncher;
+use celeriac_dagster::launcher::step_state::{self, StateDir, StepEntry};
 use celeriac_dagster::launcher::{LaunchError, StepLauncher, StepSpec, Workload};
 use celeriac_dagster::step::workload::Step;
 use celeriac_worker::CancellationToken;
@@ -32,6 +35,9 @@ fn spec(cmd: &str) -> StepSpec {
         namespace: "default".into(),
         run_id: "run".into(),
         step_key: "op".into(),
+        task_id: "task-1".into(),
+        attempt: 0,
+        worker: "celeriac-test@host".into(),
         wait_timeout: None,
         workload: Workload::Process(step.process()),
     }
@@ -167,4 +173,126 @@ async fn dropping_the_launch_kills_the_group() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!alive(grandchild), "grandchild {grandchild} survived");
     let _ = std::fs::remove_file(pidfile);
+}
+
+/// A state directory of its own.
+fn state_dir() -> StateDir {
+    let dir =
+        std::env::temp_dir().join(format!("celeriac-steps-{}", uuid::Uuid::new_v4().simple()));
+    StateDir::open(dir).expect("state dir")
+}
+
+const SUCCESS_EVENT: &str =
+    r#"{"__class__": "DagsterEvent", "event_type_value": "STEP_SUCCESS", "step_key": "op"}"#;
+
+/// A step process "left behind by a dead worker": started outside the launcher, in its own process
+/// group, writing to the state directory's files, and recorded there.
+fn orphan(state: &StateDir, script: &str) -> i32 {
+    let out = std::fs::File::create(state.stdout_path("dagster-step-test")).expect("out");
+    let err = std::fs::File::create(state.stderr_path("dagster-step-test")).expect("err");
+    let child = std::process::Command::new("sh")
+        .args(["-c", script])
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .expect("orphan");
+    let pid = child.id() as i32;
+    // Reaped by a thread, as init would reap a real orphan.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    let (_, start_time) = step_state::proc_stat(pid).expect("stat");
+    state
+        .write(&StepEntry {
+            job_name: "dagster-step-test".into(),
+            run_id: "run".into(),
+            step_key: "op".into(),
+            task_id: "task-1".into(),
+            attempt: 0,
+            pid,
+            start_time,
+            boot_id: step_state::boot_id(),
+            stdout: state.stdout_path("dagster-step-test"),
+            stderr: state.stderr_path("dagster-step-test"),
+            worker: "celeriac-dead@host".into(),
+            host: step_state::host_name(),
+            started_at: 0.0,
+        })
+        .expect("entry");
+    pid
+}
+
+#[tokio::test]
+async fn a_running_orphan_is_adopted_not_started_again() {
+    let state = state_dir();
+    let marker = state.path().join("runs");
+    orphan(
+        &state,
+        &format!(
+            "echo x >> {m}; sleep 1.5; echo '{SUCCESS_EVENT}'",
+            m = marker.display()
+        ),
+    );
+    let l = ProcessLauncher::default().with_state_dir(state.clone());
+    // The same step again (the redelivered task): would append a second line if it ran.
+    let cmd = format!("echo x >> {}", marker.display());
+    let started = Instant::now();
+    let run = l
+        .launch(&spec(&cmd), CancellationToken::new())
+        .await
+        .expect("adopts");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited for the orphan"
+    );
+    assert!(run.adopted_existing);
+    assert!(run.succeeded, "{run:?}");
+    assert!(run.logs.contains("STEP_SUCCESS"), "{}", run.logs);
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap_or_default(),
+        "x\n",
+        "the step body ran once"
+    );
+    // Redelivered once more after it ended: the recorded output is reported, nothing runs.
+    let again = l
+        .launch(&spec(&cmd), CancellationToken::new())
+        .await
+        .expect("reports");
+    assert!(
+        again.succeeded && again.logs.contains("STEP_SUCCESS"),
+        "{again:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&marker).unwrap_or_default(), "x\n");
+    let _ = std::fs::remove_dir_all(state.path());
+}
+
+#[tokio::test]
+async fn a_lost_step_is_started_again_and_says_what_was_lost() {
+    let state = state_dir();
+    let pid = orphan(&state, "sleep 30");
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let l = ProcessLauncher::default().with_state_dir(state.clone());
+    let run = l
+        .launch(&spec("echo second"), CancellationToken::new())
+        .await
+        .expect("runs");
+    assert!(run.succeeded);
+    assert_eq!(run.logs, "second\n");
+    let lost = l
+        .take_lost_previous("dagster-step-test")
+        .unwrap_or_default();
+    assert!(
+        lost.contains("celeriac-dead@host")
+            && lost.contains("died mid-step")
+            && lost.contains("attempt 0"),
+        "{lost}"
+    );
+    let _ = std::fs::remove_dir_all(state.path());
 }

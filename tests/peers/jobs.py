@@ -92,6 +92,33 @@ def sleepy():
     sleepy_op()
 
 
+def _mark(context):
+    """One line per execution of the op's body, in $DAGSTER_HOME/markers/<run_id>.<op> (the fault tests
+    count them: each step body runs exactly once)."""
+    folder = os.path.join(os.environ.get("DAGSTER_HOME", "."), "markers")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{context.run_id}.{context.op.name}"), "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+@op(tags=QUEUE)
+def marked_slow(context):
+    _mark(context)
+    time.sleep(SLEEP)
+    return 1
+
+
+@op(tags=QUEUE)
+def marked_after(context, x):
+    _mark(context)
+    return x + 1
+
+
+@job(executor_def=celery_k8s_job_executor)
+def marked():
+    marked_after(marked_slow())
+
+
 # Kubernetes-only variants (the step's k8s config comes from the op's `dagster-k8s/config` tag).
 STEP_IMAGE = "celeriac/dagster-step:test"
 SIDECAR = {"dagster-k8s/config": {"pod_spec_config": {"containers": [{
@@ -131,4 +158,4 @@ def bad_image():
     unpullable()
 
 
-defs = Definitions(jobs=[diamond, diamond_failing, two_queues, sleepy, diamond_sidecar, oom, bad_image])
+defs = Definitions(jobs=[diamond, diamond_failing, two_queues, sleepy, marked, diamond_sidecar, oom, bad_image])

@@ -20,6 +20,8 @@ def main():
     p.add_argument("--incluster", action="store_true",
                    help="executor load_incluster_config: true (the worker's own credentials), as the Dagster chart runs it")
     p.add_argument("--image", default="celeriac/local-step:dev", help="job_image of the step Jobs")
+    p.add_argument("--pg-port-env", help="the Postgres port is read from this environment variable ({env: VAR}) "
+                   "by every process, and step processes get VAR=5432 (so a test can route one process elsewhere)")
     a = p.parse_args()
     home = os.path.abspath(a.dir)
     os.makedirs(home, exist_ok=True)
@@ -43,7 +45,7 @@ def main():
             }, f)
 
     pg = {"username": "postgres", "password": {"env": "DAGSTER_PG_PASSWORD"}, "hostname": "127.0.0.1",
-          "db_name": a.db, "port": 5432}
+          "db_name": a.db, "port": {"env": a.pg_port_env} if a.pg_port_env else 5432}
     instance = {
         "storage": {"postgres": {"postgres_db": pg}},
         "run_launcher": {
@@ -70,6 +72,7 @@ def main():
         **({"load_incluster_config": True} if a.incluster
            else {"load_incluster_config": False, "kubeconfig_file": kubeconfig}),
         "job_wait_timeout": 600.0,
+        **({"env_vars": [f"{a.pg_port_env}=5432"]} if a.pg_port_env else {}),
         "broker": a.broker,
         "backend": a.backend,
     }}}

@@ -110,6 +110,13 @@ impl DagsterHome {
         Self::create_with(broker, backend, &[])
     }
 
+    /// Every process reads the Postgres port from `$<var>` (`{env: var}` in dagster.yaml), and step
+    /// processes get `<var>=5432` from the run config's `env_vars`: a test can send the worker's
+    /// database connections (only) through a fault proxy.
+    pub fn create_with_pg_port_env(broker: &str, backend: &str, var: &str) -> Result<DagsterHome> {
+        Self::create_with(broker, backend, &["--pg-port-env", var])
+    }
+
     /// Steps run as Kubernetes Jobs in `namespace`, with `kubeconfig` as the task's kubeconfig_file.
     pub fn create_k8s(
         broker: &str,
@@ -267,6 +274,12 @@ impl DagsterHome {
         })
     }
 
+    /// The marker lines the ops of the `marked` job wrote for `op` (one per execution of its body,
+    /// each the pid of the step process), across runs of this home.
+    pub fn markers(&self, op: &str) -> Vec<String> {
+        markers_in(&self.dir, op)
+    }
+
     /// Runs `job` with the celery_k8s executor and reports the outcome. `envs` reach the job definitions
     /// (queue names, sleep lengths).
     pub fn run_job(
@@ -300,4 +313,22 @@ impl DagsterHome {
             .unwrap_or_default();
         serde_json::from_str(line).with_context(|| format!("parsing run_job.py output: {out}"))
     }
+}
+
+/// [`DagsterHome::markers`] for a home directory (usable while the home is borrowed by a run thread).
+pub fn markers_in(home: &std::path::Path, op: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(home.join("markers")) else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(&format!(".{op}")))
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }

@@ -240,6 +240,16 @@ impl CeleriacProcess {
 
     /// Starts `celeriac worker <args>` and waits until it logs that it is ready.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Result<WorkerProcess> {
+        Self::start_opts(args, envs, false)
+    }
+
+    /// [`Self::start`] in a process group of its own (led by the worker), so a test can kill the
+    /// worker's whole group ([`Self::kill_group`]) as a terminal or a service manager would.
+    pub fn start_grouped(args: &[&str], envs: &[(&str, &str)]) -> Result<WorkerProcess> {
+        Self::start_opts(args, envs, true)
+    }
+
+    fn start_opts(args: &[&str], envs: &[(&str, &str)], grouped: bool) -> Result<WorkerProcess> {
         let hostname = format!("{}@localhost", unique("celeriac"));
         let log = artifacts_dir().join(format!("{}.log", hostname.replace('@', "_")));
         let mut cmd = Command::new(celeriac_bin());
@@ -255,8 +265,16 @@ impl CeleriacProcess {
         cmd.env("PATH", path_with_venv())
             .env("RUST_LOG", "info,celeriac=debug");
         cmd.env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
+        // The process launcher's default state directory ($XDG_STATE_HOME/celeriac/steps) among the
+        // artefacts, not in the developer's home or the repository (tests pass --step-state-dir
+        // where they need their own).
+        cmd.env("XDG_STATE_HOME", artifacts_dir().join("state"));
         for (k, v) in envs {
             cmd.env(k, v);
+        }
+        if grouped {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
         }
         let file = std::fs::File::create(&log)?;
         cmd.stdout(file.try_clone()?).stderr(file);
@@ -340,6 +358,16 @@ impl CeleriacProcess {
         Ok(())
     }
 
+    /// SIGKILL to the worker's whole process group (started with [`Self::start_grouped`]).
+    pub fn kill_group(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL)?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
         if let Some(pid) = self.pid() {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)?;
@@ -386,6 +414,7 @@ pub fn lines_of(child: &mut Child) -> impl Iterator<Item = String> + '_ {
 pub mod brokers;
 pub mod chart;
 pub mod dagster;
+pub mod fault_proxy;
 pub mod k8s;
 pub mod prometheus;
 

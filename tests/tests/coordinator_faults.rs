@@ -419,7 +419,24 @@ fn a_broker_restart_mid_run_does_not_fail_the_run() -> Result<()> {
     fleet.wait_for("the first steps starting", Duration::from_secs(120), || {
         Ok(fleet.count_events(&run_id, "STEP_START")? >= 2)
     })?;
+    let consuming = |log: String| {
+        log.lines()
+            .filter(|l| l.contains("consuming") && !l.contains("stopped consuming"))
+            .count()
+    };
+    let consuming_before = consuming(fleet.worker.log_text());
     rabbit.restart(Duration::from_secs(5))?;
+    // The worker is consuming again within 10 s of the broker's return (reconnect backoff ≤ 5 s).
+    let back = Instant::now();
+    fleet.wait_for(
+        "the worker consuming again",
+        Duration::from_secs(10),
+        || Ok(consuming(fleet.worker.log_text()) > consuming_before),
+    )?;
+    eprintln!(
+        "worker consuming again {:?} after RabbitMQ's return",
+        back.elapsed()
+    );
     let status = fleet.wait_finished(&run_id, Duration::from_secs(180))?;
     let summary = fleet.summary(&run_id)?;
     assert_eq!(

@@ -12,6 +12,8 @@ pub mod events;
 pub mod json;
 pub mod message;
 pub mod pidbox;
+pub mod reconnects;
+pub mod redis_conn;
 pub mod result;
 pub mod saferepr;
 pub mod task;

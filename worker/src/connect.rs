@@ -13,6 +13,12 @@ use crate::config::{RedisPriorityOrder, WorkerConfig};
 pub async fn broker(config: &WorkerConfig) -> anyhow::Result<Arc<dyn Broker>> {
     let options = RedisTransportOptions {
         visibility_timeout: config.redis.visibility_timeout,
+        // A dead worker's message is back within ~2 × visibility_timeout, not up to a minute later
+        // with a short timeout (the sweep is one ZRANGEBYSCORE when nothing is due).
+        restore_interval: config.redis.visibility_timeout.clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        ),
         priority_order: match config.redis.priority_order {
             RedisPriorityOrder::Kombu => PriorityOrder::Kombu,
             RedisPriorityOrder::Dagster => PriorityOrder::Dagster,

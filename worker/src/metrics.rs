@@ -26,6 +26,7 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     free_slots: IntGaugeVec,
     broker_reconnects: CounterVec,
+    peer_reconnects: IntCounterVec,
     result_store_seconds: HistogramVec,
     queue_length: GaugeVec,
     backlog: GaugeVec,
@@ -123,6 +124,11 @@ impl Metrics {
                 "celeriac_queue_free_slots",
                 "Free concurrency slots of the queue in this worker.",
                 &["queue_name", "hostname"],
+            ),
+            peer_reconnects: counter(
+                "celeriac_peer_reconnects_total",
+                "Connections re-opened after their peer was found dead (closed, reset, or silent past its heartbeat or response timeout), per peer: rabbitmq, redis, postgres.",
+                &["peer", "hostname"],
             ),
             broker_reconnects: {
                 let c = CounterVec::new(
@@ -297,6 +303,12 @@ impl Metrics {
         let mut buf = Vec::new();
         // The worker's own registry plus the process-wide one, where the tasks' metrics live (the
         // Dagster step task's `celeriac_dagster_*`, `celeriac_kubernetes_*`, `celeriac_step_job*`).
+        for (peer, total) in celeriac_wire::reconnects::snapshot() {
+            let c = self
+                .peer_reconnects
+                .with_label_values(&[peer, &self.hostname]);
+            c.inc_by(total.saturating_sub(c.get()));
+        }
         let mut families = self.registry.gather();
         families.extend(prometheus::gather());
         if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
@@ -322,5 +334,11 @@ mod tests {
         assert!(text.contains(r#"celery_task_failed_total{exception="CheckError",hostname="w@h",name="execute_step_k8s_job",queue_name="dagster"} 1"#));
         assert!(text.contains("celery_task_runtime_bucket"));
         assert!(text.contains(r#"celery_worker_tasks_active{hostname="w@h"} 0"#));
+        celeriac_wire::reconnects::record("redis");
+        let text = m.render();
+        assert!(
+            text.contains(r#"celeriac_peer_reconnects_total{hostname="w@h",peer="redis"} "#),
+            "{text}"
+        );
     }
 }

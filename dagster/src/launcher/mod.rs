@@ -9,6 +9,7 @@
 
 pub mod kubernetes;
 pub mod process;
+pub mod step_state;
 
 use std::time::Duration;
 
@@ -26,6 +27,12 @@ pub struct StepSpec {
     pub namespace: String,
     pub run_id: String,
     pub step_key: String,
+    /// The Celery task id (recorded so an adopting worker can say which task started the step).
+    pub task_id: String,
+    /// The step's retry attempt (`known_state.previous_retry_attempts[step_key]`).
+    pub attempt: u64,
+    /// Node name of the worker running the step.
+    pub worker: String,
     /// Give up after this long (`job_wait_timeout`; `None` when 0 or absent).
     pub wait_timeout: Option<Duration>,
     /// What runs.
@@ -159,4 +166,11 @@ pub trait StepLauncher: Send + Sync {
     fn kind(&self) -> &'static str;
     /// The error class of this launcher's step failures.
     fn failure_class(&self) -> FailureClass;
+    /// Whether the last [`Self::launch`] of `job_name` found an earlier run of the step lost with
+    /// its worker (what happened, in words; taken, so asked once): if this run could not finish the
+    /// step either (Dagster refuses to run a started step again), the step task fails the step
+    /// saying so.
+    fn take_lost_previous(&self, _job_name: &str) -> Option<String> {
+        None
+    }
 }

@@ -1,10 +1,18 @@
 //! The embedded launcher: the step runs as a local subprocess (in its own process group) with the
 //! worker's environment plus the environment its Kubernetes Job's container would get (resolved by the
 //! step task: [`crate::step::workload`]). Used for local development, the demo and CI.
+//!
+//! A step process never outlives its worker unnoticed. With a state directory (the default,
+//! [`super::step_state`]) the step writes its output to files and is recorded there (pid, start
+//! time, output files, task id, attempt), so a worker restarted on the same host that receives the
+//! redelivered task adopts the still-running process and reports its real outcome (or, if it ended
+//! meanwhile, the outcome its output shows) instead of starting the step again, which Dagster refuses
+//! ("Attempted to run … again"). Without a state directory the step gets `PR_SET_PDEATHSIG` (SIGKILL):
+//! it dies with its worker.
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -13,7 +21,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::step_state::{self, Liveness, StateDir, StepEntry};
 use super::{FailureClass, LaunchError, StepLauncher, StepRun, StepSpec, Workload, WorkloadKind};
+use crate::events::{filter_events, terminal_event};
 
 /// How long a cancelled step gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -22,17 +32,38 @@ const KILL_GRACE: Duration = Duration::from_secs(10);
 const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// At most this much of each stream is kept (the rest is read and dropped, so the step never blocks).
 const MAX_CAPTURE: usize = 512 * 1024 * 1024;
+/// How often an adopted step process (not our child: no exit notification) is checked.
+const ADOPT_POLL: Duration = Duration::from_millis(250);
 
 /// Runs steps as local subprocesses.
 #[derive(Debug, Default, Clone)]
 pub struct ProcessLauncher {
     /// Working directory of step processes (the worker's when `None`).
     pub working_dir: Option<PathBuf>,
+    /// Where running steps are recorded for adoption; `None`: steps die with their worker.
+    state: Option<StateDir>,
+    /// Per job name: an earlier run found lost by the last launch (see
+    /// [`StepLauncher::take_lost_previous`]).
+    lost: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
 
 impl ProcessLauncher {
     pub fn new(working_dir: Option<PathBuf>) -> Self {
-        Self { working_dir }
+        Self {
+            working_dir,
+            ..Self::default()
+        }
+    }
+
+    /// Records steps in `state` so a restarted worker adopts them (see the module docs).
+    pub fn with_state_dir(mut self, state: StateDir) -> Self {
+        self.state = Some(state);
+        self
+    }
+
+    /// The state directory, if adoption is on.
+    pub fn state_dir(&self) -> Option<&StateDir> {
+        self.state.as_ref()
     }
 }
 
@@ -71,6 +102,21 @@ fn drain<R: AsyncRead + Unpin + Send + 'static>(stream: Option<R>) -> JoinHandle
     })
 }
 
+/// Where the step's output goes.
+enum Output {
+    /// Pipes read by the worker (no state directory).
+    Pipes(JoinHandle<Vec<u8>>, JoinHandle<Vec<u8>>),
+    /// The state directory's files.
+    Files(PathBuf, PathBuf),
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
 #[async_trait]
 impl StepLauncher for ProcessLauncher {
     async fn launch(
@@ -85,6 +131,90 @@ impl StepLauncher for ProcessLauncher {
             });
         };
         let pod_names = vec![spec.job_name.clone()];
+        // A step this host already started (the task was redelivered after its worker died).
+        let mut lost = None;
+        if let Some(state) = &self.state {
+            state.collect_garbage();
+            if let Some(entry) = state.read(&spec.job_name) {
+                match state.liveness(&entry) {
+                    Liveness::Running => {
+                        info!(job = %spec.job_name, pid = entry.pid, previous_worker = %entry.worker, task_id = %entry.task_id,
+                              "step process of this job is still running (its worker died); adopting it");
+                        return self.adopt(spec, state, entry, cancel).await;
+                    }
+                    Liveness::Exited(code) => {
+                        info!(job = %spec.job_name, pid = entry.pid, code, previous_worker = %entry.worker,
+                              "step process of this job already ended; reporting its recorded outcome");
+                        let logs = read_files(&entry.stdout, &entry.stderr).await;
+                        let mut run = exited(spec, Some(code), logs);
+                        run.adopted_existing = true;
+                        return Ok(run);
+                    }
+                    Liveness::Gone => {
+                        let logs = read_files(&entry.stdout, &entry.stderr).await;
+                        if let Some(t) = terminal_event(&filter_events(&logs)) {
+                            info!(job = %spec.job_name, pid = entry.pid, previous_worker = %entry.worker, outcome = %t,
+                                  "step process of this job ended while no worker watched it; reporting the outcome its output shows");
+                            return Ok(StepRun {
+                                succeeded: true,
+                                logs,
+                                pod_names,
+                                adopted_existing: true,
+                                ..StepRun::default()
+                            });
+                        }
+                        let what = format!(
+                            "the worker {} running step {} (job {}, task {}, attempt {}) on host {} died mid-step, and its step process (pid {}) is gone without reporting success or failure",
+                            entry.worker, entry.step_key, entry.job_name, entry.task_id, entry.attempt, entry.host, entry.pid
+                        );
+                        warn!(job = %spec.job_name, "{what}; starting the step again (Dagster refuses if it had started)");
+                        lost = Some(what);
+                    }
+                }
+            }
+        }
+        {
+            let mut lost_runs = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+            match lost {
+                Some(what) => lost_runs.insert(spec.job_name.clone(), what),
+                None => lost_runs.remove(&spec.job_name),
+            };
+        }
+        self.spawn(spec, process, cancel).await
+    }
+
+    fn runs(&self) -> WorkloadKind {
+        WorkloadKind::Process
+    }
+
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn failure_class(&self) -> FailureClass {
+        FailureClass {
+            module: "celeriac.launcher",
+            name: "StepProcessError",
+        }
+    }
+
+    fn take_lost_previous(&self, job_name: &str) -> Option<String> {
+        self.lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(job_name)
+    }
+}
+
+impl ProcessLauncher {
+    /// Starts the step process and waits for it.
+    async fn spawn(
+        &self,
+        spec: &StepSpec,
+        process: &super::StepProcess,
+        cancel: CancellationToken,
+    ) -> Result<StepRun, LaunchError> {
+        let pod_names = vec![spec.job_name.clone()];
         let Some((program, args)) = process.command.split_first() else {
             return Ok(failed(
                 pod_names,
@@ -97,9 +227,54 @@ impl StepLauncher for ProcessLauncher {
         let mut cmd = Command::new(program);
         cmd.args(args)
             .envs(process.env.iter().cloned())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stdin(Stdio::null());
+        let files = match &self.state {
+            Some(state) => {
+                state.remove(&spec.job_name);
+                let out = state.stdout_path(&spec.job_name);
+                let err = state.stderr_path(&spec.job_name);
+                let open = |p: &PathBuf| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .write(true)
+                        .truncate(true)
+                        .open(p)
+                };
+                match (open(&out), open(&err)) {
+                    (Ok(o), Ok(e)) => {
+                        cmd.stdout(o).stderr(e);
+                        Some((out, err))
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        return Ok(failed(
+                            pod_names,
+                            format!(
+                                "Cannot create the output files of job {} in {}: {e}",
+                                spec.job_name,
+                                state.path().display()
+                            ),
+                        ))
+                    }
+                }
+            }
+            None => {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+                // No state directory to adopt it from: the step dies with its worker.
+                let parent = nix::unistd::getpid();
+                // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                            .map_err(std::io::Error::from)?;
+                        if nix::unistd::getppid() != parent {
+                            return Err(std::io::Error::other("the worker exited"));
+                        }
+                        Ok(())
+                    });
+                }
+                None
+            }
+        };
         cmd.process_group(0).kill_on_drop(true);
         if let Some(dir) = &self.working_dir {
             cmd.current_dir(dir);
@@ -118,11 +293,18 @@ impl StepLauncher for ProcessLauncher {
                 ));
             }
         };
-        let pid = child.id();
-        let guard = GroupGuard(pid.and_then(|p| i32::try_from(p).ok()));
+        let pid = child.id().and_then(|p| i32::try_from(p).ok());
+        let guard = GroupGuard(pid);
         info!(job = %spec.job_name, pid, "step process started");
-        let out_task = drain(child.stdout.take());
-        let err_task = drain(child.stderr.take());
+        let output = match files {
+            Some((out, err)) => {
+                if let (Some(state), Some(pid)) = (&self.state, pid) {
+                    record(state, spec, pid, &out, &err);
+                }
+                Output::Files(out, err)
+            }
+            None => Output::Pipes(drain(child.stdout.take()), drain(child.stderr.take())),
+        };
         let deadline = async {
             match spec.wait_timeout {
                 Some(t) => tokio::time::sleep(t).await,
@@ -144,32 +326,32 @@ impl StepLauncher for ProcessLauncher {
             End::Cancelled => {
                 info!(job = %spec.job_name, pid, "stopping the step process");
                 stop(&mut child, &guard).await;
-                let _ = collect(out_task, err_task, &guard).await;
+                let _ = collect(output, &guard).await;
+                self.forget(spec);
                 Err(LaunchError::Cancelled(spec.job_name.clone()))
             }
             End::TimedOut => {
                 warn!(job = %spec.job_name, pid, "step exceeded job_wait_timeout; stopping it");
                 stop(&mut child, &guard).await;
-                let logs = collect(out_task, err_task, &guard).await;
-                let mut run = failed(
-                    pod_names,
-                    format!(
-                        "Timed out while waiting for job {} to complete",
-                        spec.job_name
-                    ),
-                );
+                let logs = collect(output, &guard).await;
+                self.forget(spec);
+                let mut run = failed(pod_names, timed_out(spec));
                 run.logs = logs;
                 Ok(run)
             }
             End::Exited(status) => {
-                let logs = collect(out_task, err_task, &guard).await;
+                if let (Some(state), Ok(s)) = (&self.state, &status) {
+                    use std::os::unix::process::ExitStatusExt;
+                    let code = s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+                    if let Err(e) = state.record_exit(&spec.job_name, code) {
+                        warn!(job = %spec.job_name, "cannot record the step's exit in the state directory: {e}");
+                    }
+                }
+                let logs = collect(output, &guard).await;
                 let failure_message = match status {
                     Ok(s) if s.success() => None,
                     Ok(s) => Some(match s.code() {
-                        Some(code) => format!(
-                            "Step process of job {} exited with code {code}",
-                            spec.job_name
-                        ),
+                        Some(code) => exit_message(spec, code),
                         None => format!(
                             "Step process of job {} was killed by a signal ({s})",
                             spec.job_name
@@ -192,19 +374,149 @@ impl StepLauncher for ProcessLauncher {
         }
     }
 
-    fn runs(&self) -> WorkloadKind {
-        WorkloadKind::Process
-    }
-
-    fn kind(&self) -> &'static str {
-        "process"
-    }
-
-    fn failure_class(&self) -> FailureClass {
-        FailureClass {
-            module: "celeriac.launcher",
-            name: "StepProcessError",
+    /// Waits for a step process a dead worker started (not our child: polled through `/proc`), then
+    /// reports the outcome its output shows.
+    async fn adopt(
+        &self,
+        spec: &StepSpec,
+        state: &StateDir,
+        entry: StepEntry,
+        cancel: CancellationToken,
+    ) -> Result<StepRun, LaunchError> {
+        let guard = GroupGuard(Some(entry.pid));
+        let remaining = spec.wait_timeout.map(|t| {
+            let elapsed = Duration::from_secs_f64((now_secs() - entry.started_at).max(0.0));
+            t.saturating_sub(elapsed)
+        });
+        let deadline = async {
+            match remaining {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        enum End {
+            Ended,
+            Cancelled,
+            TimedOut,
         }
+        let end = loop {
+            if !step_state::is_running(&entry) {
+                break End::Ended;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(ADOPT_POLL) => {}
+                _ = cancel.cancelled() => break End::Cancelled,
+                _ = &mut deadline => break End::TimedOut,
+            }
+        };
+        let logs = |e: &StepEntry| {
+            let (o, r) = (e.stdout.clone(), e.stderr.clone());
+            async move { read_files(&o, &r).await }
+        };
+        match end {
+            End::Cancelled | End::TimedOut => {
+                guard.kill(nix::sys::signal::Signal::SIGTERM);
+                let started = std::time::Instant::now();
+                while step_state::is_running(&entry) && started.elapsed() < KILL_GRACE {
+                    tokio::time::sleep(ADOPT_POLL).await;
+                }
+                guard.kill(nix::sys::signal::Signal::SIGKILL);
+                let out = logs(&entry).await;
+                self.forget(spec);
+                if matches!(end, End::Cancelled) {
+                    return Err(LaunchError::Cancelled(spec.job_name.clone()));
+                }
+                let mut run = failed(vec![spec.job_name.clone()], timed_out(spec));
+                run.logs = out;
+                run.adopted_existing = true;
+                Ok(run)
+            }
+            End::Ended => {
+                let out = logs(&entry).await;
+                // Not our child: the exit code is known only if the process's parent recorded it.
+                let code = state.exit_code(&entry.job_name);
+                info!(job = %spec.job_name, pid = entry.pid, code, "adopted step process ended");
+                let mut run = exited(spec, code, out);
+                run.adopted_existing = true;
+                Ok(run)
+            }
+        }
+    }
+
+    /// Drops the state entry of a step stopped on purpose (cancelled, timed out).
+    fn forget(&self, spec: &StepSpec) {
+        if let Some(state) = &self.state {
+            state.remove(&spec.job_name);
+        }
+    }
+}
+
+/// Records a started step in the state directory (a failure is logged: the step still runs, it just
+/// cannot be adopted).
+fn record(
+    state: &StateDir,
+    spec: &StepSpec,
+    pid: i32,
+    out: &std::path::Path,
+    err: &std::path::Path,
+) {
+    let Some((_, start_time)) = step_state::proc_stat(pid) else {
+        warn!(job = %spec.job_name, pid, "cannot read the step process's start time; it cannot be adopted after a crash");
+        return;
+    };
+    let entry = StepEntry {
+        job_name: spec.job_name.clone(),
+        run_id: spec.run_id.clone(),
+        step_key: spec.step_key.clone(),
+        task_id: spec.task_id.clone(),
+        attempt: spec.attempt,
+        pid,
+        start_time,
+        boot_id: step_state::boot_id(),
+        stdout: out.to_path_buf(),
+        stderr: err.to_path_buf(),
+        worker: spec.worker.clone(),
+        host: step_state::host_name(),
+        started_at: now_secs(),
+    };
+    if let Err(e) = state.write(&entry) {
+        warn!(job = %spec.job_name, dir = %state.path().display(), "cannot record the step in the state directory: {e}");
+    }
+}
+
+fn timed_out(spec: &StepSpec) -> String {
+    format!(
+        "Timed out while waiting for job {} to complete",
+        spec.job_name
+    )
+}
+
+fn exit_message(spec: &StepSpec, code: i32) -> String {
+    format!(
+        "Step process of job {} exited with code {code}",
+        spec.job_name
+    )
+}
+
+/// How a step process that ended looks when all we have is its exit code (if recorded) and output.
+fn exited(spec: &StepSpec, code: Option<i32>, logs: String) -> StepRun {
+    let failure_message = match code {
+        Some(0) => None,
+        Some(c) => Some(exit_message(spec, c)),
+        // Nobody saw it exit: its output says how it went.
+        None if terminal_event(&filter_events(&logs)).is_some() => None,
+        None => Some(format!(
+            "Step process of job {} ended without reporting success or failure after its worker died (exit code unknown)",
+            spec.job_name
+        )),
+    };
+    StepRun {
+        succeeded: failure_message.is_none(),
+        failure_message,
+        logs,
+        pod_names: vec![spec.job_name.clone()],
+        ..StepRun::default()
     }
 }
 
@@ -217,13 +529,36 @@ fn failed(pod_names: Vec<String>, message: String) -> StepRun {
     }
 }
 
+/// Up to [`MAX_CAPTURE`] of a file.
+async fn read_capped(path: &std::path::Path) -> Vec<u8> {
+    let Ok(f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    let mut kept = Vec::new();
+    let _ = f.take(MAX_CAPTURE as u64).read_to_end(&mut kept).await;
+    kept
+}
+
+async fn read_files(out: &std::path::Path, err: &std::path::Path) -> String {
+    join_streams(&read_capped(out).await, &read_capped(err).await)
+}
+
+fn join_streams(out: &[u8], err: &[u8]) -> String {
+    let mut logs = String::from_utf8_lossy(out).into_owned();
+    if !logs.ends_with('\n') && !logs.is_empty() {
+        logs.push('\n');
+    }
+    logs.push_str(&String::from_utf8_lossy(err));
+    logs
+}
+
 /// Stdout then stderr. If the pipes stay open after the process exited (a background grandchild holds
 /// them), the rest of the process group is killed.
-async fn collect(
-    mut out: JoinHandle<Vec<u8>>,
-    mut err: JoinHandle<Vec<u8>>,
-    guard: &GroupGuard,
-) -> String {
+async fn collect(output: Output, guard: &GroupGuard) -> String {
+    let (mut out, mut err) = match output {
+        Output::Files(o, e) => return read_files(&o, &e).await,
+        Output::Pipes(o, e) => (o, e),
+    };
     let both = async { (Some((&mut out).await), Some((&mut err).await)) };
     let (o, e) = match tokio::time::timeout(PIPE_DRAIN_GRACE, both).await {
         Ok(r) => r,
@@ -234,12 +569,7 @@ async fn collect(
     };
     let out = o.and_then(Result::ok).unwrap_or_default();
     let err = e.and_then(Result::ok).unwrap_or_default();
-    let mut logs = String::from_utf8_lossy(&out).into_owned();
-    if !logs.ends_with('\n') && !logs.is_empty() {
-        logs.push('\n');
-    }
-    logs.push_str(&String::from_utf8_lossy(&err));
-    logs
+    join_streams(&out, &err)
 }
 
 /// SIGTERM the step's process group, SIGKILL it after [`KILL_GRACE`].
@@ -265,6 +595,9 @@ mod tests {
             namespace: "default".into(),
             run_id: "r".into(),
             step_key: "s".into(),
+            task_id: "t".into(),
+            attempt: 0,
+            worker: "w@h".into(),
             wait_timeout: None,
             workload: Workload::Process(StepProcess {
                 command: vec!["sh".into(), "-c".into(), cmd.into()],

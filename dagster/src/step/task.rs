@@ -13,14 +13,15 @@ use celeriac_wire::message::TaskRequest;
 use celeriac_wire::result::ExceptionInfo;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use celeriac_worker::tasks::{Task, TaskContext, TaskOutcome};
 
 use super::args::StepTaskArgs;
 use super::command::{command_args, job_name};
 use crate::events::{
-    engine_event, filter_events, step_failure, ErrorInfo, Event, Meta, StepRef, DELEGATE_MARKER,
+    engine_event, filter_events, step_failure, terminal_event, ErrorInfo, Event, Meta, StepRef,
+    DELEGATE_MARKER,
 };
 use crate::instance::{Instance, InstanceError, Instances};
 use crate::k8s_config::merge_user_config;
@@ -99,18 +100,138 @@ fn instance_failure(e: &InstanceError) -> TaskOutcome {
     }
 }
 
-/// Stores events in the run's event log; a failed write is logged, not fatal (the step still runs and
-/// its result still reaches the run worker).
+/// How long the end of a step task waits for its events to reach a database that is not answering.
+pub const EVENT_FLUSH_BUDGET: Duration = Duration::from_secs(120);
+/// How long the start of a step task retries a database that is not answering before it fails.
+pub const START_RETRY_WINDOW: Duration = Duration::from_secs(60);
+
+/// Writes a step task's events to the run's event log in the background, in order. A database that
+/// is down, reset or silent does not fail the step or hold it up: each event is retried with backoff
+/// until it is stored (a retry first looks for the row an unanswered INSERT may have committed, so
+/// nothing is stored twice); the task's end waits up to [`EVENT_FLUSH_BUDGET`] for the rest.
+struct EventWriter {
+    tx: tokio::sync::mpsc::UnboundedSender<Event>,
+    finish_by: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventWriter {
+    fn start(instance: Instance, run_id: String) -> EventWriter {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        let finish_by = Arc::new(std::sync::Mutex::new(None));
+        let deadline = finish_by.clone();
+        let task = tokio::spawn(async move {
+            let mut lost = 0usize;
+            while let Some(event) = rx.recv().await {
+                if !deliver(&instance, &run_id, &event, &deadline).await {
+                    lost += 1;
+                }
+            }
+            if lost > 0 {
+                error!(run_id = %run_id, lost, "Dagster events could not be written to the event log");
+            }
+        });
+        EventWriter {
+            tx,
+            finish_by,
+            task,
+        }
+    }
+
+    fn send(&self, event: Event) {
+        // The writer task lives until `finish`: a send cannot fail before.
+        let _ = self.tx.send(event);
+    }
+
+    /// Waits (up to `budget`) until every event is written.
+    async fn finish(self, budget: Duration) {
+        *self.finish_by.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now() + budget);
+        drop(self.tx);
+        let mut task = self.task;
+        // Slack for the attempt in flight at the deadline (query + connect timeouts).
+        if tokio::time::timeout(budget + Duration::from_secs(25), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            error!("Dagster events were still unwritten when the step task ended");
+        }
+    }
+}
+
+/// Stores one event, retrying transient failures until it is stored or the writer's deadline passed.
+async fn deliver(
+    instance: &Instance,
+    run_id: &str,
+    event: &Event,
+    deadline: &std::sync::Mutex<Option<std::time::Instant>>,
+) -> bool {
+    let mut backoff =
+        celeriac_wire::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut maybe_stored = false;
+    let mut attempts = 0u32;
+    loop {
+        match instance.report_checked(run_id, event, maybe_stored).await {
+            Ok(_) => {
+                if attempts > 0 {
+                    info!(
+                        run_id,
+                        event = event.event_type,
+                        attempts = attempts + 1,
+                        "Dagster event written once the database answered again"
+                    );
+                }
+                return true;
+            }
+            Err(e) if !e.is_transient() => {
+                warn!(
+                    run_id,
+                    event = event.event_type,
+                    "cannot write a Dagster event: {e}"
+                );
+                return false;
+            }
+            Err(e) => {
+                if attempts == 0 {
+                    warn!(
+                        run_id,
+                        event = event.event_type,
+                        "cannot write a Dagster event ({e}); retrying until the database answers"
+                    );
+                }
+                attempts += 1;
+                maybe_stored = true;
+                let delay = backoff.next_delay();
+                let give_up = deadline
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some_and(|d| std::time::Instant::now() + delay > d);
+                if give_up {
+                    error!(
+                        run_id,
+                        event = event.event_type,
+                        attempts,
+                        "giving up writing a Dagster event: {e}"
+                    );
+                    return false;
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Stores events in the run's event log (through the [`EventWriter`]): a database fault never fails
+/// the step, and the events still reach the run worker in the task's result.
 struct Reporter<'a> {
-    instance: &'a Instance,
+    writer: &'a EventWriter,
     step: StepRef<'a>,
 }
 
 impl Reporter<'_> {
     async fn store(&self, event: Event) -> Event {
-        if let Err(e) = self.instance.report(self.step.run_id, &event).await {
-            warn!(run_id = %self.step.run_id, step = %self.step.step_key, "cannot write a Dagster event: {e}");
-        }
+        self.writer.send(event.clone());
         event
     }
 
@@ -157,6 +278,57 @@ impl Task for ExecuteStepK8sJob {
     }
 
     async fn run(&self, ctx: TaskContext, request: &TaskRequest) -> TaskOutcome {
+        let mut writer = None;
+        let outcome = self.execute(ctx, request, &mut writer).await;
+        if let Some(w) = writer {
+            w.finish(EVENT_FLUSH_BUDGET).await;
+        }
+        outcome
+    }
+}
+
+impl ExecuteStepK8sJob {
+    /// Opens the run's instance and reads the run, retrying a database that does not answer for up
+    /// to [`START_RETRY_WINDOW`].
+    async fn open_run(
+        &self,
+        args: &StepTaskArgs,
+        task_id: &str,
+    ) -> Result<(Instance, Option<crate::instance::RunInfo>), InstanceError> {
+        let started = std::time::Instant::now();
+        let mut backoff = celeriac_wire::backoff::Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        );
+        loop {
+            let attempt = async {
+                let instance = self
+                    .instances
+                    .open(
+                        args.run_storage_yaml.as_deref(),
+                        args.event_storage_yaml.as_deref(),
+                    )
+                    .await?;
+                let run = instance.get_run(&args.run_id).await?;
+                Ok::<_, InstanceError>((instance, run))
+            };
+            match attempt.await {
+                Ok(r) => return Ok(r),
+                Err(e) if e.is_transient() && started.elapsed() < START_RETRY_WINDOW => {
+                    warn!(task_id, run_id = %args.run_id, "cannot read the run from the Dagster database ({e}); retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        ctx: TaskContext,
+        request: &TaskRequest,
+        writer: &mut Option<EventWriter>,
+    ) -> TaskOutcome {
         // 1. Arguments.
         let args = match StepTaskArgs::from_kwargs(&request.kwargs) {
             Ok(a) => a,
@@ -167,34 +339,28 @@ impl Task for ExecuteStepK8sJob {
             }
         };
         // 3. Instance and run.
-        let instance = match self
-            .instances
-            .open(
-                args.run_storage_yaml.as_deref(),
-                args.event_storage_yaml.as_deref(),
-            )
-            .await
-        {
-            Ok(i) => i,
+        let (instance, run) = match self.open_run(&args, &request.id).await {
+            Ok(r) => r,
             Err(e) => {
                 warn!(task_id = %request.id, run_id = %args.run_id, "cannot open the run's Dagster instance: {e}");
                 return instance_failure(&e);
             }
         };
-        let run = match instance.get_run(&args.run_id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
+        let run = match run {
+            Some(r) => r,
+            None => {
                 return failure(
                     "CheckError",
                     "dagster._check",
                     format!("Could not load run {}", args.run_id),
                 )
             }
-            Err(e) => return instance_failure(&e),
         };
         let step_key = args.step_key.as_str();
+        let writer: &EventWriter =
+            writer.insert(EventWriter::start(instance.clone(), args.run_id.clone()));
         let reporter = Reporter {
-            instance: &instance,
+            writer,
             step: StepRef {
                 run_id: &args.run_id,
                 job_name: &run.job_name,
@@ -298,6 +464,9 @@ impl Task for ExecuteStepK8sJob {
             namespace: args.job_namespace.clone(),
             run_id: args.run_id.clone(),
             step_key: step_key.to_string(),
+            task_id: request.id.clone(),
+            attempt: args.attempt,
+            worker: ctx.hostname.clone(),
             wait_timeout: args
                 .job_wait_timeout
                 .filter(|t| *t > 0.0 && t.is_finite())
@@ -425,10 +594,39 @@ impl Task for ExecuteStepK8sJob {
         // An op that raises reports STEP_FAILURE from a step process that exits 0 (its Job
         // completes): for the per-job metrics (failure-ratio panels, CeleriacStepFailureRatioHigh)
         // that is a failed step too, not only a failed Job.
-        let op_failed = step_events.iter().any(|e| {
+        let mut op_failed = step_events.iter().any(|e| {
             serde_json::from_str::<Value>(e).is_ok_and(|v| v["event_type_value"] == "STEP_FAILURE")
         });
+        let unfinished = step_run.succeeded
+            && step_run.log_errors.is_empty()
+            && terminal_event(&step_events).is_none();
+        let lost_previous = self.launcher.take_lost_previous(&job);
         events.extend(step_events);
+        // The step process ended well but reported no outcome: Dagster refused to run a step that
+        // had already started ("Attempted to run … again"), which happens when the worker that
+        // started it died. Without a terminal event the run would fail with
+        // `DagsterUnknownStepStateError` and nothing saying why; fail the step naming the cause.
+        if unfinished {
+            let reason = match lost_previous {
+                Some(lost) => format!(
+                    "Step {step_key} cannot be finished: {lost}. Dagster refuses to run a step that already started, so the step process started again for task {} (attempt {}) on worker {} did not run it.",
+                    request.id, args.attempt, ctx.hostname
+                ),
+                None => format!(
+                    "Step {step_key} cannot be finished: its step process (job {job}, task {}, attempt {}, worker {}) ended without reporting success or failure. Dagster does this when the step had already started, i.e. a worker running it died mid-step (on another host, or before it recorded the step).",
+                    request.id, args.attempt, ctx.hostname
+                ),
+            };
+            warn!(run_id = %args.run_id, step = step_key, job = %job, "{reason}");
+            let err = ErrorInfo::new(class.module, "StepLostError", &reason);
+            events.push(
+                reporter
+                    .store(step_failure(&reporter.step, &err, &reason))
+                    .await
+                    .dagster_event_json(),
+            );
+            op_failed = true;
+        }
         finished(if step_run.succeeded && !op_failed {
             StepOutcome::Success
         } else {

@@ -9,12 +9,13 @@ use redis::AsyncCommands;
 
 use super::{BackendError, ReplyTarget, ResultBackend};
 use crate::json::parse_lenient;
+use crate::redis_conn::{ResilientConnection, HEALTH_CHECK_INTERVAL};
 use crate::result::ResultMeta;
 use crate::url::redact;
 
 /// Celery's `redis://` result backend.
 pub struct RedisBackend {
-    con: ConnectionManager,
+    con: std::sync::Arc<ResilientConnection>,
     expires: Duration,
 }
 
@@ -26,12 +27,12 @@ impl RedisBackend {
     ) -> Result<RedisBackend, BackendError> {
         let client = redis::Client::open(url)
             .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?;
-        let con = tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
-            .await
-            .map_err(|_| {
-                BackendError::Unavailable(format!("{}: timed out after 10 s", redact(url)))
-            })?
-            .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?;
+        let con = std::sync::Arc::new(
+            ResilientConnection::connect(client, "result backend", redact(url))
+                .await
+                .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?,
+        );
+        con.spawn_health_check(HEALTH_CHECK_INTERVAL);
         Ok(RedisBackend {
             con,
             expires: result_expires,
@@ -43,11 +44,14 @@ impl RedisBackend {
 impl ResultBackend for RedisBackend {
     async fn store(&self, target: &ReplyTarget, meta: &ResultMeta) -> Result<(), BackendError> {
         let key = format!("celery-task-meta-{}", target.task_id);
-        let mut con = self.con.clone();
-        let existing: Option<Vec<u8>> = con
-            .get(&key)
-            .await
-            .map_err(|e| BackendError::Unavailable(format!("GET {key}: {e}")))?;
+        let (generation, mut con) = self.con.get();
+        let existing: Option<Vec<u8>> = match con.get(&key).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.con.failed(generation, &e).await;
+                return Err(BackendError::Unavailable(format!("GET {key}: {e}")));
+            }
+        };
         if let Some(existing) = existing {
             let stored_success = parse_lenient(&existing)
                 .ok()
@@ -62,15 +66,20 @@ impl ResultBackend for RedisBackend {
             }
         }
         let body = meta.to_json();
-        let _: () = redis::pipe()
+        let stored: redis::RedisResult<()> = redis::pipe()
             .atomic()
             .set_ex(&key, &body, self.expires.as_secs().max(1))
             .ignore()
             .publish(&key, &body)
             .ignore()
             .query_async(&mut con)
-            .await
-            .map_err(|e| BackendError::Unavailable(format!("SETEX/PUBLISH {key}: {e}")))?;
+            .await;
+        if let Err(e) = stored {
+            self.con.failed(generation, &e).await;
+            return Err(BackendError::Unavailable(format!(
+                "SETEX/PUBLISH {key}: {e}"
+            )));
+        }
         Ok(())
     }
 

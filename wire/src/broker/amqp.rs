@@ -103,10 +103,12 @@ impl AmqpBroker {
 
     /// The connection, re-opened if it is gone. Called with the state lock held.
     async fn connection(&self, state: &mut ConnState) -> Result<Arc<Connection>, BrokerError> {
+        let replacing = state.connection.is_some();
         if let Some(conn) = &state.connection {
             if conn.status().connected() {
                 return Ok(conn.clone());
             }
+            // Closed by the broker, reset, or silent for two heartbeat intervals (lapin's check).
             tracing::warn!(url = %self.redacted, "AMQP connection lost; reconnecting");
         }
         state.connection = None;
@@ -128,6 +130,9 @@ impl AmqpBroker {
             reason: e.to_string(),
         })?;
         tracing::info!(url = %self.redacted, "connected to RabbitMQ");
+        if replacing {
+            crate::reconnects::record("rabbitmq");
+        }
         let conn = Arc::new(conn);
         state.connection = Some(conn.clone());
         Ok(conn)
@@ -141,9 +146,10 @@ impl AmqpBroker {
             Ok(ch) => Ok((conn, ch)),
             Err(e) => {
                 // A connection that cannot open channels is as good as dead: start over once.
-                tracing::warn!(url = %self.redacted, error = %e, "cannot open AMQP channel; reconnecting");
+                tracing::warn!(url = %self.redacted, error = %e, "AMQP connection lost (cannot open a channel); reconnecting");
                 state.connection = None;
                 let conn = self.connection(&mut state).await?;
+                crate::reconnects::record("rabbitmq");
                 let ch = conn
                     .create_channel()
                     .await

@@ -32,6 +32,7 @@ use super::{
 };
 use crate::json::{parse_lenient, to_python_string};
 use crate::message::{DeliveryInfo, Properties, RawMessage};
+use crate::redis_conn::{ResilientConnection, HEALTH_CHECK_INTERVAL};
 use crate::url::redact;
 
 const UNACKED: &str = "unacked";
@@ -85,8 +86,8 @@ struct Inner {
     url: String,
     db: i64,
     options: RedisTransportOptions,
-    /// Auto-reconnecting, multiplexed: publishing, acking, bindings, the sweep's mutex.
-    commands: ConnectionManager,
+    /// Auto-reconnecting, multiplexed, health-checked: publishing, acking, bindings, the sweep's mutex.
+    commands: Arc<ResilientConnection>,
     /// A connection of its own for WATCH transactions (restore, requeue); `None` after an error.
     watch_con: Mutex<Option<MultiplexedConnection>>,
     sweeper: OnceCell<()>,
@@ -149,16 +150,12 @@ impl RedisBroker {
             reason: e.to_string(),
         };
         let client = redis::Client::open(url).map_err(connect_err)?;
-        let commands = tokio::time::timeout(
-            Duration::from_secs(10),
-            ConnectionManager::new(client.clone()),
-        )
-        .await
-        .map_err(|_| BrokerError::Connect {
-            url: redact(url),
-            reason: "timed out after 10 s".into(),
-        })?
-        .map_err(connect_err)?;
+        let commands = Arc::new(
+            ResilientConnection::connect(client.clone(), "broker", redact(url))
+                .await
+                .map_err(connect_err)?,
+        );
+        commands.spawn_health_check(HEALTH_CHECK_INTERVAL);
         info!(url = %redact(url), "connected to Redis");
         Ok(RedisBroker {
             inner: Arc::new(Inner {
@@ -174,7 +171,7 @@ impl RedisBroker {
     }
 
     fn cmd(&self) -> ConnectionManager {
-        self.inner.commands.clone()
+        self.inner.commands.get().1
     }
 
     /// A connection of its own, for blocking commands (BRPOP 1 s) and WATCH transactions; its response
@@ -848,23 +845,34 @@ struct RedisAcker {
 }
 
 impl RedisAcker {
+    /// Removes the message from `unacked` (the ack). A dead command connection is replaced and the
+    /// removal tried once more: an ack lost with its connection would restore, and re-run, the step.
     async fn remove(&self) -> Result<(), BrokerError> {
-        let mut con = self.broker.cmd();
-        let _: () = redis::pipe()
-            .atomic()
-            .zrem(UNACKED_INDEX, &self.tag)
-            .ignore()
-            .hdel(UNACKED, &self.tag)
-            .ignore()
-            .query_async(&mut con)
-            .await
-            .map_err(|e| {
-                lost(
-                    format!("ZREM {UNACKED_INDEX}/HDEL {UNACKED} {}", self.tag),
-                    e,
-                )
-            })?;
-        Ok(())
+        let mut attempt = 0;
+        loop {
+            let (generation, mut con) = self.broker.inner.commands.get();
+            let r: redis::RedisResult<()> = redis::pipe()
+                .atomic()
+                .zrem(UNACKED_INDEX, &self.tag)
+                .ignore()
+                .hdel(UNACKED, &self.tag)
+                .ignore()
+                .query_async(&mut con)
+                .await;
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.broker.inner.commands.failed(generation, &e).await;
+                    if attempt > 0 || !crate::redis_conn::is_dead_peer(&e) {
+                        return Err(lost(
+                            format!("ZREM {UNACKED_INDEX}/HDEL {UNACKED} {}", self.tag),
+                            e,
+                        ));
+                    }
+                }
+            }
+            attempt += 1;
+        }
     }
 }
 
@@ -895,15 +903,19 @@ impl Acker for RedisAcker {
         if self.settled.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let mut con = self.broker.cmd();
-        let _: () = redis::cmd("ZADD")
+        let (generation, mut con) = self.broker.inner.commands.get();
+        let r: redis::RedisResult<()> = redis::cmd("ZADD")
             .arg(UNACKED_INDEX)
             .arg("XX")
             .arg(now())
             .arg(&self.tag)
             .query_async(&mut con)
-            .await
-            .map_err(|e| lost(format!("ZADD {UNACKED_INDEX} XX {}", self.tag), e))?;
+            .await;
+        if let Err(e) = r {
+            // The next refresh goes to a fresh connection.
+            self.broker.inner.commands.failed(generation, &e).await;
+            return Err(lost(format!("ZADD {UNACKED_INDEX} XX {}", self.tag), e));
+        }
         Ok(())
     }
 }

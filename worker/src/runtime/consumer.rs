@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use celeriac_wire::backoff::Backoff;
 use celeriac_wire::broker::QueueSpec;
 use tracing::{error, info, warn};
 
@@ -20,7 +21,9 @@ pub(crate) async fn run(shared: Arc<Shared>, handle: Arc<QueueHandle>) {
     let stop = handle.stop.clone();
     let spec = QueueSpec::dagster(&queue.name);
     let prefetch = u16::try_from(queue.concurrency).unwrap_or(u16::MAX);
-    let mut backoff = Duration::from_millis(500);
+    // Reconnect attempts: 0.5 s doubling to 5 s (±20 %), so a broker back from an outage is in use
+    // again within ~5 s, however long it was gone.
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     'connect: while !stop.is_cancelled() {
         let mut consumer = match shared.broker.consume(&spec, prefetch).await {
             Ok(c) => {
@@ -29,16 +32,16 @@ pub(crate) async fn run(shared: Arc<Shared>, handle: Arc<QueueHandle>) {
                 if shared.state.is_ready() {
                     shared.metrics.set_up(true);
                 }
-                backoff = Duration::from_millis(500);
+                backoff.reset();
                 c
             }
             Err(e) => {
-                error!(queue = %queue.name, "cannot consume: {e}; retrying in {backoff:?}");
+                let delay = backoff.next_delay();
+                error!(queue = %queue.name, "cannot consume: {e}; retrying in {delay:?}");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => break 'connect,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
@@ -66,7 +69,7 @@ pub(crate) async fn run(shared: Arc<Shared>, handle: Arc<QueueHandle>) {
                         shared.metrics.reconnected(&queue.name);
                         drop(slot);
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
                             _ = stop.cancelled() => {}
                         }
                         continue 'connect;
