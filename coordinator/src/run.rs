@@ -61,7 +61,9 @@ struct InFlight {
 pub struct Driver {
     shared: Arc<Shared>,
     run: RunRecord,
-    handoff: Handoff,
+    /// The hand-off as stored (compact JSON), decoded for each submission: as a `Value` tree it
+    /// took several times its text size in every run's memory for the run's whole life.
+    handoff: Box<str>,
     scope: RunScope,
     run_priority: i64,
     engine: ActiveExecution,
@@ -150,10 +152,10 @@ impl Driver {
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
         match built {
-            Ok((handoff, run_priority, engine)) => Ok(Driver {
+            Ok((_, run_priority, engine)) => Ok(Driver {
                 shared,
                 run,
-                handoff,
+                handoff: claimed.handoff.to_string().into_boxed_str(),
                 scope,
                 run_priority,
                 engine,
@@ -190,14 +192,16 @@ impl Driver {
         stop: CancellationToken,
     ) -> Ended {
         let run_id = self.scope.run_id.clone();
-        match self.start(&stop).await {
+        // The futures of the steps below are boxed: they live only while a decision is made, and
+        // inline they would make every run's idle future (thousands of them) as big as the largest.
+        match Box::pin(self.start(&stop)).await {
             Ok(Some(ended)) => return ended,
             Ok(None) => {}
             Err(e) => return self.lost(e),
         }
         let poll = self.shared.settings.status_poll;
         loop {
-            if let Some(ended) = self.maybe_finish().await {
+            if let Some(ended) = Box::pin(self.maybe_finish()).await {
                 return ended;
             }
             let mut wait = poll;
@@ -211,11 +215,11 @@ impl Driver {
             let step = tokio::select! {
                 _ = stop.cancelled() => return Ended::Handed,
                 input = rx.recv() => match input {
-                    Some(RunInput::Result { task_id, meta, ack }) => self.on_result(task_id, meta, ack).await,
-                    Some(RunInput::Wake) => self.check_status().await,
+                    Some(RunInput::Result { task_id, meta, ack }) => Box::pin(self.on_result(task_id, meta, ack)).await,
+                    Some(RunInput::Wake) => Box::pin(self.check_status()).await,
                     None => return Ended::Handed,
                 },
-                _ = tokio::time::sleep(wait) => self.on_tick().await,
+                _ = tokio::time::sleep(wait) => Box::pin(self.on_tick()).await,
             };
             if let Err(e) = step {
                 return self.lost(e);
@@ -453,7 +457,11 @@ impl Driver {
             .step(key)
             .map_err(|e| e.to_string())
             .and_then(|step| {
-                step_task(&self.handoff, self.run_priority, step, &known)
+                let handoff = serde_json::from_str(&self.handoff)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| Handoff::decode(&v).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("the run's hand-off is unreadable: {e}"))?;
+                step_task(&handoff, self.run_priority, step, &known)
                     .map(|task| (step.clone(), task))
                     .map_err(|e| e.to_string())
             });

@@ -263,7 +263,10 @@ fn start_driver(
     );
     let shared = shared.clone();
     drivers.spawn(async move {
-        let ended = match Driver::open(shared, &claimed, tx).await {
+        let opened = Box::pin(Driver::open(shared, &claimed, tx)).await;
+        // The driver keeps what it needs; the claimed row must not live as long as the run.
+        drop(claimed);
+        let ended = match opened {
             Ok(driver) => driver.drive(rx, token).await,
             Err(ended) => ended,
         };

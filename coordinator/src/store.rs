@@ -243,9 +243,16 @@ impl Store {
             return Ok(Vec::new());
         }
         let c = self.conn().await?;
+        // Runs this replica still owns: the running ones are renewed; the ones it already finished
+        // (their drivers are ending) are reported as kept too, so that only a run another replica
+        // took counts as lost.
         let sql = format!(
-            "UPDATE {RUNS_TABLE} SET heartbeat = {DB_NOW}
-             WHERE owner = $1 AND run_id = ANY($2) AND state = 'running' RETURNING run_id"
+            "WITH renewed AS (
+                UPDATE {RUNS_TABLE} SET heartbeat = {DB_NOW}
+                WHERE owner = $1 AND run_id = ANY($2) AND state = 'running' RETURNING run_id)
+             SELECT run_id FROM renewed
+             UNION ALL
+             SELECT run_id FROM {RUNS_TABLE} WHERE owner = $1 AND run_id = ANY($2) AND state <> 'running'"
         );
         let rows = c
             .query(&sql, &[&replica, &runs])
