@@ -24,3 +24,6 @@ trap 'bash scripts/k8s-cluster.sh down' EXIT
 cargo build --workspace --bins
 # Integration tests start worker processes and Dagster step processes: two at a time fit 2 cores.
 cargo test --workspace -- --test-threads="${CELERIAC_TEST_THREADS:-2}"
+# The load test's small scenarios (loadtest/): fail when a run is lost, a step runs twice or a figure is
+# missing (the figures of a quick run are not reported).
+cargo run -q -p celeriac-loadtest -- --quick coordinator
