@@ -167,6 +167,7 @@ async fn finished(db: &tokio_postgres::Client, runs: &[String]) -> Result<(usize
 /// Runs the scenario; returns the figures as JSON.
 pub async fn run(p: &Params) -> Result<Value> {
     env::ensure_services()?;
+    let load_start = procs::load_average();
     let celeriac = env::celeriac_bin()?;
     let step_dir = env::load_step_path()?;
     let venv = env::venv()?;
@@ -385,7 +386,9 @@ pub async fn run(p: &Params) -> Result<Value> {
     Ok(json!({
         "params": {"runs": p.runs, "rate": p.rate, "step_seconds": p.step_seconds,
                    "worker_concurrency": p.worker_concurrency, "python_runs": p.python_runs,
-                   "steps_per_run": 10},
+                   "steps_per_run": 10,
+                   "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+                   "load_average_1m": {"start": load_start, "end": procs::load_average()}},
         "celeriac": {
             "runs_succeeded": ok, "elapsed_s": elapsed, "peak_runs_in_flight": peak_in_flight,
             "idle_rss_bytes": idle_rss, "peak_rss_bytes": peak_rss, "rss_per_run_bytes": per_run,

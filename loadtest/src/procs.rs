@@ -177,3 +177,11 @@ mod tests {
         assert!(!tree(std::process::id()).is_empty());
     }
 }
+
+/// The machine's 1-minute load average (what else was running shapes every latency figure).
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
+}

@@ -68,10 +68,11 @@ pub fn section(scenario: &str, f: &Value) -> String {
     match scenario {
         "coordinator" => format!(
             "## Run coordinator: {runs} concurrent runs of a 10-step job\n\n\
-             One `celeriac coordinator` (release build) was handed {runs} runs at {rate}/s (steps of \
+             One `celeriac coordinator` ({build} build) was handed {runs} runs at {rate}/s (steps of \
              {step} s on celeriac workers, `-c {wc}`, RabbitMQ + `rpc://`); {py} run(s) of the same job \
              went through Python's run worker (`dagster api execute_run`, one process per run) on the same \
-             fleet right after.\n\n\
+             fleet right after. Machine load (1-minute average) {load0:.1} at the start, {load1:.1} at the \
+             end.\n\n\
              | figure | celeriac coordinator | Python run worker |\n|---|---|---|\n\
              | runs succeeded | {ok} / {runs} | {pyok} / {py} |\n\
              | peak runs in flight | {peak} | {py} |\n\
@@ -85,6 +86,9 @@ pub fn section(scenario: &str, f: &Value) -> String {
              event of the join step (the histogram is the coordinator's own, from result received to the next \
              tasks published).\n",
             runs = g("/params/runs"),
+            build = f.pointer("/params/build").and_then(Value::as_str).unwrap_or("release"),
+            load0 = g("/params/load_average_1m/start"),
+            load1 = g("/params/load_average_1m/end"),
             rate = g("/params/rate"),
             step = g("/params/step_seconds"),
             wc = g("/params/worker_concurrency"),
