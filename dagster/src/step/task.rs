@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celeriac_wire::message::TaskRequest;
 use celeriac_wire::result::ExceptionInfo;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -108,7 +108,8 @@ struct Reporter<'a> {
 
 impl Reporter<'_> {
     async fn store(&self, event: Event) -> Event {
-        if let Err(e) = self.instance.report(self.step.run_id, &event).await {
+        // Boxed: this future would otherwise be laid out inline in the step's, for the step's whole life.
+        if let Err(e) = Box::pin(self.instance.report(self.step.run_id, &event)).await {
             warn!(run_id = %self.step.run_id, step = %self.step.step_key, "cannot write a Dagster event: {e}");
         }
         event
@@ -156,9 +157,9 @@ impl Task for ExecuteStepK8sJob {
         TASK_NAME
     }
 
-    async fn run(&self, ctx: TaskContext, request: &TaskRequest) -> TaskOutcome {
+    async fn run(&self, ctx: TaskContext, request: &mut TaskRequest) -> TaskOutcome {
         // 1. Arguments.
-        let args = match StepTaskArgs::from_kwargs(&request.kwargs) {
+        let mut args = match StepTaskArgs::from_kwargs(&request.kwargs) {
             Ok(a) => a,
             Err(e) => {
                 warn!(task_id = %request.id, "invalid execute_step_k8s_job arguments: {e}");
@@ -166,6 +167,10 @@ impl Task for ExecuteStepK8sJob {
                 return failure(t, m, e.to_string());
             }
         };
+        // Parsed: the kwargs tree (the packed step arguments, ~KB of JSON) is not held while the step
+        // runs, which may be hours, in thousands of concurrent steps.
+        drop(std::mem::take(&mut request.kwargs));
+        drop(std::mem::take(&mut request.args));
         // 3. Instance and run.
         let instance = match self
             .instances
@@ -290,6 +295,7 @@ impl Task for ExecuteStepK8sJob {
             )
             .await;
         let mut events = vec![executing.dagster_event_json()];
+        drop(executing);
 
         // 12–13. Resolve the step for the launcher (the Job body, or the local command and
         // environment) and run it, watching for revocation and for the run leaving STARTED.
@@ -304,6 +310,15 @@ impl Task for ExecuteStepK8sJob {
                 .map(Duration::from_secs_f64),
             workload: step.resolve(self.launcher.runs(), &args),
         };
+        // The step is resolved: its packed arguments and Kubernetes config (~KB each as JSON trees)
+        // are not needed while it runs, which may be hours, in thousands of concurrent steps.
+        drop(step);
+        drop((tag_config, per_step));
+        args.execute_step_args_packed = Value::Null;
+        args.job_config = Map::new();
+        args.user_defined_k8s_config = Map::new();
+        args.per_step_k8s_config = Map::new();
+        args.entry_point = Vec::new();
         info!(run_id = %args.run_id, step = step_key, job = %job, attempt = args.attempt, launcher = self.launcher.kind(), "launching step");
         let stop = CancellationToken::new();
         let launched = std::time::Instant::now();
@@ -441,7 +456,7 @@ impl Task for ExecuteStepK8sJob {
 }
 
 async fn run_still_started(instance: &Instance, run_id: &str) -> bool {
-    match instance.get_run(run_id).await {
+    match Box::pin(instance.get_run(run_id)).await {
         Ok(Some(r)) => r.status == "STARTED",
         // Python: `if not run or run.status != STARTED` → terminate.
         Ok(None) => false,
