@@ -258,7 +258,7 @@ async fn step_succeeds_fails_and_is_skipped_like_python() {
     match t
         .run(
             ctx(),
-            &request(s.kwargs("11111111-2222-3333-4444-555555555555", "print")),
+            &mut request(s.kwargs("11111111-2222-3333-4444-555555555555", "print")),
         )
         .await
     {
@@ -308,7 +308,7 @@ async fn revoke_and_run_leaving_started_stop_the_step() {
         cancel.cancel();
     });
     let started = Instant::now();
-    let outcome = t.run(c, &request(s.kwargs(&revoked_run, "sleep"))).await;
+    let outcome = t.run(c, &mut request(s.kwargs(&revoked_run, "sleep"))).await;
     assert!(matches!(outcome, TaskOutcome::Terminated), "{outcome:?}");
     assert!(
         started.elapsed() < Duration::from_secs(8),
