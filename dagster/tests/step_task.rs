@@ -308,7 +308,9 @@ async fn revoke_and_run_leaving_started_stop_the_step() {
         cancel.cancel();
     });
     let started = Instant::now();
-    let outcome = t.run(c, &mut request(s.kwargs(&revoked_run, "sleep"))).await;
+    let outcome = t
+        .run(c, &mut request(s.kwargs(&revoked_run, "sleep")))
+        .await;
     assert!(matches!(outcome, TaskOutcome::Terminated), "{outcome:?}");
     assert!(
         started.elapsed() < Duration::from_secs(8),
