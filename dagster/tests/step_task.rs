@@ -168,7 +168,7 @@ async fn step_succeeds_fails_and_is_skipped_like_python() {
 
     // Success: [E2, E3, *step events].
     let kw = s.kwargs(&ok_run, "print");
-    let events = result_events(t.run(ctx(), &request(kw.clone())).await);
+    let events = result_events(t.run(ctx(), &mut request(kw.clone())).await);
     let step_events = filter_events(&fixture(POD_LOG));
     assert_eq!(events.len(), 2 + step_events.len());
     assert_eq!(&events[2..], &step_events[..]);
@@ -205,7 +205,10 @@ async fn step_succeeds_fails_and_is_skipped_like_python() {
     }
 
     // Crash: [E2, STEP_FAILURE, E3].
-    let events = result_events(t.run(ctx(), &request(s.kwargs(&crash_run, "crash"))).await);
+    let events = result_events(
+        t.run(ctx(), &mut request(s.kwargs(&crash_run, "crash")))
+            .await,
+    );
     let py = run_python(PY_EVENTS, &json!(events));
     let types: Vec<&str> = py
         .as_array()
@@ -237,7 +240,7 @@ async fn step_succeeds_fails_and_is_skipped_like_python() {
 
     // Run not STARTED: [] and "Not scheduling…" stored; the step never ran.
     let events = result_events(
-        t.run(ctx(), &request(s.kwargs(&canceled_run, "print")))
+        t.run(ctx(), &mut request(s.kwargs(&canceled_run, "print")))
             .await,
     );
     assert!(events.is_empty());
@@ -255,7 +258,7 @@ async fn step_succeeds_fails_and_is_skipped_like_python() {
     match t
         .run(
             ctx(),
-            &request(s.kwargs("11111111-2222-3333-4444-555555555555", "print")),
+            &mut request(s.kwargs("11111111-2222-3333-4444-555555555555", "print")),
         )
         .await
     {
@@ -278,7 +281,7 @@ async fn step_succeeds_fails_and_is_skipped_like_python() {
     // Bad kwargs: TypeError naming the kwarg.
     let mut kw = s.kwargs(&ok_run, "print");
     kw.remove("load_incluster_config");
-    match t.run(ctx(), &request(kw)).await {
+    match t.run(ctx(), &mut request(kw)).await {
         TaskOutcome::Failure { exc, .. } => {
             assert_eq!(exc.exc_type, "TypeError");
             assert!(exc.exc_message[0]
@@ -305,7 +308,9 @@ async fn revoke_and_run_leaving_started_stop_the_step() {
         cancel.cancel();
     });
     let started = Instant::now();
-    let outcome = t.run(c, &request(s.kwargs(&revoked_run, "sleep"))).await;
+    let outcome = t
+        .run(c, &mut request(s.kwargs(&revoked_run, "sleep")))
+        .await;
     assert!(matches!(outcome, TaskOutcome::Terminated), "{outcome:?}");
     assert!(
         started.elapsed() < Duration::from_secs(8),
@@ -334,7 +339,7 @@ async fn revoke_and_run_leaving_started_stop_the_step() {
     });
     let started = Instant::now();
     let events = result_events(
-        t.run(ctx(), &request(s.kwargs(&canceled_run, "sleep")))
+        t.run(ctx(), &mut request(s.kwargs(&canceled_run, "sleep")))
             .await,
     );
     assert!(events.is_empty());

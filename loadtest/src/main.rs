@@ -10,8 +10,10 @@
 
 mod coordinator;
 mod env;
+mod plots;
 mod procs;
 mod report;
+mod worker;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -33,7 +35,7 @@ struct Args {
     /// A small version of each scenario (minutes), checked but not reported.
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run: `coordinator` (or `all`).
+    /// Scenarios to run: `coordinator`, `worker` (or `all`).
     #[arg(required = true)]
     scenarios: Vec<String>,
     /// Runs handed to the coordinator (overrides the scenario's default).
@@ -53,7 +55,7 @@ fn main() -> Result<()> {
     let mut failures = Vec::new();
     for scenario in &args.scenarios {
         let names: Vec<&str> = match scenario.as_str() {
-            "all" => vec!["coordinator"],
+            "all" => vec!["coordinator", "worker"],
             other => vec![other],
         };
         for name in names {
@@ -70,7 +72,25 @@ fn main() -> Result<()> {
                     rt.block_on(coordinator::run(&p))
                         .context("scenario coordinator")?
                 }
-                other => bail!("unknown scenario {other:?} (known: coordinator, all)"),
+                "worker" => {
+                    let p = if args.quick {
+                        worker::Params::quick()
+                    } else {
+                        worker::Params::full()
+                    };
+                    let figures = rt.block_on(worker::run(&p)).context("scenario worker")?;
+                    let dir = if args.quick {
+                        results_dir.clone()
+                    } else {
+                        env::repo_root().join("loadtest")
+                    };
+                    match plots::worker(&figures, &dir) {
+                        Ok(files) => eprintln!("loadtest worker: plots {files:?}"),
+                        Err(e) => failures.push(format!("worker: plots: {e}")),
+                    }
+                    figures
+                }
+                other => bail!("unknown scenario {other:?} (known: coordinator, worker, all)"),
             };
             let problems = report::check(name, &figures);
             for p in &problems {

@@ -26,6 +26,25 @@ fn required(scenario: &str) -> &'static [&'static str] {
             "/python/launch_to_first_step_p50_s",
             "/python/result_to_next_step_p50_s",
         ],
+        "worker" => &[
+            "/celeriac/pss_slope_bytes_per_step",
+            "/celeriac/pss_intercept_bytes",
+            "/celeriac/publish_to_job_created_p50_s",
+            "/celeriac/publish_to_job_created_p99_s",
+            "/celeriac/step_exit_to_result_p50_s",
+            "/celeriac/step_exit_to_result_p99_s",
+            "/celeriac/api_requests_per_step",
+            "/celeriac/startup_s",
+            "/celeriac/cpu_ms_per_step",
+            "/python/pss_slope_bytes_per_step",
+            "/python/pss_intercept_bytes",
+            "/python/publish_to_job_created_p50_s",
+            "/python/publish_to_job_created_p99_s",
+            "/python/step_exit_to_result_p50_s",
+            "/python/step_exit_to_result_p99_s",
+            "/python/api_requests_per_step",
+            "/python/startup_s",
+        ],
         _ => &[],
     }
 }
@@ -47,6 +66,18 @@ pub fn check(scenario: &str, f: &Value) -> Vec<String> {
         let py_ok = num(f, "/python/runs_succeeded").unwrap_or(-1.0);
         if py_ok != py_runs {
             out.push(format!("{py_ok} of {py_runs} Python runs succeeded"));
+        }
+    }
+    if scenario == "worker" {
+        for p in f["problems"].as_array().into_iter().flatten() {
+            out.push(p.as_str().unwrap_or_default().to_string());
+        }
+        for side in ["celeriac", "python"] {
+            let steps = num(f, &format!("/{side}/steps")).unwrap_or(0.0);
+            let ok = num(f, &format!("/{side}/results_success")).unwrap_or(-1.0);
+            if steps == 0.0 || ok != steps {
+                out.push(format!("{side}: {ok} of {steps} steps succeeded"));
+            }
         }
     }
     out
@@ -114,8 +145,120 @@ pub fn section(scenario: &str, f: &Value) -> String {
             cpu = g("/celeriac/cpu_ms_per_step"),
             el = g("/celeriac/elapsed_s"),
         ),
+        "worker" => worker_section(f),
         other => format!("## {other}\n\n(no renderer)\n"),
     }
+}
+
+fn worker_section(f: &Value) -> String {
+    let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
+    let levels = |side: &str| {
+        f.pointer(&format!("/{side}/memory_points"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        format!(
+                            "{} → {}",
+                            p["in_flight"].as_f64().unwrap_or(f64::NAN),
+                            mb(p["pss_bytes"].as_f64().unwrap_or(f64::NAN))
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let row = |figure: &str, key: &str, fmt: &dyn Fn(f64) -> String| {
+        format!(
+            "| {figure} | {} | {} |\n",
+            fmt(g(&format!("/celeriac/{key}"))),
+            fmt(g(&format!("/python/{key}")))
+        )
+    };
+    let ratio = g("/python/pss_slope_bytes_per_step") / g("/celeriac/pss_slope_bytes_per_step");
+    let mut s = format!(
+        "## Worker: `execute_step_k8s_job` through celeriac and Python's dagster-celery-k8s worker\n\n\
+         One release `celeriac worker` (Kubernetes launcher, `-c {cc}`) and Python's `celery -A \
+         dagster_celery_k8s.app worker` (prefork, `-c` per level) took the same tasks (built with \
+         `celeriac_dagster::submission` from `CeleriacRunLauncher`'s hand-off: Dagster's exact kwargs) from \
+         RabbitMQ, results to Redis, step Jobs on the Kubernetes 1.20 test cluster (process kubelet, 1,000 \
+         pods; more Jobs wait unscheduled). Each step runs the load-step program for {secs} s. PSS is the \
+         whole worker side (every process of it, `/proc/<pid>/smaps_rollup`), at the peak of steps in flight \
+         of each batch.\n\n\
+         | figure | celeriac | Python |\n|---|---|---|\n",
+        cc = g("/params/celeriac_concurrency"),
+        secs = g("/params/step_seconds"),
+    );
+    s.push_str(&row(
+        "memory per in-flight step (PSS slope)",
+        "pss_slope_bytes_per_step",
+        &kb,
+    ));
+    s.push_str(&row("memory intercept (PSS)", "pss_intercept_bytes", &mb));
+    s.push_str(&format!(
+        "| PSS at steps in flight | {} | {} |\n",
+        levels("celeriac"),
+        levels("python")
+    ));
+    s.push_str(&row(
+        "publish → Job created p50",
+        "publish_to_job_created_p50_s",
+        &ms,
+    ));
+    s.push_str(&row(
+        "publish → Job created p99",
+        "publish_to_job_created_p99_s",
+        &ms,
+    ));
+    s.push_str(&row(
+        "step exit → result stored p50",
+        "step_exit_to_result_p50_s",
+        &ms,
+    ));
+    s.push_str(&row(
+        "step exit → result stored p99",
+        "step_exit_to_result_p99_s",
+        &ms,
+    ));
+    s.push_str(&row(
+        "API requests per step (+ shared watches)",
+        "api_requests_per_step",
+        &|v| format!("{v:.2}"),
+    ));
+    s.push_str(&row(
+        "API requests per second of step runtime",
+        "api_requests_per_step_second",
+        &|v| format!("{v:.3}"),
+    ));
+    s.push_str(&row(
+        "start-up (process start → consuming)",
+        "startup_s",
+        &|v| format!("{v:.2} s"),
+    ));
+    s.push_str(&row("worker CPU per step", "cpu_ms_per_step", &|v| {
+        format!("{v:.1} ms")
+    }));
+    let tally = |side: &str| {
+        format!(
+            "{} / {} / {}",
+            g(&format!("/{side}/steps")),
+            g(&format!("/{side}/lost")),
+            g(&format!("/{side}/ran_twice"))
+        )
+    };
+    s.push_str(&format!(
+        "| steps / lost / ran twice | {} | {} |\n",
+        tally("celeriac"),
+        tally("python")
+    ));
+    s.push_str(&format!(
+        "\nPython's memory per in-flight step is {ratio:.0}× celeriac's. Plots: `worker-memory.png`, \
+         `worker-latency.png`. Step exit → result stored starts when the step program exits (before the \
+         kubelet reports the pod and the Job controller marks the Job complete), so both sides' figures \
+         include the cluster's own reaction time.\n"
+    ));
+    s
 }
 
 /// Renders `REPORT.md` from `results/*.json`.

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource};
@@ -56,6 +57,46 @@ impl StepView {
             key(a).cmp(&key(b))
         });
         pods
+    }
+}
+
+/// What the step's decisions read of a Job (its identity and `status`, see
+/// [`crate::kubernetes::outcome`]): the spec (whose pod template carries the step's ~KB arguments and
+/// environment), labels, annotations and `managedFields` are dropped before a Job is kept, so a
+/// tracked step costs a few hundred bytes, not a full copy of its Job.
+pub fn slim_job(job: Job) -> Job {
+    let m = job.metadata;
+    Job {
+        metadata: ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            creation_timestamp: m.creation_timestamp,
+            deletion_timestamp: m.deletion_timestamp,
+            ..ObjectMeta::default()
+        },
+        spec: None,
+        status: job.status,
+    }
+}
+
+/// What the step's decisions read of a pod: name, owner (the Job's uid), creation time and `status`.
+pub fn slim_pod(pod: Pod) -> Pod {
+    let m = pod.metadata;
+    Pod {
+        metadata: ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            creation_timestamp: m.creation_timestamp,
+            deletion_timestamp: m.deletion_timestamp,
+            owner_references: m.owner_references,
+            ..ObjectMeta::default()
+        },
+        spec: None,
+        status: pod.status,
     }
 }
 
@@ -134,7 +175,7 @@ impl StepWatch {
     pub fn seed_job(&self, job: Job) {
         self.owner.update(&self.name, |v| {
             if newer(v.job.as_deref(), &job) {
-                v.job = Some(Arc::new(job));
+                v.job = Some(Arc::new(slim_job(job)));
                 v.job_deleted = false;
             }
         });
@@ -145,7 +186,7 @@ impl StepWatch {
         self.owner.update(&self.name, |v| {
             for p in pods {
                 if let Some(n) = p.metadata.name.clone() {
-                    v.pods.entry(n).or_insert_with(|| Arc::new(p));
+                    v.pods.entry(n).or_insert_with(|| Arc::new(slim_pod(p)));
                 }
             }
         });
@@ -203,7 +244,7 @@ impl NamespaceWatch {
                     };
                     self.update(&name, |v| {
                         if newer(v.job.as_deref(), &job) {
-                            v.job = Some(Arc::new(job));
+                            v.job = Some(Arc::new(slim_job(job)));
                             v.job_deleted = false;
                         }
                     });
@@ -214,7 +255,7 @@ impl NamespaceWatch {
                     };
                     self.update(&name, |v| {
                         v.job_deleted = true;
-                        v.job = Some(Arc::new(job));
+                        v.job = Some(Arc::new(slim_job(job)));
                     });
                 }
                 Ok(Event::InitDone) => {
@@ -243,7 +284,7 @@ impl NamespaceWatch {
                         continue;
                     };
                     self.update(&job, |v| {
-                        v.pods.insert(name, Arc::new(pod));
+                        v.pods.insert(name, Arc::new(slim_pod(pod)));
                     });
                 }
                 Ok(Event::Delete(pod)) => {
@@ -303,5 +344,84 @@ impl Tracker {
                 .clone()
         };
         ns.subscribe(job_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubernetes::outcome::{failure_message, job_state, stuck};
+    use serde_json::json;
+
+    fn failed_job() -> Job {
+        serde_json::from_value(json!({
+            "metadata": {"name": "dagster-step-x", "namespace": "ns", "uid": "u1", "resourceVersion": "42",
+                         "labels": {"dagster/run-id": "r"}, "annotations": {"a": "b"},
+                         "managedFields": [{"manager": "kube-controller-manager", "operation": "Update",
+                                            "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}}]},
+            "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [
+                {"name": "dagster", "image": "i", "args": ["dagster", "api", "execute_step", "x".repeat(4000)]}]}}},
+            "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+                        "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]},
+        }))
+        .expect("job")
+    }
+
+    fn pod(phase: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "dagster-step-x-abcde", "uid": "p1", "creationTimestamp": "2026-11-30T10:00:00Z",
+                         "labels": {"job-name": "dagster-step-x"},
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "dagster-step-x",
+                                              "uid": "u1", "controller": true}]},
+            "spec": {"containers": [{"name": "dagster", "image": "i", "args": ["x".repeat(4000)]}]},
+            "status": {"phase": phase,
+                       "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}],
+                       "containerStatuses": [{"name": "dagster", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                                              "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]},
+        }))
+        .expect("pod")
+    }
+
+    fn json_len<T: serde::Serialize>(v: &T) -> usize {
+        serde_json::to_string(v).map_or(0, |s| s.len())
+    }
+
+    /// Slimming keeps every decision the launcher takes from a tracked Job or pod, and drops the
+    /// pod template (the step's arguments) and managedFields.
+    #[test]
+    fn slim_objects_keep_every_decision() {
+        let (job, pod_pending, pod_failed) = (failed_job(), pod("Pending"), pod("Failed"));
+        let (sjob, spending, sfailed) = (
+            slim_job(job.clone()),
+            slim_pod(pod_pending.clone()),
+            slim_pod(pod_failed.clone()),
+        );
+        assert_eq!(job_state(&sjob), job_state(&job));
+        assert_eq!(stuck(&spending), stuck(&pod_pending));
+        assert!(stuck(&spending).is_some());
+        assert_eq!(
+            failure_message("dagster-step-x", "ns", &sjob, &[&sfailed], "dagster"),
+            failure_message("dagster-step-x", "ns", &job, &[&pod_failed], "dagster")
+        );
+        assert!(newer(Some(&sjob), &job) && newer(Some(&job), &sjob));
+        let view = StepView {
+            job: Some(Arc::new(sjob.clone())),
+            job_deleted: false,
+            pods: [("p".to_string(), Arc::new(sfailed.clone()))].into(),
+        };
+        assert_eq!(
+            view.current_pods().len(),
+            1,
+            "ownership by uid still resolves"
+        );
+        assert!(sjob.spec.is_none() && sjob.metadata.managed_fields.is_none());
+        assert!(sfailed.spec.is_none());
+        assert!(
+            json_len(&sjob) < 600 && json_len(&job) > 4000,
+            "{} {}",
+            json_len(&sjob),
+            json_len(&job)
+        );
+        assert!(json_len(&sfailed) < 1000 && json_len(&pod_failed) > 4000);
     }
 }

@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams, Preconditions};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Api;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -51,7 +51,16 @@ struct Cluster {
 pub struct KubernetesLauncher {
     settings: KubernetesConfig,
     clusters: Mutex<HashMap<String, Arc<Cluster>>>,
+    /// Bounds the launcher's concurrent API requests (creates, log reads, deletes): each request in
+    /// flight holds a pooled HTTP/1.1 connection (TLS state and buffers), so without a bound a burst
+    /// of a thousand steps opens hundreds of connections and keeps them. The shared watches are not
+    /// counted: they hold their own two connections per namespace.
+    requests: Arc<Semaphore>,
 }
+
+/// Concurrent API requests of one worker's launcher (see [`KubernetesLauncher::requests`]): at
+/// ~10 ms per create on a loaded API server this still allows thousands of creates per second.
+pub const MAX_CONCURRENT_REQUESTS: usize = 16;
 
 impl KubernetesLauncher {
     pub fn new(settings: KubernetesConfig) -> Self {
@@ -60,7 +69,22 @@ impl KubernetesLauncher {
         Self {
             settings,
             clusters: Mutex::new(HashMap::new()),
+            requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
         }
+    }
+
+    /// Runs one API request (with its retries) once fewer than [`MAX_CONCURRENT_REQUESTS`] are in flight.
+    /// Boxed: a kube request future is kilobytes, and a step's future lives as long as its Job runs,
+    /// so requests are allocated while they run instead of being laid out inline in every step.
+    fn limited<'a, T: 'a>(
+        &'a self,
+        request: impl std::future::Future<Output = T> + Send + 'a,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
+        Box::pin(async move {
+            // The semaphore is never closed; if it were, run unbounded rather than fail the step.
+            let _permit = self.requests.acquire().await.ok();
+            request.await
+        })
     }
 
     /// The client for a step, as Dagster's Python worker picks it: in-cluster when the task says
@@ -179,7 +203,12 @@ impl KubernetesLauncher {
     ) {
         let window = self.settings.api_retry_window;
         let params = delete_params(uid);
-        match call("delete", window, || jobs.delete(&spec.job_name, &params)).await {
+        match self
+            .limited(call("delete", window, || {
+                jobs.delete(&spec.job_name, &params)
+            }))
+            .await
+        {
             Ok(_) => {
                 KubeMetrics::get()
                     .jobs
@@ -281,7 +310,7 @@ impl KubernetesLauncher {
                 }
                 _ = recheck.tick(), if !now_stuck.is_empty() => {}
                 _ = poll.tick() => {
-                    match call("get", self.settings.api_retry_window, || jobs.get_opt(&spec.job_name)).await {
+                    match self.limited(call("get", self.settings.api_retry_window, || jobs.get_opt(&spec.job_name))).await {
                         Ok(Some(j)) => sub.seed_job(j),
                         Ok(None) => return Waited::GaveUp(format!("job {} could not be found", spec.job_name)),
                         Err(e) => warn!(job = %spec.job_name, "cannot read the step Job: {e}"),
@@ -320,10 +349,11 @@ impl KubernetesLauncher {
                 container: Some(container.to_string()),
                 ..LogParams::default()
             };
-            match call("logs", self.settings.api_retry_window, || {
-                pods_api.logs(&name, &params)
-            })
-            .await
+            match self
+                .limited(call("logs", self.settings.api_retry_window, || {
+                    pods_api.logs(&name, &params)
+                }))
+                .await
             {
                 Ok(text) => {
                     logs.push_str(&text);
@@ -361,11 +391,13 @@ impl StepLauncher for KubernetesLauncher {
                 "the kubernetes launcher runs Kubernetes Jobs, not local processes".into(),
             ));
         };
-        let cluster = self.cluster(step).await.map_err(create_err)?;
-        self.check_access(&cluster, &spec.namespace)
+        let cluster = Box::pin(self.cluster(step)).await.map_err(create_err)?;
+        Box::pin(self.check_access(&cluster, &spec.namespace))
             .await
             .map_err(create_err)?;
-        let JobBody { job, container } = step.body.clone().map_err(create_err)?;
+        // Borrowed, not cloned: the step's Job body is only serialized once, for the create.
+        let JobBody { job, container } = step.body.as_ref().map_err(|e| create_err(e.clone()))?;
+        let container = container.as_str();
         let watched = job
             .metadata
             .labels
@@ -380,7 +412,10 @@ impl StepLauncher for KubernetesLauncher {
 
         // Create, or adopt what a previous delivery of this task created.
         let post = PostParams::default();
-        let (created, adopted) = match call("create", window, || jobs.create(&post, &job)).await {
+        let (created, adopted) = match self
+            .limited(call("create", window, || jobs.create(&post, job)))
+            .await
+        {
             Ok(j) => {
                 metrics
                     .jobs
@@ -389,7 +424,8 @@ impl StepLauncher for KubernetesLauncher {
                 (j, false)
             }
             Err(kube::Error::Api(s)) if s.is_already_exists() || s.code == 409 => {
-                let existing = call("get", window, || jobs.get(&spec.job_name))
+                let existing = self
+                    .limited(call("get", window, || jobs.get(&spec.job_name)))
                     .await
                     .map_err(|e| {
                         create_err(format!(
@@ -406,7 +442,8 @@ impl StepLauncher for KubernetesLauncher {
                     )));
                 }
                 let by_job = ListParams::default().labels(&format!("job-name={}", spec.job_name));
-                let listed = call("list", window, || pods_api.list(&by_job))
+                let listed = self
+                    .limited(call("list", window, || pods_api.list(&by_job)))
                     .await
                     .map_err(|e| LaunchError::Pods {
                         job_name: spec.job_name.clone(),
@@ -430,13 +467,12 @@ impl StepLauncher for KubernetesLauncher {
             .observe(started.elapsed().as_secs_f64());
         info!(job = %spec.job_name, namespace = %spec.namespace, adopted, "step Job running");
 
-        let waited = self
-            .wait(spec, &sub, &jobs, watched, &cancel, &container)
-            .await;
+        // Boxed (here and below): only the phase a step is in is allocated, not the largest of all.
+        let waited = Box::pin(self.wait(spec, &sub, &jobs, watched, &cancel, container)).await;
         let terminal_at = Instant::now();
         let (succeeded, failure_message, gave_up) = match waited {
             Waited::Cancelled => {
-                self.delete_job(&jobs, spec, uid, "cancelled").await;
+                Box::pin(self.delete_job(&jobs, spec, uid, "cancelled")).await;
                 // Report back once the pods are gone (the kubelet has stopped the step), bounded.
                 let mut rx = sub.rx.clone();
                 let gone = rx.wait_for(|v| v.current_pods().is_empty());
@@ -448,7 +484,7 @@ impl StepLauncher for KubernetesLauncher {
         };
         let view = sub.view();
         let (logs, pod_names, log_errors) =
-            self.read_logs(spec, &view, &pods_api, &container).await;
+            Box::pin(self.read_logs(spec, &view, &pods_api, container)).await;
         metrics
             .job_to_result_seconds
             .with_label_values(&[&spec.namespace])
@@ -456,7 +492,7 @@ impl StepLauncher for KubernetesLauncher {
         // A Job given up on is still running: never leave it behind. A finished one follows the
         // retention setting.
         if gave_up || self.settings.job_retention == JobRetention::Delete {
-            self.delete_job(&jobs, spec, uid, "deleted").await;
+            Box::pin(self.delete_job(&jobs, spec, uid, "deleted")).await;
         }
         Ok(StepRun {
             succeeded,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celeriac_wire::message::TaskRequest;
 use celeriac_wire::result::ExceptionInfo;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -277,7 +277,7 @@ impl Task for ExecuteStepK8sJob {
         TASK_NAME
     }
 
-    async fn run(&self, ctx: TaskContext, request: &TaskRequest) -> TaskOutcome {
+    async fn run(&self, ctx: TaskContext, request: &mut TaskRequest) -> TaskOutcome {
         let mut writer = None;
         let outcome = self.execute(ctx, request, &mut writer).await;
         if let Some(w) = writer {
@@ -326,11 +326,11 @@ impl ExecuteStepK8sJob {
     async fn execute(
         &self,
         ctx: TaskContext,
-        request: &TaskRequest,
+        request: &mut TaskRequest,
         writer: &mut Option<EventWriter>,
     ) -> TaskOutcome {
         // 1. Arguments.
-        let args = match StepTaskArgs::from_kwargs(&request.kwargs) {
+        let mut args = match StepTaskArgs::from_kwargs(&request.kwargs) {
             Ok(a) => a,
             Err(e) => {
                 warn!(task_id = %request.id, "invalid execute_step_k8s_job arguments: {e}");
@@ -338,6 +338,10 @@ impl ExecuteStepK8sJob {
                 return failure(t, m, e.to_string());
             }
         };
+        // Parsed: the kwargs tree (the packed step arguments, ~KB of JSON) is not held while the step
+        // runs, which may be hours, in thousands of concurrent steps.
+        drop(std::mem::take(&mut request.kwargs));
+        drop(std::mem::take(&mut request.args));
         // 3. Instance and run.
         let (instance, run) = match self.open_run(&args, &request.id).await {
             Ok(r) => r,
@@ -456,6 +460,7 @@ impl ExecuteStepK8sJob {
             )
             .await;
         let mut events = vec![executing.dagster_event_json()];
+        drop(executing);
 
         // 12–13. Resolve the step for the launcher (the Job body, or the local command and
         // environment) and run it, watching for revocation and for the run leaving STARTED.
@@ -473,6 +478,15 @@ impl ExecuteStepK8sJob {
                 .map(Duration::from_secs_f64),
             workload: step.resolve(self.launcher.runs(), &args),
         };
+        // The step is resolved: its packed arguments and Kubernetes config (~KB each as JSON trees)
+        // are not needed while it runs, which may be hours, in thousands of concurrent steps.
+        drop(step);
+        drop((tag_config, per_step));
+        args.execute_step_args_packed = Value::Null;
+        args.job_config = Map::new();
+        args.user_defined_k8s_config = Map::new();
+        args.per_step_k8s_config = Map::new();
+        args.entry_point = Vec::new();
         info!(run_id = %args.run_id, step = step_key, job = %job, attempt = args.attempt, launcher = self.launcher.kind(), "launching step");
         let stop = CancellationToken::new();
         let launched = std::time::Instant::now();
@@ -639,7 +653,7 @@ impl ExecuteStepK8sJob {
 }
 
 async fn run_still_started(instance: &Instance, run_id: &str) -> bool {
-    match instance.get_run(run_id).await {
+    match Box::pin(instance.get_run(run_id)).await {
         Ok(Some(r)) => r.status == "STARTED",
         // Python: `if not run or run.status != STARTED` → terminate.
         Ok(None) => false,

@@ -3,7 +3,8 @@
 //! --compressed-input-json <b64(zlib(json))>` exactly like the real one, it reads the step it was given,
 //! sleeps `LOAD_STEP_SECONDS` (default 0) and prints the serialized Dagster events a real one-output step
 //! prints (STEP_START, STEP_OUTPUT `result`, STEP_SUCCESS), so workers and coordinators see real results
-//! without the cost of a Python interpreter per step.
+//! without the cost of a Python interpreter per step. With `LOAD_STEP_DONE_FILE` set it appends
+//! `<run_id> <step_key> <epoch seconds>` there as it exits.
 
 use std::io::Read as _;
 
@@ -103,5 +104,22 @@ fn main() -> std::process::ExitCode {
             &format!("Finished execution of step \"{step}\" in {ms:.0}ms.")
         )
     );
+    // LOAD_STEP_DONE_FILE: where the load test learns when the step ended (one line per step, appended
+    // atomically: `<run_id> <step_key> <seconds since the epoch>`), the start of "step done → result".
+    if let Ok(path) = std::env::var("LOAD_STEP_DONE_FILE") {
+        use std::io::Write as _;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let line = format!("{run_id} {step} {now:.6}\n");
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
     std::process::ExitCode::SUCCESS
 }

@@ -56,8 +56,8 @@ pub(crate) async fn handle(
 async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Delivery) {
     let shared = shared.clone();
     let queue = queue.clone();
-    let Delivery { message, acker } = delivery;
-    let request = match message::decode(
+    let Delivery { mut message, acker } = delivery;
+    let mut request = match message::decode(
         &message,
         &shared.config.accept_content,
         Some(shared.config.max_message_bytes),
@@ -73,6 +73,13 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
             return refuse(&shared, &queue, &message, acker.as_ref(), e).await;
         }
     };
+    // Decoded: a late-ack message is settled by its delivery tag alone, so its body and headers (as
+    // large as the task's arguments, already decoded into `request`) need not be held while the task
+    // runs. An early-ack message keeps them: a shutdown publishes it again.
+    if queue.ack == AckPolicy::Late {
+        message.body = Vec::new();
+        message.headers = serde_json::Map::new();
+    }
     let Some(task) = shared.registry.get(&request.task) else {
         error!(
             task_id = %request.id, queue = %queue.name,
@@ -183,7 +190,7 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
         terminate,
     };
     let began = Instant::now();
-    let run = AssertUnwindSafe(task.run(ctx, &request)).catch_unwind();
+    let run = AssertUnwindSafe(task.run(ctx, &mut request)).catch_unwind();
     let outcome = keep_alive_while(&shared, queue.ack, acker.as_ref(), run)
         .await
         .unwrap_or_else(|panic| {
@@ -216,7 +223,9 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
             );
             match queue.ack {
                 AckPolicy::Late => settle(acker.as_ref(), &request.id, Settle::Requeue).await,
-                AckPolicy::Early => republish(&shared, &queue, &message, &request.id).await,
+                AckPolicy::Early => {
+                    Box::pin(republish(&shared, &queue, &message, &request.id)).await
+                }
             }
         }
         TaskOutcome::Terminated => {
@@ -376,7 +385,17 @@ async fn keep_alive_while<F: std::future::Future>(
 }
 
 /// Stores the result for a request unless it asked for none. Returns whether the result is safe.
-async fn store(shared: &Shared, request: &TaskRequest, meta: &ResultMeta) -> bool {
+/// Boxed: a request's future lives as long as its task runs, so the result store (a backend round
+/// trip, kilobytes of future state) must not be laid out inline in it.
+fn store<'a>(
+    shared: &'a Shared,
+    request: &'a TaskRequest,
+    meta: &'a ResultMeta,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+    Box::pin(store_now(shared, request, meta))
+}
+
+async fn store_now(shared: &Shared, request: &TaskRequest, meta: &ResultMeta) -> bool {
     if request.ignore_result == Some(true) {
         return true;
     }
@@ -459,7 +478,16 @@ enum Settle {
     Requeue,
 }
 
-async fn settle(acker: &dyn Acker, id: &str, how: Settle) {
+/// Boxed for the same reason as [`store`].
+fn settle<'a>(
+    acker: &'a dyn Acker,
+    id: &'a str,
+    how: Settle,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(settle_now(acker, id, how))
+}
+
+async fn settle_now(acker: &dyn Acker, id: &str, how: Settle) {
     let result = match how {
         Settle::Ack => acker.ack().await,
         Settle::Reject => acker.reject(false).await,

@@ -47,7 +47,10 @@ pub struct TaskContext {
 pub trait Task: Send + Sync {
     /// The registered name (`execute_step_k8s_job`, `celery.ping`).
     fn name(&self) -> &'static str;
-    async fn run(&self, ctx: TaskContext, request: &TaskRequest) -> TaskOutcome;
+    /// Runs the task. The request is the task's to take from: a task that has read its arguments
+    /// may move them out (`std::mem::take(&mut request.kwargs)`) so they are not held while it runs;
+    /// the worker only uses the request's identity and routing fields afterwards.
+    async fn run(&self, ctx: TaskContext, request: &mut TaskRequest) -> TaskOutcome;
 }
 
 /// Registered tasks by name.

@@ -15,7 +15,7 @@ impl Task for Ping {
         "celery.ping"
     }
 
-    async fn run(&self, _ctx: TaskContext, _request: &TaskRequest) -> TaskOutcome {
+    async fn run(&self, _ctx: TaskContext, _request: &mut TaskRequest) -> TaskOutcome {
         TaskOutcome::Success(Value::String("pong".into()))
     }
 }
