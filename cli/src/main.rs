@@ -10,12 +10,6 @@ mod worker;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc's malloc: freed memory goes back to the OS within milliseconds (glibc's
-/// per-thread arenas kept a worker's peak after the load, batch after batch), with less
-/// fragmentation under thousands of concurrent steps.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "celeriac",
