@@ -26,4 +26,4 @@ cargo build --workspace --bins
 cargo test --workspace -- --test-threads="${CELERIAC_TEST_THREADS:-2}"
 # The load test's small scenarios (loadtest/): fail when a run is lost, a step runs twice or a figure is
 # missing (the figures of a quick run are not reported).
-cargo run -q -p celeriac-loadtest -- --quick coordinator
+"$CARGO_TARGET_DIR/debug/celeriac-loadtest" --quick coordinator

@@ -66,7 +66,9 @@ pub fn celeriac_bin() -> Result<PathBuf> {
     };
     eprintln!("loadtest: building celeriac and celeriac-load-step {profile}");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-p", "celeriac", "-p", "celeriac-loadtest"])
+    // The same package set as `scripts/test.sh`'s `cargo build --workspace --bins`: building a subset
+    // resolves other dependency features and rebuilt half the dependency tree, every time.
+    cmd.args(["build", "--workspace", "--bins"])
         .current_dir(repo_root());
     if !profile.is_empty() {
         cmd.arg(profile);
