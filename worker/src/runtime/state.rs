@@ -198,7 +198,10 @@ mod tests {
                 .expect("a thread is stuck: the state deadlocked");
         }
         assert_eq!(state.processed(), threads * 50_000);
-        assert_eq!(state.in_flight().get("q"), Some(&(0, state.in_flight()["q"].1)));
+        assert_eq!(
+            state.in_flight().get("q"),
+            Some(&(0, state.in_flight()["q"].1))
+        );
         assert!(state.active().is_empty());
     }
 }
