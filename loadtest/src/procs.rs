@@ -162,6 +162,14 @@ pub fn histogram_quantile(scrape: &str, name: &str, p: f64) -> Option<f64> {
     None
 }
 
+/// The machine's 1-minute load average (what else was running shapes every latency figure).
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,12 +184,4 @@ mod tests {
         assert!(rss(std::process::id()) > 0);
         assert!(!tree(std::process::id()).is_empty());
     }
-}
-
-/// The machine's 1-minute load average (what else was running shapes every latency figure).
-pub fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
-        .unwrap_or(f64::NAN)
 }
