@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{artifacts_dir, free_port, unique};
+use crate::{free_port, unique};
 
 fn port_open(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(
@@ -31,7 +31,9 @@ impl PrivateRabbit {
         let node = format!("{name}@localhost");
         let port = free_port()?;
         let dist = free_port()?;
-        let dir = artifacts_dir().join(&name);
+        // Under the system's temporary directory, not the checkout: the server runs as the rabbitmq
+        // user, which cannot reach a checkout inside a private (0700) directory.
+        let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(dir.join("log"))?;
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::write(
