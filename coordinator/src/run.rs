@@ -385,13 +385,15 @@ impl Driver {
             &EngineData::default(),
             t,
         ));
+        let mut handoff = None;
         for key in handed {
             let attempt = self.engine.attempts(&key);
             let known_row = rows.iter().any(|r| {
                 r.step_key == key && i64::from(r.attempt) == attempt && r.result.is_none()
             });
             if !known_row {
-                self.submit_step(&mut commit, &key, t);
+                let h = handoff.get_or_insert_with(|| self.decode_handoff());
+                self.submit_step(&mut commit, &key, h, t);
             }
         }
         self.commit(commit).await?;
@@ -437,9 +439,12 @@ impl Driver {
             return;
         }
         match self.engine.get_steps_to_execute(t) {
+            Ok(keys) if keys.is_empty() => {}
             Ok(keys) => {
+                // Decoded once per decision, not once per step.
+                let handoff = self.decode_handoff();
                 for key in keys {
-                    self.submit_step(commit, &key, t);
+                    self.submit_step(commit, &key, &handoff, t);
                     if self.run_error.is_some() {
                         break;
                     }
@@ -450,18 +455,29 @@ impl Driver {
     }
 
     /// Builds the task of one step: the "Submitting celery task" engine event and the task row.
-    fn submit_step(&mut self, commit: &mut Commit, key: &str, t: f64) {
+    /// The hand-off, decoded from the compact JSON the driver keeps.
+    fn decode_handoff(&self) -> Result<Handoff, String> {
+        serde_json::from_str(&self.handoff)
+            .map_err(|e| e.to_string())
+            .and_then(|v| Handoff::decode(&v).map_err(|e| e.to_string()))
+            .map_err(|e| format!("the run's hand-off is unreadable: {e}"))
+    }
+
+    fn submit_step(
+        &mut self,
+        commit: &mut Commit,
+        key: &str,
+        handoff: &Result<Handoff, String>,
+        t: f64,
+    ) {
         let known = self.engine.get_known_state();
         let built = self
             .engine
             .step(key)
             .map_err(|e| e.to_string())
             .and_then(|step| {
-                let handoff = serde_json::from_str(&self.handoff)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| Handoff::decode(&v).map_err(|e| e.to_string()))
-                    .map_err(|e| format!("the run's hand-off is unreadable: {e}"))?;
-                step_task(&handoff, self.run_priority, step, &known)
+                let handoff = handoff.as_ref().map_err(Clone::clone)?;
+                step_task(handoff, self.run_priority, step, &known)
                     .map(|task| (step.clone(), task))
                     .map_err(|e| e.to_string())
             });
