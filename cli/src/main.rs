@@ -37,7 +37,17 @@ enum Command {
     Flower(celeriac_flower::FlowerArgs),
 }
 
+/// Stack of every thread the process starts (`RUST_MIN_STACK`, unless already set): lapin parses an AMQP
+/// header table recursively on its own thread, and a 128 KiB frame can nest 20,000 tables — far past
+/// the default 2 MiB (a hostile publisher could crash the worker with one message, again at each
+/// redelivery). Only the pages a thread touches are resident.
+const THREAD_STACK: &str = "67108864";
+
 fn main() -> std::process::ExitCode {
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // Before any thread exists: the value is read once, at the first spawn.
+        std::env::set_var("RUST_MIN_STACK", THREAD_STACK);
+    }
     let argv: Vec<String> = std::env::args().collect();
     let program = argv
         .first()

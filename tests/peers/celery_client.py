@@ -2,10 +2,14 @@
 
 usage: celery_client.py --broker URL --backend URL <command> ...
   publish --queue Q --task NAME [--priority P] [--count N] [--kwargs JSON]   prints the task ids (JSON list)
+          [--wait S]   then waits for them in this process (rpc:// replies come to the publisher) and prints
+                       what `wait` prints
   bad --queue Q --kind KIND                                                  publishes a malformed message, prints its id
   wait --ids JSON [--timeout S]                                              prints [{id, state, result, date_done}]
   purge --queue Q
   revoke --id ID [--terminate]                                               broadcasts revoke
+
+CELERIAC_TEST_BROKER_CA=<pem> sets broker_use_ssl (CA verification required) for an amqps:// broker.
 
 Bad kinds (each really malformed on the wire, published with kombu so both brokers get kombu's layout):
   malformed-json   a v2 task whose body is not JSON
@@ -17,7 +21,9 @@ Bad kinds (each really malformed on the wire, published with kombu so both broke
 """
 import argparse
 import json
+import os
 import pickle
+import ssl
 import sys
 import uuid
 
@@ -28,6 +34,9 @@ from kombu import Exchange, Queue
 
 def app_for(broker, backend):
     app = Celery("celeriac_tests", broker=broker, backend=backend)
+    if os.environ.get("CELERIAC_TEST_BROKER_CA"):
+        # Celery's own TLS settings for amqps:// (rediss:// takes ssl_* in the URL's query instead).
+        app.conf.broker_use_ssl = {"ca_certs": os.environ["CELERIAC_TEST_BROKER_CA"], "cert_reqs": ssl.CERT_REQUIRED}
     if broker.startswith(("amqp", "pyamqp")):
         app.conf.task_queue_max_priority = 10  # as dagster_celery declares every queue
     app.conf.task_default_priority = 5
@@ -79,6 +88,23 @@ def bad(app, queue, kind):
     print(task_id)
 
 
+def wait(app, ids, timeout):
+    out = []
+    for task_id in ids:
+        r = AsyncResult(task_id, app=app)
+        try:
+            r.get(timeout=timeout, propagate=False)
+        except Exception as e:  # timeout: report the state as it is
+            print(f"wait {task_id}: {e!r}", file=sys.stderr)
+        result = r.result
+        if isinstance(result, BaseException):
+            result = f"{type(result).__name__}: {result}"
+        out.append({"id": task_id, "state": r.state,
+                    "result": result if isinstance(result, (str, int, float, list, dict, type(None))) else repr(result),
+                    "date_done": r.date_done.isoformat() if r.date_done else None})
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--broker", required=True)
@@ -90,6 +116,7 @@ def main():
     pub.add_argument("--priority", type=int)
     pub.add_argument("--count", type=int, default=1)
     pub.add_argument("--kwargs", default="{}")
+    pub.add_argument("--wait", type=float)
     b = sub.add_parser("bad")
     b.add_argument("--queue", required=True)
     b.add_argument("--kind", required=True)
@@ -107,24 +134,11 @@ def main():
     if a.cmd == "publish":
         ids = [app.send_task(a.task, kwargs=json.loads(a.kwargs), queue=a.queue, priority=a.priority).id
                for _ in range(a.count)]
-        print(json.dumps(ids))
+        print(json.dumps(wait(app, ids, a.wait) if a.wait else ids))
     elif a.cmd == "bad":
         bad(app, a.queue, a.kind)
     elif a.cmd == "wait":
-        out = []
-        for task_id in json.loads(a.ids):
-            r = AsyncResult(task_id, app=app)
-            try:
-                r.get(timeout=a.timeout, propagate=False)
-            except Exception as e:  # timeout: report the state as it is
-                print(f"wait {task_id}: {e!r}", file=sys.stderr)
-            result = r.result
-            if isinstance(result, BaseException):
-                result = f"{type(result).__name__}: {result}"
-            out.append({"id": task_id, "state": r.state,
-                        "result": result if isinstance(result, (str, int, float, list, dict, type(None))) else repr(result),
-                        "date_done": r.date_done.isoformat() if r.date_done else None})
-        print(json.dumps(out))
+        print(json.dumps(wait(app, json.loads(a.ids), a.timeout)))
     elif a.cmd == "revoke":
         app.control.revoke(a.id, terminate=a.terminate)
         print(json.dumps({"revoked": a.id}))

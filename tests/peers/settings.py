@@ -12,6 +12,8 @@ DEFAULTS = {
     "CELERIAC_QUEUE_A": "celeriac_qa",
     "CELERIAC_QUEUE_B": "celeriac_qb",
     "SLEEP_SECONDS": "4",
+    # The secrets test's S3 key, given to the step as a container env in the op's dagster-k8s/config tag.
+    "CELERIAC_S3_KEY": "",
 }
 KEYS = list(DEFAULTS)
 

@@ -27,6 +27,12 @@ pub struct PrivateRabbit {
 
 impl PrivateRabbit {
     pub fn start() -> Result<PrivateRabbit> {
+        Self::start_with_conf("")
+    }
+
+    /// Like [`PrivateRabbit::start`], with more `rabbitmq.conf` lines (e.g. a TLS listener). Files the
+    /// node reads must be readable by the `rabbitmq` user.
+    pub fn start_with_conf(extra_conf: &str) -> Result<PrivateRabbit> {
         let name = unique("celeriac_rmq");
         let node = format!("{name}@localhost");
         let port = free_port()?;
@@ -38,7 +44,9 @@ impl PrivateRabbit {
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users.guest = true\n"),
+            format!(
+                "listeners.tcp.local = 127.0.0.1:{port}\nloopback_users.guest = true\n{extra_conf}"
+            ),
         )?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
         // The server runs as the rabbitmq user (Debian's wrapper): it must own its directory.
@@ -111,5 +119,65 @@ impl Drop for PrivateRabbit {
     fn drop(&mut self) {
         let _ = self.ctl(&["stop"]);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `rabbitmqctl <args>` against the machine's RabbitMQ node.
+pub fn rabbitmqctl(args: &[&str]) -> Result<()> {
+    let out = Command::new("rabbitmqctl").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A vhost of one test on the machine's RabbitMQ (guest has every permission); deleted on drop.
+/// Broadcasts of the test (remote control, events) reach only the workers in it.
+pub struct Vhost(pub String);
+
+impl Vhost {
+    pub fn create(prefix: &str) -> Result<Vhost> {
+        let name = unique(prefix);
+        rabbitmqctl(&["add_vhost", &name])?;
+        let v = Vhost(name);
+        rabbitmqctl(&["set_permissions", "-p", &v.0, "guest", ".*", ".*", ".*"])?;
+        Ok(v)
+    }
+
+    /// Turns RabbitMQ's firehose on (every publish and delivery copied to `amq.rabbitmq.trace`).
+    pub fn trace_on(&self) -> Result<()> {
+        rabbitmqctl(&["trace_on", "-p", &self.0])
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["delete_vhost", &self.0]);
+    }
+}
+
+/// A RabbitMQ user of one test with every permission on `vhost`; deleted on drop.
+pub struct RabbitUser(pub String);
+
+impl RabbitUser {
+    pub fn create(prefix: &str, password: &str, vhost: &Vhost) -> Result<RabbitUser> {
+        let name = unique(prefix);
+        rabbitmqctl(&["add_user", &name, password])?;
+        let u = RabbitUser(name);
+        rabbitmqctl(&["set_permissions", "-p", &vhost.0, &u.0, ".*", ".*", ".*"])?;
+        Ok(u)
+    }
+}
+
+impl Drop for RabbitUser {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["delete_user", &self.0]);
     }
 }

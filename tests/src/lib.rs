@@ -86,7 +86,13 @@ pub fn path_with_venv() -> String {
 }
 
 /// The built `celeriac` binary (scripts/test.sh builds it before the tests run).
+///
+/// `CELERIAC_BIN` names another one (a copy of this checkout's build, while a shared target directory's
+/// `celeriac` may be rebuilt from another checkout).
 pub fn celeriac_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("CELERIAC_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("current test executable");
     // target/<profile>/deps/<test> → target/<profile>/celeriac
     let profile_dir = exe
@@ -438,11 +444,12 @@ pub async fn broker_backlog(broker: &str, queue: &str) -> Result<(u64, u64)> {
             .await?;
         Ok((ready, unacked))
     } else {
-        let conn = lapin::Connection::connect(
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-            lapin::ConnectionProperties::default(),
-        )
-        .await?;
+        // The broker's own URL: a test in a vhost of its own has its queue there, not in "/".
+        let url = match broker.strip_prefix("pyamqp://") {
+            Some(rest) => format!("amqp://{rest}"),
+            None => broker.to_string(),
+        };
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
         let channel = conn.create_channel().await?;
         let q = channel
             .queue_declare(

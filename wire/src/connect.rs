@@ -9,6 +9,7 @@ use crate::backend::{BackendError, DisabledBackend, ResultBackend, RpcBackend};
 use crate::broker::amqp::AmqpBroker;
 use crate::broker::redis::{RedisBroker, RedisTransportOptions};
 use crate::broker::{Broker, BrokerError};
+use crate::tls::{TlsError, TlsOptions};
 use crate::url::{self, BackendUrl, BrokerUrl, UrlError};
 
 /// Why a broker or backend could not be reached. Messages never carry passwords.
@@ -23,6 +24,12 @@ pub enum ConnectError {
         #[source]
         source: BrokerError,
     },
+    #[error("TLS settings for {url}: {source}")]
+    Tls {
+        url: String,
+        #[source]
+        source: TlsError,
+    },
     #[error("connecting to the result backend at {url}: {source}")]
     Backend {
         url: String,
@@ -32,24 +39,39 @@ pub enum ConnectError {
 }
 
 /// Connects to the broker named by `broker_url` (`amqp://`, `pyamqp://`, `amqps://`, `redis://`,
-/// `rediss://`); `redis` applies to Redis brokers only.
+/// `rediss://`); `redis` applies to Redis brokers only. TLS settings come from the URL's `ssl_*` query
+/// (see [`crate::tls`]).
 pub async fn broker(
     broker_url: &str,
     redis: RedisTransportOptions,
 ) -> Result<Arc<dyn Broker>, ConnectError> {
-    Ok(match url::parse_broker(broker_url)? {
-        BrokerUrl::Amqp { uri } => {
-            Arc::new(
-                AmqpBroker::connect(&uri)
-                    .await
-                    .map_err(|source| ConnectError::Broker {
-                        what: "RabbitMQ",
-                        url: url::redact(broker_url),
-                        source,
-                    })?,
-            )
-        }
+    broker_with_tls(broker_url, redis, &TlsOptions::default()).await
+}
+
+/// [`broker`] with Celery's `broker_use_ssl` settings (the URL's `ssl_*` query parameters win).
+pub async fn broker_with_tls(
+    broker_url: &str,
+    mut redis: RedisTransportOptions,
+    tls: &TlsOptions,
+) -> Result<Arc<dyn Broker>, ConnectError> {
+    let tls_err = |e: TlsError| ConnectError::Tls {
+        url: url::redact(broker_url),
+        source: e,
+    };
+    let (clean_url, tls) = tls.from_url_query(broker_url).map_err(tls_err)?;
+    let material = tls.load().map_err(tls_err)?;
+    Ok(match url::parse_broker(&clean_url)? {
+        BrokerUrl::Amqp { uri } => Arc::new(
+            AmqpBroker::connect_with_tls(&uri, "celeriac", &material)
+                .await
+                .map_err(|source| ConnectError::Broker {
+                    what: "RabbitMQ",
+                    url: url::redact(broker_url),
+                    source,
+                })?,
+        ),
         BrokerUrl::Redis { url, .. } => {
+            redis.tls = material;
             Arc::new(RedisBroker::connect(&url, redis).await.map_err(|source| {
                 ConnectError::Broker {
                     what: "Redis",
@@ -67,16 +89,34 @@ pub async fn backend(
     broker: Arc<dyn Broker>,
     result_expires: Duration,
 ) -> Result<Arc<dyn ResultBackend>, ConnectError> {
+    backend_with_tls(backend_url, broker, result_expires, &TlsOptions::default()).await
+}
+
+/// [`backend`] with Celery's `redis_backend_use_ssl` settings (the URL's `ssl_*` query parameters win).
+pub async fn backend_with_tls(
+    backend_url: &str,
+    broker: Arc<dyn Broker>,
+    result_expires: Duration,
+    tls: &TlsOptions,
+) -> Result<Arc<dyn ResultBackend>, ConnectError> {
+    let tls_err = |e: TlsError| ConnectError::Tls {
+        url: url::redact(backend_url),
+        source: e,
+    };
     Ok(match url::parse_backend(backend_url)? {
         BackendUrl::Rpc => Arc::new(RpcBackend::new(broker)),
         BackendUrl::Disabled => Arc::new(DisabledBackend),
-        BackendUrl::Redis { url, .. } => Arc::new(
-            RedisBackend::connect(&url, result_expires)
-                .await
-                .map_err(|source| ConnectError::Backend {
-                    url: url::redact(&url),
-                    source,
-                })?,
-        ),
+        BackendUrl::Redis { url, .. } => {
+            let (clean_url, tls) = tls.from_url_query(&url).map_err(tls_err)?;
+            let material = tls.load().map_err(tls_err)?;
+            Arc::new(
+                RedisBackend::connect_with_tls(&clean_url, result_expires, &material)
+                    .await
+                    .map_err(|source| ConnectError::Backend {
+                        url: url::redact(&url),
+                        source,
+                    })?,
+            )
+        }
     })
 }

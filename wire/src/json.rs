@@ -169,9 +169,14 @@ fn write_string(out: &mut String, s: &str) {
             '\u{0c}' => out.push_str("\\f"),
             ' '..='~' => out.push(ch),
             _ => {
+                // By hand: `write!` per code unit made a 1 MB non-ASCII string take milliseconds.
+                const HEX: &[u8; 16] = b"0123456789abcdef";
                 let mut buf = [0u16; 2];
                 for unit in ch.encode_utf16(&mut buf) {
-                    let _ = write!(out, "\\u{unit:04x}");
+                    out.push_str("\\u");
+                    for shift in [12, 8, 4, 0] {
+                        out.push(char::from(HEX[usize::from((*unit >> shift) & 0xf)]));
+                    }
                 }
             }
         }

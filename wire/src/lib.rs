@@ -17,4 +17,5 @@ pub mod redis_conn;
 pub mod result;
 pub mod saferepr;
 pub mod task;
+pub mod tls;
 pub mod url;

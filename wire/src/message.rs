@@ -160,14 +160,15 @@ pub fn decode(
         .any(|a| a == content_type || short_content_name(content_type) == a.as_str())
     {
         return Err(DecodeError::ContentDisallowed {
-            content_type: short_content_name(content_type).to_string(),
+            content_type: clip(short_content_name(content_type)),
             allowed: accept_content.join(", "),
         });
     }
     if content_type != "application/json" {
         // Only JSON is implemented; anything else that was explicitly allowed still cannot be read.
         return Err(DecodeError::Undecodable(format!(
-            "unsupported content type {content_type}"
+            "unsupported content type {}",
+            clip(content_type)
         )));
     }
     let body =
@@ -188,6 +189,12 @@ pub fn decode(
     } else {
         Err(DecodeError::UnknownMessage)
     }
+}
+
+/// At most 200 characters of an outside value for an error message: a hostile message must not turn
+/// into a 16 MB log line.
+fn clip(s: impl std::fmt::Display) -> String {
+    json::truncate_repr(s.to_string(), 200)
 }
 
 fn short_content_name(ct: &str) -> &str {
@@ -212,7 +219,8 @@ fn from_v2(raw: &RawMessage, body: Value) -> Result<TaskRequest, DecodeError> {
         Some(Value::Null) | None => Vec::new(),
         Some(other) => {
             return Err(DecodeError::InvalidTask(format!(
-                "args must be a list, got {other}"
+                "args must be a list, got {}",
+                clip(other)
             )))
         }
     };
@@ -289,7 +297,7 @@ fn build(
         str_of("task").ok_or_else(|| DecodeError::InvalidTask("missing task name".into()))?;
     let id = str_of("id")
         .or_else(|| raw.properties.correlation_id.clone())
-        .ok_or_else(|| DecodeError::InvalidTask(format!("task {task} has no id")))?;
+        .ok_or_else(|| DecodeError::InvalidTask(format!("task {} has no id", clip(&task))))?;
     let eta = parse_time(headers.get("eta"), "eta")?;
     let expires = parse_time(headers.get("expires"), "expires")?;
     let time_limit = match headers.get("timelimit") {
@@ -357,7 +365,8 @@ fn parse_time(v: Option<&Value>, what: &str) -> Result<Option<DateTime<FixedOffs
         }
         Some(other) => {
             return Err(DecodeError::InvalidTask(format!(
-                "invalid {what} value {other}"
+                "invalid {what} value {}",
+                clip(other)
             )))
         }
     };
@@ -374,7 +383,8 @@ fn parse_time(v: Option<&Value>, what: &str) -> Result<Option<DateTime<FixedOffs
         }
     }
     Err(DecodeError::InvalidTask(format!(
-        "invalid {what} value {s:?}"
+        "invalid {what} value {}",
+        clip(format!("{s:?}"))
     )))
 }
 

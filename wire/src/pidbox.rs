@@ -117,40 +117,98 @@ impl ControlRequest {
 }
 
 /// fnmatch-style glob: `*`, `?`, `[...]` (no escapes), as kombu's default `glob` matcher.
+///
+/// Linear in practice (greedy match with one back-track point at the last `*`): a pattern comes from
+/// any client on the broker, and the naive recursion is exponential in the number of stars
+/// (`"*a" * 30 + "x"` against a 40-character node name never finishes).
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    fn rec(p: &[char], t: &[char]) -> bool {
-        match p.first() {
-            None => t.is_empty(),
-            Some('*') => (0..=t.len()).any(|i| rec(&p[1..], &t[i..])),
-            Some('?') => !t.is_empty() && rec(&p[1..], &t[1..]),
-            Some('[') => {
-                let Some(end) = p.iter().position(|&c| c == ']') else {
-                    return t.first() == Some(&'[') && rec(&p[1..], &t[1..]);
-                };
-                let Some(&c) = t.first() else { return false };
-                let (negate, set) = match p.get(1) {
-                    Some('!') => (true, &p[2..end]),
-                    _ => (false, &p[1..end]),
-                };
-                let mut hit = false;
-                let mut i = 0;
-                while i < set.len() {
-                    if i + 2 < set.len() && set[i + 1] == '-' {
-                        hit |= set[i] <= c && c <= set[i + 2];
-                        i += 3;
-                    } else {
-                        hit |= set[i] == c;
-                        i += 1;
-                    }
+    enum Tok {
+        Star,
+        Any,
+        Char(char),
+        /// `[...]` / `[!...]`: (negated, members as single characters and `a-z` ranges).
+        Class(bool, Vec<(char, char)>),
+    }
+    impl Tok {
+        fn matches(&self, c: char) -> bool {
+            match self {
+                Tok::Star => true,
+                Tok::Any => true,
+                Tok::Char(x) => *x == c,
+                Tok::Class(negate, set) => {
+                    set.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negate
                 }
-                hit != negate && rec(&p[end + 1..], &t[1..])
             }
-            Some(&ch) => t.first() == Some(&ch) && rec(&p[1..], &t[1..]),
         }
     }
     let p: Vec<char> = pattern.chars().collect();
+    let mut toks = Vec::new();
+    let mut i = 0;
+    while i < p.len() {
+        match p[i] {
+            '*' => {
+                if !matches!(toks.last(), Some(Tok::Star)) {
+                    toks.push(Tok::Star);
+                }
+            }
+            '?' => toks.push(Tok::Any),
+            '[' => match p[i..].iter().position(|&c| c == ']') {
+                // No closing bracket: a literal `[`.
+                None => toks.push(Tok::Char('[')),
+                Some(rel) => {
+                    let end = i + rel;
+                    let (negate, set) = match p.get(i + 1) {
+                        Some('!') if i + 2 <= end => (true, &p[i + 2..end]),
+                        _ => (false, &p[(i + 1).min(end)..end]),
+                    };
+                    let mut members = Vec::new();
+                    let mut j = 0;
+                    while j < set.len() {
+                        if j + 2 < set.len() && set[j + 1] == '-' {
+                            members.push((set[j], set[j + 2]));
+                            j += 3;
+                        } else {
+                            members.push((set[j], set[j]));
+                            j += 1;
+                        }
+                    }
+                    toks.push(Tok::Class(negate, members));
+                    i = end;
+                }
+            },
+            c => toks.push(Tok::Char(c)),
+        }
+        i += 1;
+    }
     let t: Vec<char> = text.chars().collect();
-    rec(&p, &t)
+    let (mut pi, mut ti) = (0, 0);
+    // (token after the last star, text position it was tried at)
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match toks.get(pi) {
+            Some(Tok::Star) => {
+                backtrack = Some((pi + 1, ti));
+                pi += 1;
+                continue;
+            }
+            Some(tok) if tok.matches(t[ti]) => {
+                pi += 1;
+                ti += 1;
+                continue;
+            }
+            _ => {}
+        }
+        match backtrack {
+            // Let the last star swallow one more character and retry from there.
+            Some((after_star, at)) => {
+                pi = after_star;
+                ti = at + 1;
+                backtrack = Some((after_star, at + 1));
+            }
+            None => return false,
+        }
+    }
+    toks[pi..].iter().all(|t| matches!(t, Tok::Star))
 }
 
 /// `pcre` matcher (`re.match`: anchored at the start). Supports the subset people use for node names:
@@ -225,6 +283,21 @@ mod tests {
         assert!(glob_match("w[0-9]@*", "w3@host"));
         assert!(!glob_match("w[!0-9]@*", "w3@host"));
         assert!(glob_match("?@h", "a@h"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "aXbYc"));
+        assert!(!glob_match("a*b*c", "aXbY"));
+        assert!(glob_match("w[", "w["));
+        assert!(glob_match("[!]x", "yx"));
+    }
+
+    /// Regression (fuzzing, issue 14): a pattern with many stars took exponential time.
+    #[test]
+    fn star_heavy_glob_is_linear() {
+        let host = "celery@worker-7.example.internal.cluster.local";
+        let t = std::time::Instant::now();
+        assert!(!glob_match(&("*a".repeat(30) + "x"), host));
+        assert!(!simple_regex_match(&(".*a".repeat(30) + "x$"), host));
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 }
 

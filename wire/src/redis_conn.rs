@@ -62,6 +62,15 @@ impl ResilientConnection {
         what: &'static str,
         url: String,
     ) -> redis::RedisResult<ResilientConnection> {
+        // One plain connection first: the connection manager retries a failed handshake until its
+        // timeout, so a server whose TLS certificate is not trusted was reported as "no connection
+        // within 10 s"; this one fails at once with the handshake's own error.
+        match tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection()).await
+        {
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(probe)) => drop(probe),
+            Err(_) => {}
+        }
         let con = open(&client).await?;
         Ok(ResilientConnection {
             client,

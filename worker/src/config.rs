@@ -40,6 +40,10 @@ pub struct WorkerConfig {
     /// How long a warm shutdown waits for running steps before handing them back to the broker.
     pub shutdown_grace: Duration,
     pub redis: RedisConfig,
+    /// Celery's `broker_use_ssl` (CA, client certificate) for `amqps://` / `rediss://` brokers.
+    pub broker_tls: celeriac_wire::tls::TlsOptions,
+    /// Celery's `redis_backend_use_ssl` for a `rediss://` result backend.
+    pub backend_tls: celeriac_wire::tls::TlsOptions,
 }
 
 /// One consumed queue and its limits.
@@ -113,6 +117,11 @@ pub struct Settings {
     pub max_message_bytes: Option<usize>,
     pub shutdown_grace_seconds: Option<f64>,
     pub broker_transport_options: TransportOptions,
+    /// Celery's `broker_use_ssl`: `true` or `{ca_certs, cert_reqs, certfile, keyfile}` (redis-py's
+    /// `ssl_*` spellings too).
+    pub broker_use_ssl: Option<Value>,
+    /// Celery's `redis_backend_use_ssl` (same keys).
+    pub redis_backend_use_ssl: Option<Value>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -172,7 +181,9 @@ impl Settings {
             worker_send_task_events,
             result_expires,
             max_message_bytes,
-            shutdown_grace_seconds
+            shutdown_grace_seconds,
+            broker_use_ssl,
+            redis_backend_use_ssl
         );
         if !other.queues.is_empty() {
             self.queues = other.queues;
@@ -263,7 +274,21 @@ impl Settings {
             });
         }
 
+        let tls = |v: &Option<Value>, key: &str| {
+            v.as_ref()
+                .map(celeriac_wire::tls::TlsOptions::from_setting)
+                .transpose()
+                .map(Option::unwrap_or_default)
+                .map_err(|e| ConfigError::Invalid {
+                    key: key.into(),
+                    reason: e.to_string(),
+                })
+        };
+        let broker_tls = tls(&self.broker_use_ssl, "broker_use_ssl")?;
+        let backend_tls = tls(&self.redis_backend_use_ssl, "redis_backend_use_ssl")?;
         Ok(WorkerConfig {
+            broker_tls,
+            backend_tls,
             broker_url,
             result_backend,
             hostname: expand_hostname(self.hostname.as_deref()),

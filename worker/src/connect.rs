@@ -25,7 +25,10 @@ pub async fn broker(config: &WorkerConfig) -> anyhow::Result<Arc<dyn Broker>> {
         },
         ..Default::default()
     };
-    Ok(celeriac_wire::connect::broker(&config.broker_url, options).await?)
+    Ok(
+        celeriac_wire::connect::broker_with_tls(&config.broker_url, options, &config.broker_tls)
+            .await?,
+    )
 }
 
 /// The result backend; `rpc://` reuses the broker.
@@ -33,8 +36,11 @@ pub async fn backend(
     config: &WorkerConfig,
     broker: Arc<dyn Broker>,
 ) -> anyhow::Result<Arc<dyn ResultBackend>> {
-    Ok(
-        celeriac_wire::connect::backend(&config.result_backend, broker, config.result_expires)
-            .await?,
+    Ok(celeriac_wire::connect::backend_with_tls(
+        &config.result_backend,
+        broker,
+        config.result_expires,
+        &config.backend_tls,
     )
+    .await?)
 }

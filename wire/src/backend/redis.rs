@@ -25,12 +25,28 @@ impl RedisBackend {
         url: &str,
         result_expires: Duration,
     ) -> Result<RedisBackend, BackendError> {
-        let client = redis::Client::open(url)
+        Self::connect_with_tls(url, result_expires, &crate::tls::TlsMaterial::default()).await
+    }
+
+    /// Like [`RedisBackend::connect`], trusting `tls`'s CA for `rediss://` (Celery's
+    /// `redis_backend_use_ssl`).
+    pub async fn connect_with_tls(
+        url: &str,
+        result_expires: Duration,
+        tls: &crate::tls::TlsMaterial,
+    ) -> Result<RedisBackend, BackendError> {
+        let client = crate::tls::redis_client(url, tls)
             .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?;
         let con = std::sync::Arc::new(
             ResilientConnection::connect(client, "result backend", redact(url))
                 .await
-                .map_err(|e| BackendError::Unavailable(format!("{}: {e}", redact(url))))?,
+                .map_err(|e| {
+                    BackendError::Unavailable(format!(
+                        "{}: {}",
+                        redact(url),
+                        crate::tls::explain(e.to_string())
+                    ))
+                })?,
         );
         con.spawn_health_check(HEALTH_CHECK_INTERVAL);
         Ok(RedisBackend {

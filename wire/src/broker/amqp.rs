@@ -47,6 +47,8 @@ pub struct AmqpBroker {
     uri: AMQPUri,
     redacted: String,
     connection_name: String,
+    /// CA and client certificate for `amqps://` (empty: the system's roots).
+    tls: lapin::tcp::OwnedTLSConfig,
     state: Mutex<ConnState>,
 }
 
@@ -80,6 +82,16 @@ impl AmqpBroker {
         uri: &str,
         connection_name: &str,
     ) -> Result<AmqpBroker, BrokerError> {
+        Self::connect_with_tls(uri, connection_name, &crate::tls::TlsMaterial::default()).await
+    }
+
+    /// Like [`AmqpBroker::connect_named`], trusting `tls`'s CA for `amqps://` (and presenting its client
+    /// certificate). The server certificate is always verified.
+    pub async fn connect_with_tls(
+        uri: &str,
+        connection_name: &str,
+        tls: &crate::tls::TlsMaterial,
+    ) -> Result<AmqpBroker, BrokerError> {
         let redacted = crate::url::redact(uri);
         let mut parsed: AMQPUri = uri.parse().map_err(|e: String| BrokerError::Connect {
             url: redacted.clone(),
@@ -92,6 +104,7 @@ impl AmqpBroker {
             uri: parsed,
             redacted,
             connection_name: connection_name.to_string(),
+            tls: crate::tls::amqp_config(tls),
             state: Mutex::new(ConnState::default()),
         };
         {
@@ -116,9 +129,16 @@ impl AmqpBroker {
         state.declared_exchanges.clear();
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.connection_name.as_bytes()));
+        if self.uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+            crate::tls::install_crypto_provider();
+        }
+        let runtime = lapin::runtime::default_runtime().map_err(|e| BrokerError::Connect {
+            url: self.redacted.clone(),
+            reason: e.to_string(),
+        })?;
         let conn = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            Connection::connect_uri(self.uri.clone(), props),
+            lapin::Connect::connect_with_config(self.uri.clone(), props, self.tls.clone(), runtime),
         )
         .await
         .map_err(|_| BrokerError::Connect {
@@ -127,7 +147,7 @@ impl AmqpBroker {
         })?
         .map_err(|e| BrokerError::Connect {
             url: self.redacted.clone(),
-            reason: e.to_string(),
+            reason: crate::tls::explain(e.to_string()),
         })?;
         tracing::info!(url = %self.redacted, "connected to RabbitMQ");
         if replacing {
@@ -676,17 +696,35 @@ fn convert_delivery(d: &lapin::message::Delivery, queue: &str) -> RawMessage {
     }
 }
 
+/// Deepest nesting of header tables/arrays converted; deeper values become the string
+/// [`TOO_DEEP`]. Celery's headers nest two or three levels; a frame of 128 KiB can nest 20,000, and
+/// the conversion (and the `Value` it builds) must not recurse that deep on a worker thread.
+pub const MAX_HEADER_DEPTH: usize = 64;
+/// What a header value nested deeper than [`MAX_HEADER_DEPTH`] becomes.
+pub const TOO_DEEP: &str = "<nested too deep>";
+
 /// AMQP field table → JSON object.
 pub fn table_to_json(table: &FieldTable) -> Map<String, Value> {
+    table_at(table, 0)
+}
+
+fn table_at(table: &FieldTable, depth: usize) -> Map<String, Value> {
     table
         .inner()
         .iter()
-        .map(|(k, v)| (k.as_str().to_string(), amqp_to_json(v)))
+        .map(|(k, v)| (k.as_str().to_string(), value_at(v, depth + 1)))
         .collect()
 }
 
 /// One AMQP field value → JSON (strings and byte arrays as lossy UTF-8, decimals and timestamps as numbers).
 pub fn amqp_to_json(v: &AMQPValue) -> Value {
+    value_at(v, 0)
+}
+
+fn value_at(v: &AMQPValue, depth: usize) -> Value {
+    if depth > MAX_HEADER_DEPTH {
+        return Value::String(TOO_DEEP.into());
+    }
     match v {
         AMQPValue::Boolean(b) => Value::Bool(*b),
         AMQPValue::ShortShortInt(i) => Value::from(*i),
@@ -709,9 +747,14 @@ pub fn amqp_to_json(v: &AMQPValue) -> Value {
         AMQPValue::LongString(s) => {
             Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
         }
-        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_to_json).collect()),
+        AMQPValue::FieldArray(a) => Value::Array(
+            a.as_slice()
+                .iter()
+                .map(|x| value_at(x, depth + 1))
+                .collect(),
+        ),
         AMQPValue::Timestamp(t) => Value::from(*t),
-        AMQPValue::FieldTable(t) => Value::Object(table_to_json(t)),
+        AMQPValue::FieldTable(t) => Value::Object(table_at(t, depth)),
         AMQPValue::ByteArray(b) => {
             Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
         }
@@ -851,6 +894,39 @@ fn consumer_arguments(no_ack: bool) -> FieldTable {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Regression (issue 14): a header table nested thousands deep (a 128 KiB frame holds 20,000
+    /// levels) made the conversion recurse past the thread's stack.
+    #[test]
+    fn deep_header_tables_are_cut() {
+        let mut v = AMQPValue::LongString(LongString::from("leaf"));
+        for _ in 0..10_000 {
+            let mut t = FieldTable::default();
+            t.insert("k".into(), v);
+            v = AMQPValue::FieldTable(t);
+        }
+        let mut top = FieldTable::default();
+        top.insert("stamps".into(), v);
+        let j = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let j = Value::Object(table_to_json(&top));
+                // Drop the deep AMQP value on the big-stack thread that built it; `j` is shallow.
+                std::mem::forget(top);
+                j
+            })
+            .expect("thread")
+            .join()
+            .expect("no stack overflow");
+        let mut depth = 0;
+        let mut cur = &j["stamps"];
+        while let Some(next) = cur.get("k") {
+            cur = next;
+            depth += 1;
+        }
+        assert_eq!(depth, MAX_HEADER_DEPTH);
+        assert_eq!(cur, &json!(TOO_DEEP));
+    }
 
     #[test]
     fn json_to_amqp_follows_py_amqp_types() {

@@ -67,6 +67,8 @@ pub struct RedisTransportOptions {
     pub sep: String,
     /// How often the visibility sweep runs (default 60 s); it also runs once at the first `consume`.
     pub restore_interval: Duration,
+    /// CA and client certificate for `rediss://` (empty: the system's roots).
+    pub tls: crate::tls::TlsMaterial,
 }
 
 impl Default for RedisTransportOptions {
@@ -77,6 +79,7 @@ impl Default for RedisTransportOptions {
             priority_steps: vec![0, 3, 6, 9],
             sep: "\x06\x16".into(),
             restore_interval: Duration::from_secs(60),
+            tls: Default::default(),
         }
     }
 }
@@ -147,9 +150,9 @@ impl RedisBroker {
         };
         let connect_err = |e: redis::RedisError| BrokerError::Connect {
             url: redact(url),
-            reason: e.to_string(),
+            reason: crate::tls::explain(e.to_string()),
         };
-        let client = redis::Client::open(url).map_err(connect_err)?;
+        let client = crate::tls::redis_client(url, &options.tls).map_err(connect_err)?;
         let commands = Arc::new(
             ResilientConnection::connect(client.clone(), "broker", redact(url))
                 .await
@@ -515,7 +518,7 @@ fn mark_redelivered(envelope: &mut Value) {
 /// Turns a kombu envelope into a [`RawMessage`]; an element that is not an envelope becomes a message
 /// with [`INVALID_ENVELOPE`] content so the worker logs and rejects it instead of losing it silently.
 /// Also returns the parsed envelope (`Null` when the element is not a JSON object).
-fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
+pub fn decode_envelope(raw: &[u8], queue: &str) -> (RawMessage, Value) {
     let invalid = |raw: &[u8]| RawMessage {
         body: raw.to_vec(),
         content_type: INVALID_ENVELOPE.into(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use celeriac_wire::broker::{ExchangeSpec, Subscription};
-use celeriac_wire::json::parse_lenient;
+use celeriac_wire::json::{parse_lenient, truncate_repr};
 use celeriac_wire::pidbox::ControlRequest;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -83,7 +83,8 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 async fn dispatch(shared: &Arc<Shared>, req: ControlRequest) {
-    debug!(method = %req.method, "remote control");
+    // The method name comes from any client on the broker: never log it whole.
+    debug!(method = %truncate_repr(req.method.clone(), 100), "remote control");
     if req.method == "shutdown" {
         info!("remote control: shutdown");
         shared.shutdown_requested.cancel();
@@ -235,7 +236,9 @@ fn handle(shared: &Arc<Shared>, req: &ControlRequest) -> Result<Value, String> {
                     json!({"ok": format!("terminate: {}", hit.join(", "))})
                 }
             } else {
-                info!(?ids, "remote control: revoke");
+                // A revoke can carry thousands of ids: log how many and the first few.
+                let first: Vec<&String> = ids.iter().take(10).collect();
+                info!(count = ids.len(), ?first, "remote control: revoke");
                 json!({"ok": format!("tasks {} flagged as revoked", py_set(&ids))})
             }
         }

@@ -89,12 +89,15 @@ impl QueueSet {
             .collect()
     }
 
-    /// Changes every queue's limit by `delta` (never below 1). Returns the new limits.
+    /// Changes every queue's limit by `delta` (between 1 and [`MAX_QUEUE_CONCURRENCY`]). Returns the new
+    /// limits.
     pub fn resize(&self, delta: i64) -> Vec<(String, usize)> {
         self.all()
             .into_iter()
             .map(|q| {
-                let new = (q.limit() as i64 + delta).max(1) as usize;
+                let new = usize::try_from((q.limit() as i64).saturating_add(delta))
+                    .unwrap_or(1)
+                    .clamp(1, MAX_QUEUE_CONCURRENCY);
                 set_limit(&q, new);
                 (q.config.name.clone(), new)
             })
@@ -113,17 +116,58 @@ impl QueueSet {
     }
 }
 
+/// Highest per-queue concurrency remote control may set. `pool_grow`/`autoscale` arguments come from any
+/// client on the broker; tokio's semaphore panics past `usize::MAX >> 3` permits.
+pub const MAX_QUEUE_CONCURRENCY: usize = 10_000;
+
 fn set_limit(q: &QueueHandle, new: usize) {
+    let new = new.clamp(1, MAX_QUEUE_CONCURRENCY);
     let old = q.limit.swap(new, Ordering::SeqCst);
     if new > old {
         q.slots.add_permits(new - old);
     } else if new < old {
-        let (slots, take) = (q.slots.clone(), (old - new) as u32);
+        let (slots, take) = (
+            q.slots.clone(),
+            u32::try_from(old - new).unwrap_or(u32::MAX),
+        );
         // Take the permits away as running steps release them; running steps are never interrupted.
         tokio::spawn(async move {
             if let Ok(p) = slots.acquire_many_owned(take).await {
                 p.forget();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AckPolicy;
+
+    /// Regression (issue 14): `pool_grow` with `n` near `i64::MAX` overflowed the addition and then
+    /// panicked in tokio's semaphore (more than `usize::MAX >> 3` permits); `autoscale` likewise.
+    #[tokio::test]
+    async fn hostile_pool_sizes_are_clamped() {
+        let set = QueueSet::default();
+        let stop = CancellationToken::new();
+        let q = set
+            .insert(
+                QueueConfig {
+                    name: "q".into(),
+                    concurrency: 2,
+                    ack: AckPolicy::Late,
+                },
+                &stop,
+            )
+            .expect("new queue");
+        assert_eq!(
+            set.resize(i64::MAX),
+            vec![("q".into(), MAX_QUEUE_CONCURRENCY)]
+        );
+        assert_eq!(q.limit(), MAX_QUEUE_CONCURRENCY);
+        assert_eq!(q.slots.available_permits(), MAX_QUEUE_CONCURRENCY);
+        assert_eq!(set.resize(i64::MIN), vec![("q".into(), 1)]);
+        assert!(set.resize_one("q", usize::MAX));
+        assert_eq!(q.limit(), MAX_QUEUE_CONCURRENCY);
     }
 }

@@ -53,6 +53,19 @@ pub(crate) async fn handle(
     report_slots(&shared);
 }
 
+/// The `name` label of a task counter: the name itself only for registered tasks. Names of refused
+/// messages come from anyone who can publish, and each distinct label value is a series kept forever.
+fn metric_label<'a>(shared: &Shared, task: &'a str) -> &'a str {
+    if shared.registry.get(task).is_some() {
+        task
+    } else {
+        UNREGISTERED
+    }
+}
+
+/// Label of refused messages whose task name is not registered.
+const UNREGISTERED: &str = "<unregistered>";
+
 async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Delivery) {
     let shared = shared.clone();
     let queue = queue.clone();
@@ -69,7 +82,9 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
                 .get("task")
                 .and_then(|t| t.as_str())
                 .unwrap_or("<unknown>");
-            shared.metrics.rejected(task, &queue.name);
+            shared
+                .metrics
+                .rejected(metric_label(&shared, task), &queue.name);
             return refuse(&shared, &queue, &message, acker.as_ref(), e).await;
         }
     };
@@ -83,9 +98,12 @@ async fn handle_inner(shared: &Arc<Shared>, queue: &QueueConfig, delivery: Deliv
     let Some(task) = shared.registry.get(&request.task) else {
         error!(
             task_id = %request.id, queue = %queue.name,
-            "Received unregistered task of type '{}'. The message has been ignored and discarded.", request.task
+            "Received unregistered task of type '{}'. The message has been ignored and discarded.",
+            truncate_repr(request.task.clone(), 200)
         );
-        shared.metrics.rejected(&request.task, &queue.name);
+        shared
+            .metrics
+            .rejected(metric_label(&shared, &request.task), &queue.name);
         let exc = ExceptionInfo::not_registered(&request.task);
         shared.events.task(
             "task-failed",

@@ -2,7 +2,7 @@
 //!
 //! Shared by the request handlers (which update it) and, later, remote control and metrics (which read it).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -34,7 +34,7 @@ pub struct ActiveRequest {
 #[derive(Debug, Default)]
 pub struct WorkerState {
     active: Mutex<HashMap<String, ActiveRequest>>,
-    revoked: Mutex<HashSet<String>>,
+    revoked: Mutex<Revoked>,
     /// Per queue: (running now, highest ever seen).
     in_flight: Mutex<BTreeMap<String, (usize, usize)>>,
     processed: AtomicU64,
@@ -44,6 +44,32 @@ pub struct WorkerState {
     consuming: Mutex<HashSet<String>>,
     /// Queues the worker is configured (or was told by remote control) to consume.
     expected: Mutex<HashSet<String>>,
+}
+
+/// Revoked ids Celery keeps at most (`celery.worker.state.REVOKES_MAX`); the oldest go first. Revokes
+/// come from any client on the broker: an unbounded set is a memory leak a flood can drive.
+pub const REVOKES_MAX: usize = 50_000;
+
+/// The revoked ids, bounded like Celery's `LimitedSet(maxlen=REVOKES_MAX)`.
+#[derive(Debug, Default)]
+struct Revoked {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Revoked {
+    fn insert(&mut self, id: &str) {
+        if self.set.contains(id) {
+            return;
+        }
+        if self.order.len() >= REVOKES_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.set.insert(id.to_string());
+        self.order.push_back(id.to_string());
+    }
 }
 
 impl WorkerState {
@@ -86,7 +112,7 @@ impl WorkerState {
     }
 
     pub fn revoked_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = lock(&self.revoked).iter().cloned().collect();
+        let mut ids: Vec<String> = lock(&self.revoked).set.iter().cloned().collect();
         ids.sort();
         ids
     }
@@ -126,11 +152,11 @@ impl WorkerState {
     }
 
     pub fn revoke(&self, id: &str) {
-        lock(&self.revoked).insert(id.to_string());
+        lock(&self.revoked).insert(id);
     }
 
     pub fn is_revoked(&self, id: &str) -> bool {
-        lock(&self.revoked).contains(id)
+        lock(&self.revoked).set.contains(id)
     }
 
     /// Cancels a running request; false if it is not running here.
@@ -148,6 +174,26 @@ impl WorkerState {
 /// Locks a mutex, recovering the data if a panicking holder poisoned it (the state stays usable).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod revoked_tests {
+    use super::*;
+
+    /// Regression (issue 14): revokes from the broker grew the set without bound.
+    #[test]
+    fn revoked_ids_are_bounded_oldest_first() {
+        let s = WorkerState::default();
+        for i in 0..REVOKES_MAX + 10 {
+            s.revoke(&format!("id-{i}"));
+        }
+        s.revoke("id-20"); // already known: not re-added
+        assert_eq!(s.revoked_ids().len(), REVOKES_MAX);
+        assert!(!s.is_revoked("id-0"));
+        assert!(!s.is_revoked("id-9"));
+        assert!(s.is_revoked("id-10"));
+        assert!(s.is_revoked(&format!("id-{}", REVOKES_MAX + 9)));
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,1 @@
+//! Decoder fuzzing lives in `tests/decoders.rs`; this crate has no code of its own (see `Cargo.toml`).
