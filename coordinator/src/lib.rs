@@ -6,11 +6,12 @@
 //! (`celeriac_dagster::submission`) → [`results`] delivers each step result the moment it lands → the
 //! next decision, written atomically by [`store`] with the events Python's run worker would write.
 //!
-//! [`config`] holds the settings, [`metrics`] and [`http`] the operational surface.
+//! [`plans`] keeps rebuilt execution plans for the runs of the same job. [`config`] holds the settings, [`metrics`] and [`http`] the operational surface.
 
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod plans;
 pub mod results;
 pub mod run;
 pub mod service;

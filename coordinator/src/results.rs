@@ -40,6 +40,8 @@ pub enum RunInput {
 type Routes = Arc<Mutex<HashMap<String, mpsc::Sender<RunInput>>>>;
 
 /// Where results come from.
+// One per replica: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Results {
     Rpc {

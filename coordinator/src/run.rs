@@ -40,6 +40,24 @@ pub fn now() -> f64 {
         .unwrap_or_default()
 }
 
+/// Where a run's plan came from.
+enum PlanSource {
+    /// Rebuilt for an earlier run of the same snapshot.
+    Rebuilt(ExecutionPlan),
+    /// Read from the instance: to rebuild.
+    Snapshot(celeriac_dagster::plan::PlanSnapshot),
+}
+
+/// At most this many waiting results are applied in one decision.
+const MAX_RESULTS_PER_DECISION: usize = 256;
+
+/// A result as it arrived, with what settles its message.
+struct Arrived {
+    task_id: String,
+    meta: Value,
+    ack: Option<Box<dyn Acker>>,
+}
+
 /// How a driver stopped.
 #[derive(Debug)]
 pub enum Ended {
@@ -110,7 +128,16 @@ impl Driver {
             .store
             .with_client(async |c| {
                 let run = celeriac_dagster::run::load_run(c, &run_id).await?;
-                let plan = celeriac_dagster::run::load_plan(c, &run).await;
+                let cached = run
+                    .execution_plan_snapshot_id
+                    .as_deref()
+                    .and_then(|id| shared.plans.get(id, &run.job_name));
+                let plan = match cached {
+                    Some(plan) => Ok(PlanSource::Rebuilt(plan)),
+                    None => celeriac_dagster::run::load_plan(c, &run)
+                        .await
+                        .map(PlanSource::Snapshot),
+                };
                 Ok::<_, celeriac_dagster::run::LoadError>((run, plan))
             })
             .await;
@@ -144,8 +171,17 @@ impl Driver {
                     run_priority: prio,
                     task_default_priority: h.task_default_priority,
                 };
-                ExecutionPlan::rebuild(&run.job_name, &p)
-                    .and_then(|plan| ActiveExecution::new(plan, h.retry_mode, sort, now()))
+                let plan = match p {
+                    PlanSource::Rebuilt(plan) => Ok(plan),
+                    PlanSource::Snapshot(snapshot) => {
+                        let plan = ExecutionPlan::rebuild(&run.job_name, &snapshot);
+                        if let (Ok(plan), Some(id)) = (&plan, &run.execution_plan_snapshot_id) {
+                            shared.plans.insert(id, &run.job_name, plan);
+                        }
+                        plan
+                    }
+                };
+                plan.and_then(|plan| ActiveExecution::new(plan, h.retry_mode, sort, now()))
                     .map(|engine| (h, prio, engine))
                     .map_err(|e| format!("cannot build the execution plan of run {run_id}: {e}"))
             }
@@ -215,7 +251,23 @@ impl Driver {
             let step = tokio::select! {
                 _ = stop.cancelled() => return Ended::Handed,
                 input = rx.recv() => match input {
-                    Some(RunInput::Result { task_id, meta, ack }) => Box::pin(self.on_result(task_id, meta, ack)).await,
+                    Some(RunInput::Result { task_id, meta, ack }) => {
+                        // Every result already waiting joins the same decision, as Python's loop handles
+                        // all ready results in one tick: a fan-in is one transaction and one publish.
+                        let mut batch = vec![Arrived { task_id, meta, ack }];
+                        let mut wake = false;
+                        while batch.len() < MAX_RESULTS_PER_DECISION {
+                            match rx.try_recv() {
+                                Ok(RunInput::Result { task_id, meta, ack }) => batch.push(Arrived { task_id, meta, ack }),
+                                Ok(RunInput::Wake) => wake = true,
+                                Err(_) => break,
+                            }
+                        }
+                        match Box::pin(self.on_results(batch)).await {
+                            Ok(()) if wake => Box::pin(self.check_status()).await,
+                            other => other,
+                        }
+                    }
                     Some(RunInput::Wake) => Box::pin(self.check_status()).await,
                     None => return Ended::Handed,
                 },
@@ -706,50 +758,58 @@ impl Driver {
         Ok(())
     }
 
-    /// A result arrived: apply it, write what follows from it, publish the next steps, then settle it.
-    async fn on_result(
-        &mut self,
-        task_id: String,
-        meta: Value,
-        ack: Option<Box<dyn Acker>>,
-    ) -> Result<(), StoreError> {
+    /// Results arrived: apply them (in submission order, as Python's loop visits its tasks), write what
+    /// follows from them in one transaction, publish the next steps, then settle them.
+    async fn on_results(&mut self, mut batch: Vec<Arrived>) -> Result<(), StoreError> {
         let received = Instant::now();
-        let status = meta.get("status").and_then(Value::as_str).unwrap_or("");
-        if matches!(status, "PENDING" | "STARTED" | "RETRY" | "RECEIVED") {
-            settle(ack).await;
-            return Ok(());
-        }
-        let Some(task) = self.in_flight.get(&task_id).cloned() else {
-            debug!(run_id = %self.scope.run_id, task_id, "result of a task not in flight here (already applied); dropped");
-            settle(ack).await;
-            return Ok(());
-        };
         let t = now();
-        let mut commit = Commit {
-            applied: Some((task_id.clone(), meta.clone(), t)),
-            ..Default::default()
-        };
-        if let Err(message) = self.apply_events(&task.step_key, &meta, t, &mut commit) {
-            // Python's run worker would crash here; the run fails with the reason instead.
-            warn!(run_id = %self.scope.run_id, step = %task.step_key, "{message}");
-            self.fail_run(&message);
+        let position = |a: &Arrived| self.order.iter().position(|id| *id == a.task_id);
+        batch.sort_by_key(|a| position(a).unwrap_or(usize::MAX));
+        let mut commit = Commit::default();
+        let mut finished = Vec::new();
+        let mut acks = Vec::with_capacity(batch.len());
+        for Arrived { task_id, meta, ack } in batch {
+            acks.push(ack);
+            let status = meta.get("status").and_then(Value::as_str).unwrap_or("");
+            if matches!(status, "PENDING" | "STARTED" | "RETRY" | "RECEIVED") {
+                continue;
+            }
+            let Some(step_key) = self.in_flight.get(&task_id).map(|t| t.step_key.clone()) else {
+                debug!(run_id = %self.scope.run_id, task_id, "result of a task not in flight here (already applied); dropped");
+                continue;
+            };
+            if let Err(message) = self.apply_events(&step_key, &meta, t, &mut commit) {
+                // Python's run worker would crash here; the run fails with the reason instead.
+                warn!(run_id = %self.scope.run_id, step = %step_key, "{message}");
+                self.fail_run(&message);
+            }
+            self.in_flight.remove(&task_id);
+            self.order.retain(|id| id != &task_id);
+            self.shared.results.forget(&task_id).await;
+            commit.applied.push((task_id, meta, t));
+            finished.push(step_key);
         }
-        self.in_flight.remove(&task_id);
-        self.order.retain(|id| id != &task_id);
-        self.shared.results.forget(&task_id).await;
-        self.after_results(&mut commit, std::slice::from_ref(&task.step_key), t);
+        if finished.is_empty() {
+            for ack in acks {
+                settle(ack).await;
+            }
+            return Ok(());
+        }
+        self.after_results(&mut commit, &finished, t);
         let had_new = !commit.new_tasks.is_empty();
         let decided = received.elapsed();
         if !self.commit(commit).await? {
-            debug!(run_id = %self.scope.run_id, task_id, "result already applied by a previous owner");
+            debug!(run_id = %self.scope.run_id, "a result was already applied by a previous owner");
         }
         let committed = received.elapsed();
         let confirmed = self.publish_pending().await?;
-        debug!(run_id = %self.scope.run_id, step = %task.step_key, decided_ms = decided.as_secs_f64() * 1e3,
+        debug!(run_id = %self.scope.run_id, results = finished.len(), decided_ms = decided.as_secs_f64() * 1e3,
                committed_ms = committed.as_secs_f64() * 1e3,
                published_ms = confirmed.map(|c| (c - received).as_secs_f64() * 1e3),
-               "result applied");
-        settle(ack).await;
+               "results applied");
+        for ack in acks {
+            settle(ack).await;
+        }
         // Published = confirmed by the broker (Python's executor does not even wait for that).
         if let (true, Some(confirmed)) = (had_new, confirmed) {
             self.shared

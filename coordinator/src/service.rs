@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Database, Settings};
 use crate::metrics::Metrics;
+use crate::plans::PlanCache;
 use crate::results::{Results, RunInput};
 use crate::run::{Driver, Ended};
 use crate::store::{Claimed, Store, NOTIFY_CHANNEL};
@@ -34,6 +35,8 @@ pub struct Shared {
     pub settings: Settings,
     /// Task queues already declared on the broker.
     pub declared: Mutex<HashSet<String>>,
+    /// Execution plans rebuilt for earlier runs of the same job.
+    pub plans: PlanCache,
     /// Runs taken over from another replica: a note for the resume event.
     takeovers: std::sync::Mutex<HashMap<String, String>>,
     pub ready: AtomicBool,
@@ -102,6 +105,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
         metrics: Metrics::new(),
         settings: settings.clone(),
         declared: Mutex::default(),
+        plans: PlanCache::default(),
         takeovers: std::sync::Mutex::default(),
         ready: AtomicBool::new(false),
     });
@@ -115,14 +119,26 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
 
     let mut driven: HashMap<String, Driven> = HashMap::new();
     let mut drivers: JoinSet<(String, Ended)> = JoinSet::new();
+    // Renewals run beside the loop: with thousands of leases one can take a while under load, and
+    // claims (launch → first step) must not wait for it.
+    let (renewed_tx, mut renewed_rx) = mpsc::channel::<Renewed>(1);
+    let mut renewing = false;
     let mut heartbeat = tokio::time::interval(settings.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = heartbeat.tick() => {
-                renew(&shared, &mut driven).await;
+                if !renewing {
+                    renewing = true;
+                    let runs: Vec<String> = driven.keys().cloned().collect();
+                    tokio::spawn(renew(shared.clone(), runs, renewed_tx.clone()));
+                }
                 claim(&shared, &mut driven, &mut drivers, &stop).await;
+            }
+            Some(renewed) = renewed_rx.recv() => {
+                renewing = false;
+                stop_lost(renewed, &driven);
             }
             Some(run_id) = notify_rx.recv() => {
                 match driven.get(&run_id) {
@@ -161,27 +177,42 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Renews the leases of driven runs; stops the drivers of runs another replica took.
-async fn renew(shared: &Arc<Shared>, driven: &mut HashMap<String, Driven>) {
-    let runs: Vec<String> = driven.keys().cloned().collect();
-    match shared.store.renew(&shared.replica, &runs).await {
+/// The runs a renewal covered and those it kept (`None`: the database could not be reached).
+struct Renewed {
+    runs: Vec<String>,
+    kept: Option<HashSet<String>>,
+}
+
+/// Renews the leases of driven runs.
+async fn renew(shared: Arc<Shared>, runs: Vec<String>, done: mpsc::Sender<Renewed>) {
+    let kept = match shared.store.renew(&shared.replica, &runs).await {
         Ok(kept) => {
             shared.ready.store(true, Ordering::Relaxed);
             shared.metrics.leases_renewed.inc_by(kept.len() as u64);
-            let kept: HashSet<String> = kept.into_iter().collect();
-            for run_id in runs.iter().filter(|r| !kept.contains(*r)) {
-                warn!(
-                    run_id,
-                    "lease lost (another replica took the run over); stopping its driver"
-                );
-                if let Some(d) = driven.get(run_id) {
-                    d.stop.cancel();
-                }
-            }
+            Some(kept.into_iter().collect())
         }
         Err(e) => {
             shared.ready.store(false, Ordering::Relaxed);
             warn!("cannot renew leases: {e}");
+            None
+        }
+    };
+    let _ = done.send(Renewed { runs, kept }).await;
+}
+
+/// Stops the drivers of runs whose lease another replica took.
+fn stop_lost(renewed: Renewed, driven: &HashMap<String, Driven>) {
+    let Some(kept) = renewed.kept else {
+        return;
+    };
+    for run_id in renewed.runs.iter().filter(|r| !kept.contains(*r)) {
+        // A run that ended meanwhile is no longer driven: nothing to stop.
+        if let Some(d) = driven.get(run_id) {
+            warn!(
+                run_id,
+                "lease lost (another replica took the run over); stopping its driver"
+            );
+            d.stop.cancel();
         }
     }
 }

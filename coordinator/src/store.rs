@@ -7,11 +7,9 @@
 //! for a run another replica took over. Times of leases come from the database clock, like the plugin's
 //! health check, so replicas' clocks do not matter.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use celeriac_dagster::run_events::{status_of, EventRow, FailureReason, RUN_FAILURE_REASON_TAG};
 use serde_json::Value;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, Semaphore, SemaphorePermit};
 use tokio_postgres::{Client, Config, NoTls};
 use tracing::{debug, warn};
 
@@ -74,6 +72,9 @@ pub enum StoreError {
     /// Another replica owns the run now: this one must stop driving it.
     #[error("the lease of run {0} is held by another coordinator")]
     LostLease(String),
+    /// The connection pool broke its own invariant (a permit without a free slot); never expected.
+    #[error("the connection pool of the Dagster database {0} is closed")]
+    Closed(String),
 }
 
 fn query(what: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
@@ -119,8 +120,8 @@ pub struct StatusChange {
 /// Everything one decision of a run writes, atomically.
 #[derive(Debug, Default)]
 pub struct Commit {
-    /// `(task_id, result document, applied_at)` of the result this decision applied.
-    pub applied: Option<(String, Value, f64)>,
+    /// `(task_id, result document, applied_at)` of each result this decision applied.
+    pub applied: Vec<(String, Value, f64)>,
     pub events: Vec<EventRow>,
     pub new_tasks: Vec<TaskRow>,
     /// Applied with the first run-level event of `events` that changes the status.
@@ -131,18 +132,22 @@ pub struct Commit {
 pub struct Store {
     config: Config,
     database: String,
+    /// One permit per slot: a caller waits in line (FIFO) for whichever connection frees first,
+    /// rather than behind one busy connection while others are idle (a decision of one run queued
+    /// behind another run's slow commit was the tail of result → next step).
+    free: Semaphore,
     slots: Vec<Mutex<Option<Client>>>,
-    next: AtomicUsize,
 }
 
 impl Store {
     /// Connects `size` connections lazily; checks connectivity and creates the tables now.
     pub async fn open(config: Config, database: String, size: usize) -> Result<Store, StoreError> {
+        let size = size.max(1);
         let store = Store {
             config,
             database,
-            slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
-            next: AtomicUsize::new(0),
+            free: Semaphore::new(size),
+            slots: (0..size).map(|_| Mutex::new(None)).collect(),
         };
         let c = store.conn().await?;
         c.batch_execute(&format!("BEGIN; {} COMMIT;", ddl()))
@@ -177,14 +182,18 @@ impl Store {
     }
 
     async fn conn(&self) -> Result<Conn<'_>, StoreError> {
-        // A free connection if there is one, else wait for the next in turn.
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.slots.len();
-        let free = (0..n).find_map(|k| self.slots[(start + k) % n].try_lock().ok());
-        let mut guard = match free {
-            Some(g) => g,
-            None => self.slots[start % n].lock().await,
-        };
+        let permit = self
+            .free
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed(self.database.clone()))?;
+        // A permit guarantees a slot nobody holds; lowest first keeps a quiet replica on few
+        // connections.
+        let mut guard = self
+            .slots
+            .iter()
+            .find_map(|s| s.try_lock().ok())
+            .ok_or_else(|| StoreError::Closed(self.database.clone()))?;
         if guard.as_ref().is_none_or(Client::is_closed) {
             let (client, connection) = self.dedicated().await?;
             let database = self.database.clone();
@@ -196,7 +205,7 @@ impl Store {
             debug!(database = %self.database, "connected to the Dagster database");
             *guard = Some(client);
         }
-        Ok(Conn(guard))
+        Ok(Conn(guard, permit))
     }
 
     /// Claims up to `limit` runs: unclaimed ones, ones whose owner's heartbeat is older than
@@ -417,15 +426,15 @@ impl Store {
                applied_seq = nextval('{TASKS_TABLE}_applied_seq')
              WHERE task_id = $1 AND result IS NULL"
         );
-        let applied = async {
-            match &commit.applied {
-                Some((task_id, result, at)) => tx
-                    .execute(&apply_sql, &[task_id, &result.to_string(), at])
+        // One statement per result, sent in order: `applied_seq` keeps the order they were applied in.
+        let results: Vec<String> = commit.applied.iter().map(|a| a.1.to_string()).collect();
+        let applied = futures::future::try_join_all(commit.applied.iter().zip(&results).map(
+            |((task_id, _, at), result)| async {
+                tx.execute(&apply_sql, &[task_id, result, at])
                     .await
-                    .map_err(query("record task result")),
-                None => Ok(1),
-            }
-        };
+                    .map_err(query("record task result"))
+            },
+        ));
         let tasks = async {
             if commit.new_tasks.is_empty() {
                 Ok(())
@@ -457,8 +466,8 @@ impl Store {
         if owner.as_deref() != Some(replica) {
             return Err(StoreError::LostLease(run_id.to_string()));
         }
-        if applied == 0 {
-            return Ok(false); // the result was applied before (redelivered): roll back everything
+        if applied.contains(&0) {
+            return Ok(false); // a result was applied before (redelivered): roll back everything
         }
         tx.commit().await.map_err(query("commit"))?;
         Ok(true)
@@ -599,8 +608,12 @@ fn chrono_naive(epoch: f64) -> chrono::NaiveDateTime {
         .unwrap_or_default()
 }
 
-/// A pooled connection, exclusively held.
-struct Conn<'a>(MutexGuard<'a, Option<Client>>);
+/// A pooled connection, exclusively held (its slot, and the pool's permit for it).
+struct Conn<'a>(
+    MutexGuard<'a, Option<Client>>,
+    #[allow(dead_code)] // held for its Drop: the permit returns with the slot
+    SemaphorePermit<'a>,
+);
 
 impl std::ops::Deref for Conn<'_> {
     type Target = Client;

@@ -1,15 +1,15 @@
 //! The run's Dagster instance, as far as the step task needs it: the run's status in the run storage
 //! and the event log (spec §3.6). Only Postgres storages exist in celery-k8s deployments.
 //!
-//! Connections are cached per storage configuration, so the steps of a run share one, and re-opened
-//! when the server closed them.
+//! Connections are pooled per storage configuration (a few per database, opened as load needs
+//! them), shared by the steps of every run, and re-opened when the server closed them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 use tracing::{debug, warn};
@@ -229,13 +229,57 @@ fn target_from_config(cfg: &Value) -> Result<Target, InstanceError> {
     })
 }
 
-/// Connection cache shared by every step task of the worker.
+/// Connections per database. Every step task of the worker shares them; a PostgreSQL connection
+/// runs one statement at a time, so with a single one hundreds of concurrent steps queued their
+/// event writes behind each other (measured in the coordinator load test: 400 steps in flight,
+/// writes waiting past [`QUERY_TIMEOUT`], the connection taken for dead, everything on it retried,
+/// a third of the throughput). Several let PostgreSQL run and flush their commits side by side.
+pub const CONNECTIONS_PER_DATABASE: usize = 4;
+
+/// Connection pools shared by every step task of the worker, one per storage configuration.
 #[derive(Default, Clone)]
 pub struct Instances {
-    clients: Arc<Mutex<HashMap<String, Arc<Client>>>>,
+    pools: Arc<std::sync::Mutex<HashMap<String, Arc<Pool>>>>,
 }
 
-/// A handle on one run's storages. Every operation takes the cached connection (re-opened if the
+/// One database's connections. A query holds a slot for as long as it runs, and waits for a free
+/// one first: [`QUERY_TIMEOUT`] then measures the server's answer, never the worker's own queue, so
+/// a busy worker is slowed down rather than made to evict healthy connections (congestion collapse).
+struct Pool {
+    free: Arc<Semaphore>,
+    /// A slot is opened lazily, lowest first: a quiet worker keeps one connection.
+    slots: Vec<Arc<Mutex<Option<Arc<Client>>>>>,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        Pool {
+            free: Arc::new(Semaphore::new(CONNECTIONS_PER_DATABASE)),
+            slots: (0..CONNECTIONS_PER_DATABASE)
+                .map(|_| Arc::new(Mutex::new(None)))
+                .collect(),
+        }
+    }
+}
+
+/// Exclusive use of one slot's (open) connection.
+struct Lease {
+    client: Arc<Client>,
+    slot: OwnedMutexGuard<Option<Arc<Client>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    /// Drops the slot's connection (it stopped answering): the next query on the slot connects afresh.
+    fn evict(&mut self, target: &Target, why: &str) {
+        if self.slot.take().is_some() {
+            warn!(database = %target.display, "Dagster database connection is dead ({why}); reconnecting");
+            celeriac_wire::reconnects::record("postgres");
+        }
+    }
+}
+
+/// A handle on one run's storages. Every operation takes a pooled connection (re-opened if the
 /// server closed it), so a handle stays usable across a step that runs for hours.
 #[derive(Clone)]
 pub struct Instance {
@@ -260,8 +304,8 @@ impl Instances {
             None => runs.clone(),
         };
         // Connect now, so configuration and connectivity problems surface before any work.
-        self.client(&runs).await?;
-        self.client(&events).await?;
+        drop(self.lease(&runs).await?);
+        drop(self.lease(&events).await?);
         Ok(Instance {
             instances: self.clone(),
             runs,
@@ -269,66 +313,103 @@ impl Instances {
         })
     }
 
-    /// Number of cached connections (for tests and metrics).
+    /// Number of open pooled connections, over every database (for tests and metrics).
     pub async fn cached(&self) -> usize {
-        self.clients.lock().await.len()
-    }
-
-    /// Drops `client` from the cache (it stopped answering): the next query connects afresh.
-    async fn evict(&self, target: &Target, client: &Arc<Client>, why: &str) {
-        let mut clients = self.clients.lock().await;
-        if clients
-            .get(&target.key)
-            .is_some_and(|c| Arc::ptr_eq(c, client))
-        {
-            warn!(database = %target.display, "Dagster database connection is dead ({why}); reconnecting");
-            clients.remove(&target.key);
-            celeriac_wire::reconnects::record("postgres");
+        let pools: Vec<Arc<Pool>> = self.pools().values().cloned().collect();
+        let mut open = 0;
+        for pool in pools {
+            for slot in &pool.slots {
+                if slot.lock().await.as_ref().is_some_and(|c| !c.is_closed()) {
+                    open += 1;
+                }
+            }
         }
+        open
     }
 
-    async fn client(&self, target: &Target) -> Result<Arc<Client>, InstanceError> {
-        let mut clients = self.clients.lock().await;
-        if let Some(c) = clients.get(&target.key) {
+    fn pools(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Pool>>> {
+        // A panic elsewhere while holding this lock leaves a map that is still consistent.
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a free slot of the target's pool and hands it over with an open connection.
+    async fn lease(&self, target: &Target) -> Result<Lease, InstanceError> {
+        let pool = self
+            .pools()
+            .entry(target.key.clone())
+            .or_insert_with(|| Arc::new(Pool::new()))
+            .clone();
+        let permit =
+            pool.free
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| InstanceError::Connect {
+                    target: target.display.clone(),
+                    reason: "connection pool closed".into(),
+                })?;
+        // A permit guarantees a slot nobody holds; lowest first keeps a quiet worker on one connection.
+        let mut slot = pool
+            .slots
+            .iter()
+            .find_map(|s| s.clone().try_lock_owned().ok())
+            .ok_or_else(|| InstanceError::Connect {
+                target: target.display.clone(),
+                reason: "no free connection slot despite a permit".into(),
+            })?;
+        if let Some(c) = slot.as_ref() {
             if !c.is_closed() {
-                return Ok(c.clone());
+                return Ok(Lease {
+                    client: c.clone(),
+                    slot,
+                    _permit: permit,
+                });
             }
             warn!(database = %target.display, "Dagster database connection was closed; reconnecting");
             celeriac_wire::reconnects::record("postgres");
+            *slot = None;
         }
-        // tokio-postgres's connect_timeout covers the TCP connect only: a server that accepts and
-        // then answers nothing (half-open, black-holed) would hold the handshake, and this cache's
-        // lock, forever.
-        let limit = target
-            .config
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(CONNECT_TIMEOUT);
-        let (client, connection) = tokio::time::timeout(limit, target.config.connect(NoTls))
-            .await
-            .map_err(|_| InstanceError::Connect {
-                target: target.display.clone(),
-                reason: format!("no answer within {} s", limit.as_secs()),
-            })?
-            .map_err(|e| InstanceError::Connect {
-                target: target.display.clone(),
-                reason: e.to_string(),
-            })?;
-        let db = target.display.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                warn!(database = %db, "Dagster database connection ended: {e}");
-            }
-        });
-        debug!(database = %target.display, "connected to the Dagster database");
-        let client = Arc::new(client);
-        clients.insert(target.key.clone(), client.clone());
-        Ok(client)
+        let client = Arc::new(connect(target).await?);
+        *slot = Some(client.clone());
+        Ok(Lease {
+            client,
+            slot,
+            _permit: permit,
+        })
     }
 }
 
-/// Runs `op` on the target's connection, once more on a fresh connection if the first one turned out
-/// closed (`idempotent` operations only: a write may have committed before the connection died).
+async fn connect(target: &Target) -> Result<Client, InstanceError> {
+    // tokio-postgres's connect_timeout covers the TCP connect only: a server that accepts and then
+    // answers nothing (half-open, black-holed) would hold the handshake, and the slot, forever.
+    let limit = target
+        .config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(CONNECT_TIMEOUT);
+    let (client, connection) = tokio::time::timeout(limit, target.config.connect(NoTls))
+        .await
+        .map_err(|_| InstanceError::Connect {
+            target: target.display.clone(),
+            reason: format!("no answer within {} s", limit.as_secs()),
+        })?
+        .map_err(|e| InstanceError::Connect {
+            target: target.display.clone(),
+            reason: e.to_string(),
+        })?;
+    let db = target.display.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(database = %db, "Dagster database connection ended: {e}");
+        }
+    });
+    debug!(database = %target.display, "connected to the Dagster database");
+    Ok(client)
+}
+
+/// Runs `op` on one of the target's connections, once more on a fresh connection if the first one
+/// turned out closed (`idempotent` operations only: a write may have committed before the
+/// connection died).
 async fn with_client<T, F, Fut>(
     instances: &Instances,
     target: &Target,
@@ -342,7 +423,8 @@ where
 {
     let mut attempt = 0;
     loop {
-        let client = instances.client(target).await?;
+        let mut lease = instances.lease(target).await?;
+        let client = lease.client.clone();
         let result = tokio::time::timeout(QUERY_TIMEOUT, op(client.clone())).await;
         match result {
             Ok(Ok(v)) => return Ok(v),
@@ -351,13 +433,13 @@ where
             }
             Ok(Err(e)) => {
                 if e.code().is_none() {
-                    instances.evict(target, &client, &e.to_string()).await;
+                    lease.evict(target, &e.to_string());
                 }
                 return Err(query_error(what, &e));
             }
             Err(_) => {
                 let reason = format!("no answer within {}s", QUERY_TIMEOUT.as_secs());
-                instances.evict(target, &client, &reason).await;
+                lease.evict(target, &reason);
                 return Err(InstanceError::Query { what, reason });
             }
         }
@@ -506,6 +588,38 @@ impl Instance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Three times more concurrent queries than connections, each longer than a third of
+    /// [`QUERY_TIMEOUT`]: the last ones wait past the timeout for a free connection, yet none is
+    /// timed out or evicts a healthy connection (the congestion collapse of the one-connection
+    /// cache), and the pool never opens more than its connections. Real PostgreSQL on 127.0.0.1.
+    #[tokio::test]
+    async fn queued_queries_wait_for_a_connection_without_timing_out() {
+        let target =
+            target_from_yaml("postgres_url: postgresql://postgres@127.0.0.1:5432/postgres\n")
+                .unwrap_or_else(|e| panic!("{e}"));
+        let instances = Instances::default();
+        let each = QUERY_TIMEOUT / 3 + Duration::from_millis(500);
+        let started = std::time::Instant::now();
+        let queries = (0..3 * CONNECTIONS_PER_DATABASE).map(|_| {
+            with_client(&instances, &target, "sleep", false, |c| async move {
+                c.execute("SELECT pg_sleep($1)", &[&each.as_secs_f64()])
+                    .await
+            })
+        });
+        let results = futures::future::join_all(queries).await;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(
+            started.elapsed() >= QUERY_TIMEOUT,
+            "the last queries waited past the query timeout: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(instances.cached().await, CONNECTIONS_PER_DATABASE);
+    }
 
     #[test]
     fn parses_postgres_db_with_env_password() {

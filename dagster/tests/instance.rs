@@ -48,7 +48,8 @@ async fn reads_runs_and_writes_events_dagster_reads_back() {
         .expect("query")
         .is_none());
 
-    // Same storage config for runs and events, opened twice: one cached connection.
+    // Same storage config for runs and events, opened twice, one query at a time: one pooled
+    // connection (a quiet worker opens no more).
     let again = instances
         .open(Some(&inst.run_yaml), Some(&inst.event_yaml))
         .await

@@ -21,7 +21,12 @@ def main():
                    help="executor load_incluster_config: true (the worker's own credentials), as the Dagster chart runs it")
     p.add_argument("--image", default="celeriac/local-step:dev", help="job_image of the step Jobs")
     p.add_argument("--pg-port-env", help="the Postgres port is read from this environment variable ({env: VAR}) "
-                   "by every process, and step processes get VAR=5432 (so a test can route one process elsewhere)")
+                   "by every process (so a test can route one process elsewhere)")
+    p.add_argument("--pg-direct-step", action="append", default=[],
+                   help="with --pg-port-env: this step's process gets VAR=5432 through per_step_k8s_config's "
+                        "container env (the executor's env_vars is accepted but dropped by dagster-celery-k8s)")
+    p.add_argument("--pg-password", help="the Postgres password written literally into dagster.yaml (the instance "
+                   "config every step task carries) instead of {env: DAGSTER_PG_PASSWORD}; trust auth ignores it")
     a = p.parse_args()
     home = os.path.abspath(a.dir)
     os.makedirs(home, exist_ok=True)
@@ -44,7 +49,7 @@ def main():
                 "contexts": [{"name": "never-contacted", "context": {"cluster": "none", "user": "none"}}],
             }, f)
 
-    pg = {"username": "postgres", "password": {"env": "DAGSTER_PG_PASSWORD"}, "hostname": "127.0.0.1",
+    pg = {"username": "postgres", "password": a.pg_password or {"env": "DAGSTER_PG_PASSWORD"}, "hostname": "127.0.0.1",
           "db_name": a.db, "port": {"env": a.pg_port_env} if a.pg_port_env else 5432}
     instance = {
         "storage": {"postgres": {"postgres_db": pg}},
@@ -72,7 +77,9 @@ def main():
         **({"load_incluster_config": True} if a.incluster
            else {"load_incluster_config": False, "kubeconfig_file": kubeconfig}),
         "job_wait_timeout": 600.0,
-        **({"env_vars": [f"{a.pg_port_env}=5432"]} if a.pg_port_env else {}),
+        **({"per_step_k8s_config": {
+            step: {"container_config": {"env": [{"name": a.pg_port_env, "value": "5432"}]}}
+            for step in a.pg_direct_step}} if a.pg_port_env and a.pg_direct_step else {}),
         "broker": a.broker,
         "backend": a.backend,
     }}}

@@ -40,12 +40,47 @@ fn postgres_reconnects(worker: &WorkerProcess) -> f64 {
         .sum()
 }
 
+/// `var` in the environment of the running `dagster api execute_step` process of the Dagster home
+/// `home` (Linux `/proc`).
+fn step_process_env(home: &std::path::Path, var: &str) -> Option<String> {
+    let home = format!("DAGSTER_HOME={}", home.display());
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.contains("execute_step") {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let prefix = format!("{var}=");
+        if !environ.split(|b| *b == 0).any(|kv| kv == home.as_bytes()) {
+            continue;
+        }
+        if let Some(value) = environ
+            .split(|b| *b == 0)
+            .map(String::from_utf8_lossy)
+            .find_map(|kv| kv.strip_prefix(&prefix).map(str::to_owned))
+        {
+            return Some(value);
+        }
+    }
+    None
+}
+
 fn database_fault_mid_step(fault: DbFault) -> Result<()> {
     ensure_services();
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)))?;
     let proxy_port = proxy.port.to_string();
     let queue = unique("dbfault");
-    let home = DagsterHome::create_with_pg_port_env(AMQP, "rpc://", PG_PORT_VAR)?;
+    let home = DagsterHome::create_with_pg_port_env(
+        AMQP,
+        "rpc://",
+        PG_PORT_VAR,
+        &["marked_slow", "marked_after"],
+    )?;
     let state = artifacts_dir().join(unique("steps"));
     let state_arg = state.display().to_string();
     let worker = WorkerProcess::start(
@@ -84,6 +119,14 @@ fn database_fault_mid_step(fault: DbFault) -> Result<()> {
         assert!(
             proxy.accepted() >= 1,
             "the worker's database connections go through the proxy"
+        );
+        // ... and the step process's do not: the fault is the worker's alone (a step process
+        // whose own event write meets a reset fails its step, which is Dagster's business).
+        let step_port = step_process_env(&home_dir, PG_PORT_VAR);
+        assert_eq!(
+            step_port.as_deref(),
+            Some("5432"),
+            "the step process connects to PostgreSQL directly"
         );
         // The step has 15 s to go: the fault covers its end, so its last events meet it.
         let until = Instant::now() + Duration::from_secs(20);

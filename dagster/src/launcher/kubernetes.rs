@@ -51,16 +51,29 @@ struct Cluster {
 pub struct KubernetesLauncher {
     settings: KubernetesConfig,
     clusters: Mutex<HashMap<String, Arc<Cluster>>>,
-    /// Bounds the launcher's concurrent API requests (creates, log reads, deletes): each request in
-    /// flight holds a pooled HTTP/1.1 connection (TLS state and buffers), so without a bound a burst
-    /// of a thousand steps opens hundreds of connections and keeps them. The shared watches are not
-    /// counted: they hold their own two connections per namespace.
+    /// Bounds the launcher's concurrent API requests that start steps (creates, and the reads of an
+    /// adopted Job): each request in flight holds a pooled HTTP/1.1 connection (TLS state and
+    /// buffers), so without a bound a burst of a thousand steps opens hundreds of connections and
+    /// keeps them. The shared watches are not counted: they hold their own two connections per
+    /// namespace.
     requests: Arc<Semaphore>,
+    /// The same for requests that finish steps (log reads, deletes), in a lane of their own: a
+    /// finished step's result must not wait behind a burst of creates.
+    finishing: Arc<Semaphore>,
 }
 
-/// Concurrent API requests of one worker's launcher (see [`KubernetesLauncher::requests`]): at
-/// ~10 ms per create on a loaded API server this still allows thousands of creates per second.
+/// Concurrent API requests starting steps (see [`KubernetesLauncher::requests`]): at ~10 ms per
+/// create on a loaded API server this still allows thousands of creates per second.
 pub const MAX_CONCURRENT_REQUESTS: usize = 16;
+/// Concurrent API requests finishing steps (see [`KubernetesLauncher::finishing`]).
+pub const MAX_CONCURRENT_FINISHING_REQUESTS: usize = 8;
+
+/// Which bound an API request counts against.
+#[derive(Debug, Clone, Copy)]
+enum Lane {
+    Starting,
+    Finishing,
+}
 
 impl KubernetesLauncher {
     pub fn new(settings: KubernetesConfig) -> Self {
@@ -70,19 +83,25 @@ impl KubernetesLauncher {
             settings,
             clusters: Mutex::new(HashMap::new()),
             requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
+            finishing: Arc::new(Semaphore::new(MAX_CONCURRENT_FINISHING_REQUESTS)),
         }
     }
 
-    /// Runs one API request (with its retries) once fewer than [`MAX_CONCURRENT_REQUESTS`] are in flight.
+    /// Runs one API request (with its retries) once its lane has room.
     /// Boxed: a kube request future is kilobytes, and a step's future lives as long as its Job runs,
     /// so requests are allocated while they run instead of being laid out inline in every step.
     fn limited<'a, T: 'a>(
         &'a self,
+        lane: Lane,
         request: impl std::future::Future<Output = T> + Send + 'a,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
+        let bound = match lane {
+            Lane::Starting => &self.requests,
+            Lane::Finishing => &self.finishing,
+        };
         Box::pin(async move {
             // The semaphore is never closed; if it were, run unbounded rather than fail the step.
-            let _permit = self.requests.acquire().await.ok();
+            let _permit = bound.acquire().await.ok();
             request.await
         })
     }
@@ -204,9 +223,10 @@ impl KubernetesLauncher {
         let window = self.settings.api_retry_window;
         let params = delete_params(uid);
         match self
-            .limited(call("delete", window, || {
-                jobs.delete(&spec.job_name, &params)
-            }))
+            .limited(
+                Lane::Finishing,
+                call("delete", window, || jobs.delete(&spec.job_name, &params)),
+            )
             .await
         {
             Ok(_) => {
@@ -310,7 +330,7 @@ impl KubernetesLauncher {
                 }
                 _ = recheck.tick(), if !now_stuck.is_empty() => {}
                 _ = poll.tick() => {
-                    match self.limited(call("get", self.settings.api_retry_window, || jobs.get_opt(&spec.job_name))).await {
+                    match self.limited(Lane::Starting, call("get", self.settings.api_retry_window, || jobs.get_opt(&spec.job_name))).await {
                         Ok(Some(j)) => sub.seed_job(j),
                         Ok(None) => return Waited::GaveUp(format!("job {} could not be found", spec.job_name)),
                         Err(e) => warn!(job = %spec.job_name, "cannot read the step Job: {e}"),
@@ -350,9 +370,12 @@ impl KubernetesLauncher {
                 ..LogParams::default()
             };
             match self
-                .limited(call("logs", self.settings.api_retry_window, || {
-                    pods_api.logs(&name, &params)
-                }))
+                .limited(
+                    Lane::Finishing,
+                    call("logs", self.settings.api_retry_window, || {
+                        pods_api.logs(&name, &params)
+                    }),
+                )
                 .await
             {
                 Ok(text) => {
@@ -413,7 +436,10 @@ impl StepLauncher for KubernetesLauncher {
         // Create, or adopt what a previous delivery of this task created.
         let post = PostParams::default();
         let (created, adopted) = match self
-            .limited(call("create", window, || jobs.create(&post, job)))
+            .limited(
+                Lane::Starting,
+                call("create", window, || jobs.create(&post, job)),
+            )
             .await
         {
             Ok(j) => {
@@ -425,7 +451,10 @@ impl StepLauncher for KubernetesLauncher {
             }
             Err(kube::Error::Api(s)) if s.is_already_exists() || s.code == 409 => {
                 let existing = self
-                    .limited(call("get", window, || jobs.get(&spec.job_name)))
+                    .limited(
+                        Lane::Starting,
+                        call("get", window, || jobs.get(&spec.job_name)),
+                    )
                     .await
                     .map_err(|e| {
                         create_err(format!(
@@ -443,7 +472,10 @@ impl StepLauncher for KubernetesLauncher {
                 }
                 let by_job = ListParams::default().labels(&format!("job-name={}", spec.job_name));
                 let listed = self
-                    .limited(call("list", window, || pods_api.list(&by_job)))
+                    .limited(
+                        Lane::Starting,
+                        call("list", window, || pods_api.list(&by_job)),
+                    )
                     .await
                     .map_err(|e| LaunchError::Pods {
                         job_name: spec.job_name.clone(),

@@ -184,7 +184,7 @@ impl PastState {
 
 /// `KnownExecutionState`: retries so far, resolved dynamic outputs, outputs ready, and the ancestry of a
 /// re-execution. Every step task carries the one current at its submission.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KnownState {
     pub previous_retry_attempts: BTreeMap<String, i64>,
     pub dynamic_mappings: DynamicMappings,
@@ -192,6 +192,21 @@ pub struct KnownState {
     pub step_output_versions: Value,
     pub ready_outputs: HashSet<OutputHandle>,
     pub parent_state: Option<PastState>,
+}
+
+/// `KnownExecutionState()`: nothing known. `step_output_versions` is an empty list, as Python packs it
+/// (a `null` there makes Python's worker fail to unpack the step's arguments: "'NoneType' object is not
+/// iterable").
+impl Default for KnownState {
+    fn default() -> Self {
+        KnownState {
+            previous_retry_attempts: BTreeMap::new(),
+            dynamic_mappings: DynamicMappings::new(),
+            step_output_versions: json!([]),
+            ready_outputs: HashSet::new(),
+            parent_state: None,
+        }
+    }
 }
 
 impl KnownState {
@@ -309,6 +324,24 @@ mod tests {
         assert_eq!(
             m.python_str(),
             "StepOutputHandle(step_key=\"it's\", output_name='out', mapping_key='k0')"
+        );
+    }
+
+    #[test]
+    fn empty_known_state_packs_as_python_does() {
+        // serialize_value(KnownExecutionState()) from Dagster 1.13.27 (an empty set unpacks the same
+        // from `__set__` or `__frozenset__`). A plan snapshot without `initial_known_state` starts
+        // from this; `step_output_versions` was packed as null, which Python's worker cannot unpack.
+        let python = r#"{"__class__": "KnownExecutionState", "dynamic_mappings": {}, "parent_state": null, "previous_retry_attempts": {}, "ready_outputs": {"__frozenset__": []}, "step_output_versions": []}"#;
+        let packed = KnownState::default().pack();
+        assert_eq!(packed["step_output_versions"], json!([]));
+        let mut expected: Value = serde_json::from_str(python).expect("json");
+        expected["ready_outputs"] = json!({"__set__": []});
+        assert_eq!(packed, expected);
+        let v = serdes::parse(python.as_bytes()).expect("json");
+        assert_eq!(
+            KnownState::decode(&v, "known_state").expect("decode"),
+            KnownState::default()
         );
     }
 
