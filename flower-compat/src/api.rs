@@ -1,6 +1,6 @@
 //! Flower 2.2's REST API (`flower/api/*.py`) with the same paths, parameters, JSON shapes, status codes
 //! and error texts, plus a few `celeriac` extensions the dashboard uses (`/api/queues/detail`,
-//! `/api/celeriac/*`).
+//! `/api/celeriac/*`: overview, tasks with Dagster context, chart series, run timelines).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +18,9 @@ use crate::dagster;
 use crate::events::cast;
 use crate::queues;
 use crate::results::{self, SendOptions};
+use crate::series;
 use crate::state::{EventsState, TaskQuery, SORT_KEYS};
+use crate::timeline;
 use crate::Shared;
 
 type Params = Query<HashMap<String, String>>;
@@ -161,6 +163,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/celeriac/overview", get(overview))
         .route("/api/celeriac/tasks", get(celeriac_tasks))
         .route("/api/celeriac/task/{*id}", get(celeriac_task))
+        .route("/api/celeriac/series/tasks", get(series_tasks))
+        .route("/api/celeriac/series/queues", get(series_queues))
+        .route("/api/celeriac/runs/{run_id}/timeline", get(run_timeline))
         .route("/metrics", get(metrics))
         .route("/healthcheck", get(|| async { "OK" }))
         .with_state(shared)
@@ -398,7 +403,8 @@ fn parse_received(v: Option<&String>) -> Result<Option<f64>, ApiError> {
     Ok(Some(local.timestamp() as f64))
 }
 
-fn task_query(q: &HashMap<String, String>) -> Result<TaskQuery, ApiError> {
+/// The `/api/tasks` query parameters, validated as Flower does (`limit`/`offset` integers, known `sort_by`).
+pub fn task_query(q: &HashMap<String, String>) -> Result<TaskQuery, ApiError> {
     let not_all = |k: &str| {
         q.get(k)
             .filter(|v| v.as_str() != "All" && !v.is_empty())
@@ -840,4 +846,155 @@ async fn celeriac_task(State(shared): AppState, Path(id): Path<String>) -> ApiRe
         )))),
         None => Err(err(StatusCode::NOT_FOUND, format!("Unknown task '{id}'"))),
     }
+}
+
+/// `?window=15m|1h|24h` (default 15m).
+fn window_arg(q: &HashMap<String, String>) -> Result<series::Window, ApiError> {
+    match q
+        .get("window")
+        .map(String::as_str)
+        .filter(|w| !w.is_empty())
+    {
+        None => Ok(series::Window::Minutes15),
+        Some(w) => series::Window::parse(w).ok_or_else(|| {
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("Invalid window '{w}', expected one of 15m, 1h, 24h"),
+            )
+        }),
+    }
+}
+
+fn to_json(v: &impl serde::Serialize) -> ApiResult {
+    serde_json::to_value(v)
+        .map(json_response)
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Succeeded/failed per second and runtime percentiles (`?taskname=` restricts the percentiles).
+async fn series_tasks(State(shared): AppState, Query(q): Params) -> ApiResult {
+    let window = window_arg(&q)?;
+    let name = q
+        .get("taskname")
+        .filter(|n| !n.is_empty())
+        .map(String::as_str);
+    let now = celeriac_wire::events::now_epoch();
+    let s = {
+        let state = read_state(&shared);
+        series::task_series(state.tasks(), window, now, name)
+    };
+    to_json(&s)
+}
+
+/// Ready (per priority step on Redis), reserved, running and limit per queue.
+async fn series_queues(State(shared): AppState, Query(q): Params) -> ApiResult {
+    let window = window_arg(&q)?;
+    let now = celeriac_wire::events::now_epoch();
+    let s = {
+        let samples = match shared.samples.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        series::queue_series(&samples, window, now)
+    };
+    to_json(&s)
+}
+
+/// Most neighbours listed by `?others=1`.
+const MAX_NEIGHBOURS: usize = 500;
+
+/// The Gantt data of one Dagster run (see [`timeline`]); `?others=1` adds the tasks of other runs that
+/// held slots of the run's queues on the same workers meanwhile.
+async fn run_timeline(
+    State(shared): AppState,
+    Path(run_id): Path<String>,
+    Query(q): Params,
+) -> ApiResult {
+    let others = arg_bool(&q, "others")?;
+    // The event log first: no lock is held across the query.
+    let (events, event_log_error) = match &shared.event_log {
+        Some(log) => match log.step_events(&run_id).await {
+            Ok(e) => (Some(e), None),
+            Err(e) => {
+                tracing::warn!(run_id = %run_id, "timeline without the event log: {e}");
+                (None, Some(e.to_string()))
+            }
+        },
+        None => (None, None),
+    };
+    let worker_queues: HashMap<String, Vec<String>> = shared
+        .inspector
+        .snapshot()
+        .into_iter()
+        .map(|(w, info)| {
+            let names = info
+                .get("active_queues")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|q| q.get("name").and_then(Value::as_str).map(str::to_owned))
+                .collect();
+            (w, names)
+        })
+        .collect();
+    let state = read_state(&shared);
+    let (facts, job) = timeline::facts_of_run(state.tasks(), &run_id);
+    if facts.is_empty() && events.as_ref().is_none_or(Vec::is_empty) {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            format!("Unknown run '{run_id}'"),
+        ));
+    }
+    let mut tl = timeline::build(&run_id, job, &facts, events.as_deref(), &worker_queues);
+    tl.event_log_error = event_log_error;
+    if others {
+        let (workers, queues) = timeline::workers_and_queues(&tl);
+        let mine: std::collections::HashSet<&str> = facts.iter().map(|f| f.uuid.as_str()).collect();
+        let (lo, hi) = (tl.start.unwrap_or(0.0), tl.end.unwrap_or(0.0));
+        let mut near: Vec<timeline::Neighbour> = state
+            .tasks()
+            .filter(|t| !mine.contains(t.uuid.as_str()))
+            .filter(|t| t.worker.as_ref().is_some_and(|w| workers.contains(w)))
+            .filter(|t| {
+                let end = t.succeeded.or(t.failed).or(t.revoked);
+                t.started.is_some_and(|s| s <= hi) && end.is_none_or(|e| e >= lo)
+            })
+            .map(|t| {
+                let ctx = dagster::context(t.kwargs.as_ref(), None);
+                let worker = t.worker.clone();
+                let queue = t
+                    .routing_key
+                    .as_ref()
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .or_else(|| {
+                        let consumed = worker_queues.get(worker.as_deref()?)?;
+                        (consumed.len() == 1).then(|| consumed[0].clone())
+                    });
+                timeline::Neighbour {
+                    task_id: t.uuid.clone(),
+                    name: t.name.clone(),
+                    run_id: ctx.as_ref().and_then(|c| c.run_id.clone()),
+                    step_key: ctx.and_then(|c| c.step_key),
+                    worker,
+                    queue,
+                    state: t.state.clone(),
+                    started: t.started,
+                    finished: t.succeeded.or(t.failed).or(t.revoked),
+                }
+            })
+            // Slots of the run's queues: a worker's other queues have slots of their own.
+            .filter(|n| n.queue.as_ref().is_none_or(|q| queues.contains(q)))
+            .collect();
+        near.sort_by(|a, b| {
+            a.started
+                .unwrap_or(0.0)
+                .total_cmp(&b.started.unwrap_or(0.0))
+                .then_with(|| a.task_id.cmp(&b.task_id))
+        });
+        near.truncate(MAX_NEIGHBOURS);
+        tl.others = Some(near);
+    }
+    drop(state);
+    to_json(&tl)
 }

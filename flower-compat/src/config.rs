@@ -49,6 +49,10 @@ pub struct FlowerArgs {
     /// Dagster UI base URL; task pages then link to `<url>/runs/<run_id>`.
     #[arg(long, env = "FLOWER_DAGSTER_URL")]
     pub dagster_url: Option<String>,
+    /// The Dagster instance's PostgreSQL database (`postgresql://…`), read (never written) for the run
+    /// timeline's Job and step edges; unset = the timeline shows what Celery events tell only.
+    #[arg(long, env = "FLOWER_DAGSTER_DB")]
+    pub dagster_db: Option<String>,
     /// Remote-control reply timeout in milliseconds (Flower's `--inspect_timeout`).
     #[arg(long, env = "FLOWER_INSPECT_TIMEOUT", default_value_t = 1000.0)]
     pub inspect_timeout: f64,

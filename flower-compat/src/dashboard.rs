@@ -1,6 +1,7 @@
 //! The web dashboard: one page (workers, tasks, queues, task detail) that polls the API every second, so
 //! a worker coming online or a task finishing shows without a reload. Its assets are compiled into the
-//! binary; nothing is loaded from elsewhere.
+//! binary; nothing is loaded from elsewhere, including the charting library (uPlot 1.6.32, MIT, vendored
+//! under `assets/vendor/uplot-1.6.32/` with its licence).
 
 use std::sync::Arc;
 
@@ -15,6 +16,8 @@ use crate::Shared;
 const INDEX: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
 const APP_CSS: &str = include_str!("../assets/app.css");
+const UPLOT_JS: &str = include_str!("../assets/vendor/uplot-1.6.32/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("../assets/vendor/uplot-1.6.32/uPlot.min.css");
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -28,6 +31,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/static/app.css",
             get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .route(
+            "/static/vendor/uPlot.iife.min.js",
+            get(|| async { asset("application/javascript; charset=utf-8", UPLOT_JS) }),
+        )
+        .route(
+            "/static/vendor/uPlot.min.css",
+            get(|| async { asset("text/css; charset=utf-8", UPLOT_CSS) }),
         )
         .with_state(shared)
 }

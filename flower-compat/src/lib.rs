@@ -4,22 +4,29 @@
 //! Modules, one concept each: [`events`] (the `celeryev` consumer) feeds [`state`] (workers and tasks
 //! merged as `celery.events.state` does, bounded), which [`store`] persists (Redis or PostgreSQL);
 //! [`inspector`] asks workers for details over remote control; [`queues`] measures queue lengths;
-//! [`results`] sends tasks and reads results; [`dagster`] extracts Dagster context; [`api`] serves
-//! Flower's routes, [`dashboard`] the web page, [`metrics`] `/metrics`, [`auth`] basic auth.
+//! [`results`] sends tasks and reads results; [`dagster`] extracts Dagster context; [`series`] makes
+//! the dashboard's chart series (and samples queues for them); [`timeline`] lays out a Dagster run's
+//! steps on the fleet, with [`eventlog`] reading the run's step events from Dagster's database;
+//! [`api`] serves Flower's routes, [`dashboard`] the web page, [`metrics`] `/metrics`, [`auth`] basic
+//! auth.
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod dagster;
 pub mod dashboard;
+pub mod eventlog;
 pub mod events;
 pub mod inspector;
 pub mod metrics;
 pub mod queues;
 pub mod results;
+pub mod samples;
 pub mod search;
+pub mod series;
 pub mod state;
 pub mod store;
+pub mod timeline;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -32,10 +39,12 @@ use tracing::{info, warn};
 
 pub use config::FlowerArgs;
 
+use crate::eventlog::EventLog;
 use crate::inspector::Inspector;
 use crate::metrics::FlowerMetrics;
 use crate::queues::QueueMeter;
 use crate::results::ResultReader;
+use crate::samples::QueueSamples;
 use crate::state::EventsState;
 use crate::store::HistoryStore;
 
@@ -68,6 +77,10 @@ pub struct Shared {
     pub results: ResultReader,
     pub queues: QueueMeter,
     pub history_description: Option<String>,
+    /// Queue measurements for the charts.
+    pub samples: RwLock<QueueSamples>,
+    /// The Dagster event log, when `--dagster-db` is given.
+    pub event_log: Option<EventLog>,
 }
 
 /// The full application router (API, metrics, dashboard, auth), mounted under `--url-prefix`.
@@ -138,6 +151,9 @@ async fn housekeeping(
                     Ok(k) => info!("pruned {k} tasks from the history"),
                     Err(e) => warn!("pruning the history: {e}"),
                 }
+                if let Err(e) = store.prune_samples(cutoff).await {
+                    warn!("pruning the queue samples: {e}");
+                }
             }
         }
         if stopping {
@@ -175,6 +191,7 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
     let metrics = FlowerMetrics::new(&metrics::DEFAULT_BUCKETS)?;
     let broker = events::connect_broker(&config.broker).await?;
     let mut state = EventsState::new(config.max_tasks, Some(metrics.clone()));
+    let mut samples = QueueSamples::default();
     let store: Option<Arc<dyn HistoryStore>> = match &config.history_backend {
         Some(url) => {
             let s: Arc<dyn HistoryStore> =
@@ -184,6 +201,14 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
             info!(history = %s.describe(), "restored {} tasks from the history", restored.len());
             state.restore(restored);
             state.track_changes();
+            match s.load_samples(cutoff).await {
+                Ok(restored) => {
+                    info!("restored {} queue samples from the history", restored.len());
+                    samples.extend(restored);
+                }
+                // The charts lose their queue past, nothing else: not a reason to refuse to start.
+                Err(e) => warn!("loading the queue samples: {e}"),
+            }
             Some(s)
         }
         None => None,
@@ -202,6 +227,8 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
     let shared = Arc::new(Shared {
         inspector: Inspector::new(config.inspect_timeout()),
         history_description: store.as_ref().map(|s| s.describe()),
+        samples: RwLock::new(samples),
+        event_log: config.dagster_db.as_deref().map(EventLog::new),
         config,
         state: RwLock::new(state),
         metrics,
@@ -237,6 +264,11 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
             stop.clone(),
         )));
     }
+    tasks.push(tokio::spawn(series::sample_loop(
+        shared.clone(),
+        store.clone(),
+        stop.clone(),
+    )));
     let keeper = tokio::spawn(housekeeping(shared.clone(), store.clone(), stop.clone()));
     {
         let shared = shared.clone();

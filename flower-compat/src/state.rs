@@ -23,6 +23,13 @@ pub const HEARTBEAT_MAX: usize = 4;
 /// A worker is alive for `freq * 2` seconds after its last heartbeat (`HEARTBEAT_EXPIRE_WINDOW = 200` %).
 pub const EXPIRE_WINDOW: f64 = 2.0;
 
+/// Bounds against hostile events (anyone who may publish to `celeryev` chooses hostnames, task names and
+/// event types; Flower keeps them all): workers kept (past it, the one heard from longest ago goes),
+/// task names listed, event types counted per worker.
+pub const MAX_WORKERS: usize = 10_000;
+pub const MAX_TASK_TYPES: usize = 10_000;
+pub const MAX_EVENT_KINDS: usize = 64;
+
 /// `celery.states.PRECEDENCE`: lower index wins; unknown states rank like `None`.
 fn precedence(state: &str) -> usize {
     match state {
@@ -541,6 +548,7 @@ impl EventsState {
                     }
                     return None;
                 }
+                self.make_worker_room(hostname);
                 let w = self
                     .workers
                     .entry(hostname.to_string())
@@ -562,6 +570,7 @@ impl EventsState {
                     self.tasks.insert(uuid.to_string(), Task::new(uuid, now));
                 }
                 if subject != "sent" {
+                    self.make_worker_room(hostname);
                     let w = self
                         .workers
                         .entry(hostname.to_string())
@@ -581,7 +590,7 @@ impl EventsState {
                     m.observe_task(hostname, kind, event, task);
                 }
                 if let Some(name) = name {
-                    if !self.task_types.contains(&name) {
+                    if !self.task_types.contains(&name) && self.task_types.len() < MAX_TASK_TYPES {
                         self.task_types.insert(name);
                     }
                 }
@@ -607,7 +616,29 @@ impl EventsState {
 
     fn count(&mut self, hostname: &str, kind: &str) {
         if let Some(w) = self.workers.get_mut(hostname) {
-            *w.counter.entry(kind.to_string()).or_default() += 1;
+            if let Some(n) = w.counter.get_mut(kind) {
+                *n += 1;
+            } else if w.counter.len() < MAX_EVENT_KINDS {
+                w.counter.insert(kind.to_string(), 1);
+            }
+        }
+    }
+
+    /// Before `hostname` is added: at [`MAX_WORKERS`], forgets the worker heard from longest ago.
+    fn make_worker_room(&mut self, hostname: &str) {
+        if self.workers.len() < MAX_WORKERS || self.workers.contains_key(hostname) {
+            return;
+        }
+        let oldest = self
+            .workers
+            .iter()
+            .min_by(|a, b| {
+                let last = |w: &Worker| w.heartbeats.last().copied().unwrap_or(f64::NEG_INFINITY);
+                last(a.1).total_cmp(&last(b.1))
+            })
+            .map(|(h, _)| h.clone());
+        if let Some(h) = oldest {
+            self.workers.remove(&h);
         }
     }
 
@@ -729,6 +760,35 @@ pub fn local_utcoffset_hours() -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn hostile_hostnames_task_names_and_kinds_are_bounded() {
+        let mut st = EventsState::new(100, None);
+        for i in 0..(MAX_WORKERS + 50) {
+            let e = serde_json::json!({"type": "worker-heartbeat", "hostname": format!("w{i}"),
+                "timestamp": i as f64, "local_received": i as f64});
+            st.apply(e.as_object().expect("object"));
+        }
+        assert_eq!(st.workers.len(), MAX_WORKERS);
+        assert!(st.workers.contains_key(&format!("w{}", MAX_WORKERS + 49)));
+        assert!(
+            !st.workers.contains_key("w0"),
+            "the longest silent worker went first"
+        );
+        for i in 0..(MAX_EVENT_KINDS + 10) {
+            let e = serde_json::json!({"type": format!("worker-x{i}"), "hostname": "w1",
+                "timestamp": 1.0, "local_received": 1.0});
+            st.apply(e.as_object().expect("object"));
+        }
+        assert!(st.workers.get("w1").expect("w1").counter.len() <= MAX_EVENT_KINDS);
+        for i in 0..(MAX_TASK_TYPES + 10) {
+            let e = serde_json::json!({"type": "task-received", "hostname": "w1", "uuid": format!("t{i}"),
+                "name": format!("n{i}"), "timestamp": 1.0, "local_received": 1.0});
+            st.apply(e.as_object().expect("object"));
+        }
+        assert_eq!(st.task_types().len(), MAX_TASK_TYPES);
+    }
+
     use super::*;
 
     fn ev(v: Value) -> Map<String, Value> {

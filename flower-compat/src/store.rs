@@ -5,12 +5,17 @@
 //! * Redis: hash `<prefix>:tasks` (uuid → task JSON) and sorted set `<prefix>:seen` (uuid → first-seen
 //!   epoch seconds).
 //! * PostgreSQL: table `<prefix>_tasks (uuid text primary key, first_seen float8, doc jsonb)`.
+//!
+//! Queue samples for the charts ([`crate::series`]) live next to the tasks, under the same age bound
+//! and [`crate::samples::MAX_SAMPLES`]: Redis sorted set `<prefix>:queue_samples` (score = time, member =
+//! sample JSON), PostgreSQL table `<prefix>_queue_samples (ts float8, doc jsonb)`.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
+use crate::samples::{QueueSample, MAX_SAMPLES};
 use crate::state::Task;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +37,12 @@ pub trait HistoryStore: Send + Sync {
     async fn save(&self, tasks: &[Task]) -> Result<(), StoreError>;
     /// Deletes tasks beyond the bounds; returns how many went.
     async fn prune(&self, max_tasks: usize, min_first_seen: f64) -> Result<u64, StoreError>;
+    /// Appends queue samples.
+    async fn save_samples(&self, samples: &[QueueSample]) -> Result<(), StoreError>;
+    /// The newest [`MAX_SAMPLES`] queue samples taken at or after `min_ts`, oldest first.
+    async fn load_samples(&self, min_ts: f64) -> Result<Vec<QueueSample>, StoreError>;
+    /// Deletes samples older than `min_ts` and beyond [`MAX_SAMPLES`].
+    async fn prune_samples(&self, min_ts: f64) -> Result<(), StoreError>;
     fn describe(&self) -> String;
 }
 
@@ -57,6 +68,7 @@ pub async fn open(url: &str, prefix: &str) -> Result<Box<dyn HistoryStore>, Stor
             con,
             tasks_key: format!("{prefix}:tasks"),
             seen_key: format!("{prefix}:seen"),
+            samples_key: format!("{prefix}:queue_samples"),
             url: redacted,
         }));
     }
@@ -84,6 +96,7 @@ pub struct RedisStore {
     con: ConnectionManager,
     tasks_key: String,
     seen_key: String,
+    samples_key: String,
     url: String,
 }
 
@@ -182,6 +195,65 @@ impl HistoryStore for RedisStore {
         Ok(gone.len() as u64)
     }
 
+    async fn save_samples(&self, samples: &[QueueSample]) -> Result<(), StoreError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let mut con = self.con.clone();
+        let mut pipe = redis::pipe();
+        for s in samples {
+            let doc = serde_json::to_string(s).map_err(|e| io("encode", e))?;
+            pipe.cmd("ZADD")
+                .arg(&self.samples_key)
+                .arg(s.ts)
+                .arg(doc)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut con)
+            .await
+            .map_err(|e| io("ZADD", e))
+    }
+
+    async fn load_samples(&self, min_ts: f64) -> Result<Vec<QueueSample>, StoreError> {
+        let mut con = self.con.clone();
+        let docs: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+            .arg(&self.samples_key)
+            .arg("+inf")
+            .arg(min_ts)
+            .arg("BYSCORE")
+            .arg("REV")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(MAX_SAMPLES)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| io("ZRANGE", e))?;
+        let mut out: Vec<QueueSample> = docs
+            .iter()
+            .filter_map(|d| serde_json::from_slice(d).ok())
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn prune_samples(&self, min_ts: f64) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&self.samples_key)
+            .arg("-inf")
+            .arg(format!("({min_ts}"))
+            .ignore()
+            .cmd("ZREMRANGEBYRANK")
+            .arg(&self.samples_key)
+            .arg(0)
+            .arg(-(MAX_SAMPLES as i64) - 1)
+            .ignore()
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| io("ZREMRANGEBYSCORE", e))
+    }
+
     fn describe(&self) -> String {
         format!("{} ({})", self.url, self.tasks_key)
     }
@@ -190,6 +262,7 @@ impl HistoryStore for RedisStore {
 pub struct PgStore {
     client: tokio_postgres::Client,
     table: String,
+    samples_table: String,
     url: String,
 }
 
@@ -228,7 +301,9 @@ impl PgStore {
         client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {table} (uuid text PRIMARY KEY, first_seen double precision NOT NULL, doc jsonb NOT NULL);
-                 CREATE INDEX IF NOT EXISTS {table}_first_seen ON {table} (first_seen);"
+                 CREATE INDEX IF NOT EXISTS {table}_first_seen ON {table} (first_seen);
+                 CREATE TABLE IF NOT EXISTS {safe}_queue_samples (ts double precision NOT NULL, doc jsonb NOT NULL);
+                 CREATE INDEX IF NOT EXISTS {safe}_queue_samples_ts ON {safe}_queue_samples (ts);"
             ))
             .await
             .map_err(|e| StoreError::Connect {
@@ -238,6 +313,7 @@ impl PgStore {
         Ok(PgStore {
             client,
             table,
+            samples_table: format!("{safe}_queue_samples"),
             url: redacted,
         })
     }
@@ -312,6 +388,63 @@ impl HistoryStore for PgStore {
             .await
             .map_err(|e| io("DELETE", e))?;
         Ok(old + excess)
+    }
+
+    async fn save_samples(&self, samples: &[QueueSample]) -> Result<(), StoreError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let mut ts = Vec::with_capacity(samples.len());
+        let mut docs = Vec::with_capacity(samples.len());
+        for s in samples {
+            ts.push(s.ts);
+            docs.push(serde_json::to_string(s).map_err(|e| io("encode", e))?);
+        }
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {t} (ts, doc) SELECT x, d::jsonb FROM unnest($1::float8[], $2::text[]) AS u(x, d)",
+                    t = self.samples_table
+                ),
+                &[&ts, &docs],
+            )
+            .await
+            .map_err(|e| io("INSERT", e))?;
+        Ok(())
+    }
+
+    async fn load_samples(&self, min_ts: f64) -> Result<Vec<QueueSample>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT doc::text FROM (SELECT doc, ts FROM {t} WHERE ts >= $1 ORDER BY ts DESC LIMIT $2) newest \
+                     ORDER BY ts ASC",
+                    t = self.samples_table
+                ),
+                &[&min_ts, &(MAX_SAMPLES as i64)],
+            )
+            .await
+            .map_err(|e| io("SELECT", e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<_, String>(0).ok())
+            .filter_map(|d| serde_json::from_str(&d).ok())
+            .collect())
+    }
+
+    async fn prune_samples(&self, min_ts: f64) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                &format!(
+                    "DELETE FROM {t} WHERE ts < $1 OR ts <= (SELECT ts FROM {t} ORDER BY ts DESC OFFSET $2 LIMIT 1)",
+                    t = self.samples_table
+                ),
+                &[&min_ts, &(MAX_SAMPLES as i64)],
+            )
+            .await
+            .map_err(|e| io("DELETE", e))?;
+        Ok(())
     }
 
     fn describe(&self) -> String {

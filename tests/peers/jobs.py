@@ -119,6 +119,23 @@ def marked():
     marked_after(marked_slow())
 
 
+@op(tags={**QUEUE, "dagster-k8s/config": {"container_config": {"env": [
+    {"name": "AWS_SECRET_ACCESS_KEY", "value": S["CELERIAC_S3_KEY"]}]}}})
+def read_s3_key(context):
+    """Records that the step process got the AWS_SECRET_ACCESS_KEY of its k8s config tag (reversed: the secrets test
+    searches every output for the key itself)."""
+    folder = os.path.join(os.environ.get("DAGSTER_HOME", "."), "markers")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "s3_key_reversed"), "w") as f:
+        f.write(os.environ.get("AWS_SECRET_ACCESS_KEY", "")[::-1])
+    return 1
+
+
+@job(executor_def=celery_k8s_job_executor)
+def secret_env():
+    read_s3_key()
+
+
 # Kubernetes-only variants (the step's k8s config comes from the op's `dagster-k8s/config` tag).
 STEP_IMAGE = "celeriac/dagster-step:test"
 SIDECAR = {"dagster-k8s/config": {"pod_spec_config": {"containers": [{
@@ -158,4 +175,46 @@ def bad_image():
     unpullable()
 
 
-defs = Definitions(jobs=[diamond, diamond_failing, two_queues, sleepy, marked, diamond_sidecar, oom, bad_image])
+# The fleet timeline (flower-compat's run timeline test): a fan-out of four steps onto one queue (run with a
+# worker limited to one step at a time, so they wait for each other), one of them failing its first attempt
+# and retried, then a join.
+from dagster import RetryPolicy  # noqa: E402
+
+
+@op(tags=QUEUE)
+def tl_start():
+    return 1
+
+
+def _tl_leaf(i):
+    @op(name=f"tl_leaf_{i}", tags=QUEUE)
+    def _leaf(x):
+        time.sleep(0.5)
+        return x + i
+
+    return _leaf
+
+
+TL_LEAVES = [_tl_leaf(i) for i in range(3)]
+
+
+@op(tags=QUEUE, retry_policy=RetryPolicy(max_retries=1))
+def tl_flaky(context, x):
+    if context.retry_number == 0:
+        raise Exception("celeriac test: tl_flaky fails its first attempt")
+    return x
+
+
+@op(tags=QUEUE)
+def tl_join(a, b, c, d):
+    return a + b + c + d
+
+
+@job(executor_def=celery_k8s_job_executor)
+def timeline():
+    s = tl_start()
+    tl_join(*[leaf(s) for leaf in TL_LEAVES], tl_flaky(s))
+
+
+defs = Definitions(jobs=[diamond, diamond_failing, two_queues, sleepy, marked, secret_env, diamond_sidecar, oom,
+                         bad_image, timeline])

@@ -1081,6 +1081,22 @@ fn restart_keeps_history(broker: &str, history: &str) -> Result<()> {
             .then_some(()))
     })?;
     let snapshot = listed(&ours)?;
+    // The charts' past: the queue measured at least twice (every 5 s) before the restart.
+    let measured = |ours: &FlowerCompat| -> Result<usize> {
+        let v = get(&ours.url("/api/celeriac/series/queues?window=15m"))?.json()?;
+        Ok(v["queues"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["queue"] == queue.as_str())
+            .flat_map(|l| l["ready"].as_array().cloned().unwrap_or_default())
+            .filter(|r| !r.is_null())
+            .count())
+    };
+    let points = wait_until("queue samples", Duration::from_secs(30), || {
+        let n = measured(&ours)?;
+        Ok((n >= 2).then_some(n))
+    })?;
     let peer_path = peer("celery_client.py");
     let mut during = Command::new(celeriac_tests::python());
     during
@@ -1095,6 +1111,15 @@ fn restart_keeps_history(broker: &str, history: &str) -> Result<()> {
 
     let ours = ours.restart(&[])?;
     let after = listed(&ours)?;
+    // The charts keep the past: task series from the restored tasks, queue samples from the store.
+    let finished = get(&ours.url("/api/celeriac/series/tasks?window=15m"))?.json()?["finished"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(finished >= 20, "task series after the restart: {finished}");
+    assert!(
+        measured(&ours)? >= points,
+        "queue samples restored ({points} before the restart)"
+    );
     for id in &before {
         assert!(
             after.contains_key(id),
@@ -1575,4 +1600,341 @@ fn dagster_context_of_a_real_run() -> Result<()> {
         assert!(info.get("dagster").is_none());
     }
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// 6. Live charts and the run timeline of a real Dagster run, in Chromium, on each broker.
+
+/// Sum of the non-null values of series `i` of the chart `name`, as drawn in the page (uPlot's data).
+fn drawn_sum(browser: &mut Browser, name: &str, i: usize) -> Result<f64> {
+    let v = browser.eval(&format!(
+        "(() => {{ const c = window.celeriacCharts && window.celeriacCharts['{name}']; \
+           if (!c || !c.data[{i}]) return -1; return c.data[{i}].reduce((a, v) => a + (v == null ? 0 : v), 0); }})()"
+    ))?;
+    Ok(v.as_f64().unwrap_or(-1.0))
+}
+
+/// The timeline of a run with a fan-out onto a queue limited to one step at a time and a retried step:
+/// charts draw and move while it runs; every step and attempt appears in order, with the queue wait of
+/// the steps that waited; the step edges match Dagster's event log; the Gantt view shows every bar.
+fn charts_and_run_timeline(broker: &str, backend: &str, tag: &str) -> Result<()> {
+    use celeriac_tests::dagster::DagsterHome;
+    ensure_services();
+    let queue = unique(&format!("fc_tl_{tag}"));
+    let home = DagsterHome::create(broker, backend)?;
+    let db = format!("postgresql://postgres@127.0.0.1:5432/{}", home.db);
+    let ours = FlowerCompat::start(
+        broker,
+        backend,
+        &[
+            "--dagster-db",
+            &db,
+            "--dagster-url",
+            "http://dagster.example:3000",
+        ],
+    )?;
+    let shots = artifacts_dir().join(format!("flower-timeline-{tag}"));
+    std::fs::create_dir_all(&shots)?;
+    let profile = artifacts_dir().join(unique("chromium-profile"));
+    let mut browser = Browser::launch(&profile)?;
+    browser.open(&ours.url("/#/charts"))?;
+    browser.wait_for(
+        "the charts",
+        "!!(window.celeriacCharts && window.celeriacCharts.tasks && document.querySelector('#status').textContent.startsWith('live'))",
+        Duration::from_secs(30),
+    )?;
+    let worker = WorkerProcess::consuming(broker, backend, &queue, &["-E", "-c", "1"])?;
+
+    let started = Instant::now();
+    let run_queue = queue.clone();
+    let runner = std::thread::spawn(move || {
+        let run = home.run_job(
+            "timeline",
+            Duration::from_secs(300),
+            &[("CELERIAC_QUEUE", &run_queue)],
+        );
+        (home, run)
+    });
+    // The succeeded series, as drawn, grows step after step while the run goes on.
+    let mut sums = vec![drawn_sum(&mut browser, "tasks", 1)?];
+    let mut moves = 0;
+    while moves < 3 && !runner.is_finished() && started.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(500));
+        let s = drawn_sum(&mut browser, "tasks", 1)?;
+        if s > *sums.last().unwrap_or(&0.0) {
+            sums.push(s);
+            moves += 1;
+            browser.screenshot(&shots.join(format!("charts-{moves}.png")))?;
+        }
+    }
+    let (home, run) = runner
+        .join()
+        .map_err(|_| anyhow::anyhow!("run thread panicked"))?;
+    let run = run?;
+    assert_eq!(run.status, "SUCCESS", "{run:#?}");
+    assert!(
+        moves >= 2,
+        "the drawn succeeded/s series moved as steps finished: {sums:?}"
+    );
+    // The queue charts drew this queue, at its limit of one slot.
+    let labels = browser.wait_for(
+        "the queue charts",
+        &format!(
+            "(() => {{ const c = window.celeriacCharts; if (!c.depth || !c.inflight) return false; \
+               const i = c.inflight.series.findIndex(s => s.label === '{queue} limit'); \
+               const d = c.depth.series.findIndex(s => String(s.label).startsWith('{queue}')); \
+               if (i < 0 || d < 0) return false; \
+               const lim = c.inflight.data[i].filter(v => v != null); \
+               return lim.length > 0 && lim.every(v => v === 1) && c.depth.data[d].some(v => v != null) \
+                 && c.inflight.data[i - 1].some(v => v != null && v > 0) ? c.inflight.series.map(s => s.label) : false; }})()"
+        ),
+        Duration::from_secs(30),
+    )?;
+    eprintln!("in-flight chart series: {labels}");
+    let p50 = drawn_sum(&mut browser, "runtime", 1)?;
+    assert!(p50 > 0.0, "runtime percentiles drawn: {p50}");
+    browser.screenshot(&shots.join("charts-final.png"))?;
+    // Dark mode: the page follows the system setting and redraws the charts in its colours.
+    browser.call(
+        "Emulation.setEmulatedMedia",
+        json!({"features": [{"name": "prefers-color-scheme", "value": "dark"}]}),
+    )?;
+    browser.wait_for(
+        "the charts redrawn in dark mode",
+        "document.body.dataset.scheme === 'dark' && window.celeriacCharts.tasks.__key.endsWith('|dark')            && getComputedStyle(document.body).backgroundColor !== 'rgb(247, 247, 245)'",
+        Duration::from_secs(10),
+    )?;
+    browser.screenshot(&shots.join("charts-dark.png"))?;
+    browser.call(
+        "Emulation.setEmulatedMedia",
+        json!({"features": [{"name": "prefers-color-scheme", "value": "light"}]}),
+    )?;
+
+    // The timeline JSON, once every task's last event is in.
+    let url = ours.url(&format!("/api/celeriac/runs/{}/timeline", run.run_id));
+    let tl = wait_until("the complete timeline", Duration::from_secs(30), || {
+        let v = get(&url)?.json()?;
+        let attempts: Vec<&Value> = v["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["attempts"].as_array().into_iter().flatten())
+            .collect();
+        let done = attempts.len() == 7
+            && attempts
+                .iter()
+                .all(|a| a["result_stored"].is_number() && a["job_finished"].is_number());
+        Ok(done.then_some(v))
+    })?;
+    assert_eq!(tl["event_log"], true, "{tl}");
+    assert_eq!(tl["job"], "timeline");
+    let steps: Vec<&str> = tl["steps"]
+        .as_array()
+        .context("steps")?
+        .iter()
+        .filter_map(|s| s["step_key"].as_str())
+        .collect();
+    assert_eq!(steps.first(), Some(&"tl_start"), "{steps:?}");
+    assert_eq!(steps.last(), Some(&"tl_join"), "{steps:?}");
+    let mut sorted = steps.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "tl_flaky",
+            "tl_join",
+            "tl_leaf_0",
+            "tl_leaf_1",
+            "tl_leaf_2",
+            "tl_start"
+        ]
+    );
+    let edges = [
+        "published",
+        "received",
+        "started",
+        "job_created",
+        "step_start",
+        "step_end",
+        "job_finished",
+        "result_stored",
+    ];
+    let mut slots: Vec<(f64, f64)> = Vec::new();
+    let mut waited = 0;
+    for s in tl["steps"].as_array().context("steps")? {
+        let key = s["step_key"].as_str().unwrap_or_default();
+        let attempts = s["attempts"].as_array().context("attempts")?;
+        let want_outcomes: &[&str] = if key == "tl_flaky" {
+            &["retry", "success"]
+        } else {
+            &["success"]
+        };
+        let outcomes: Vec<&str> = attempts
+            .iter()
+            .filter_map(|a| a["outcome"].as_str())
+            .collect();
+        assert_eq!(outcomes, want_outcomes, "{key}: {s}");
+        for a in attempts {
+            // Every edge known, in order (events from several processes on one host: 50 ms slack).
+            let times: Vec<f64> = edges
+                .iter()
+                .map(|e| a[*e].as_f64().with_context(|| format!("{key}.{e}: {a}")))
+                .collect::<Result<_>>()?;
+            for (w, pair) in times.windows(2).enumerate() {
+                assert!(
+                    pair[0] <= pair[1] + 0.05,
+                    "{key}: {} before {}: {a}",
+                    edges[w],
+                    edges[w + 1]
+                );
+            }
+            assert_eq!(a["queue"], queue.as_str(), "{a}");
+            assert_eq!(a["worker"], worker.hostname.as_str(), "{a}");
+            let phases: Vec<&str> = a["segments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|g| g["phase"].as_str())
+                .collect();
+            assert!(
+                phases.contains(&"queued") && phases.contains(&"running"),
+                "{a}"
+            );
+            if a["queue_wait"].as_f64().unwrap_or(0.0) > 0.5 {
+                waited += 1;
+            }
+            slots.push((times[2], times[7]));
+        }
+        // Matches Dagster's event log: the step's start and end events, attempt by attempt.
+        let log = |kinds: &[&str]| -> Vec<f64> {
+            run.step_events
+                .iter()
+                .filter(|e| {
+                    e.step_key.as_deref() == Some(key) && kinds.contains(&e.event_type.as_str())
+                })
+                .map(|e| e.timestamp)
+                .collect()
+        };
+        let starts = log(&["STEP_START", "STEP_RESTARTED"]);
+        let ends = log(&["STEP_SUCCESS", "STEP_FAILURE", "STEP_UP_FOR_RETRY"]);
+        assert_eq!(starts.len(), attempts.len(), "{key}: {:?}", run.step_events);
+        assert_eq!(ends.len(), attempts.len(), "{key}: {:?}", run.step_events);
+        for (i, a) in attempts.iter().enumerate() {
+            for (edge, want) in [("step_start", starts[i]), ("step_end", ends[i])] {
+                let got = a[edge].as_f64().unwrap_or(f64::NAN);
+                assert!(
+                    (got - want).abs() < 1.0,
+                    "{key} #{i} {edge}: timeline {got}, event log {want}"
+                );
+            }
+        }
+    }
+    // The fan-out of four waited for the queue's one slot: at least three of them (and the retry) queued.
+    assert!(
+        waited >= 3,
+        "steps that waited for the queue's slot show it: {tl}"
+    );
+    // The one slot was never held twice at once.
+    slots.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for w in slots.windows(2) {
+        assert!(
+            w[1].0 >= w[0].1 - 0.05,
+            "the -c 1 queue ran one step at a time: {slots:?}"
+        );
+    }
+    // On demand: other runs' steps on the same worker (none here: the worker is this test's own).
+    let with_others = get(&format!("{url}?others=1"))?.json()?;
+    assert_eq!(with_others["others"], json!([]), "{with_others}");
+    assert!(get(&ours.url("/api/celeriac/runs/no-such-run/timeline"))?.status == 404);
+
+    // The Gantt view: linked from the task rows, one bar row per attempt, in the JSON's order.
+    browser.eval("location.hash = '#/tasks'")?;
+    let link = browser.wait_for(
+        "a run link in the task rows",
+        &format!(
+            "(() => {{ const a = document.querySelector('a.run-link[href=\"#/run/{}\"]'); return a ? a.getAttribute('href') : false; }})()",
+            run.run_id
+        ),
+        Duration::from_secs(15),
+    )?;
+    browser.eval(&format!("location.hash = {link}"))?;
+    let rows = browser.wait_for(
+        "the Gantt rows",
+        "(() => { const r = [...document.querySelectorAll('#gantt .g-row[data-step]')]; \
+           return r.length === 7 && r.every(x => x.querySelector('.seg.running')) ? \
+             r.map(x => [x.dataset.step, x.dataset.attempt, x.dataset.outcome, x.dataset.queueWait]) : false; })()",
+        Duration::from_secs(20),
+    )?;
+    let drawn: Vec<(String, String)> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap_or_default().to_string(),
+                r[2].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = tl["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| {
+            s["attempts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |a| {
+                    (
+                        s["step_key"].as_str().unwrap_or_default().to_string(),
+                        a["outcome"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+        })
+        .collect();
+    assert_eq!(drawn, want, "the Gantt shows every attempt in order");
+    assert!(
+        drawn.contains(&("tl_flaky".into(), "retry".into())),
+        "{drawn:?}"
+    );
+    browser.screenshot(&shots.join("timeline.png"))?;
+    browser.call(
+        "Emulation.setEmulatedMedia",
+        json!({"features": [{"name": "prefers-color-scheme", "value": "dark"}]}),
+    )?;
+    browser.wait_for(
+        "dark mode",
+        "document.body.dataset.scheme === 'dark'",
+        Duration::from_secs(10),
+    )?;
+    browser.screenshot(&shots.join("timeline-dark.png"))?;
+    browser.eval("document.querySelector('#run-others').click()")?;
+    browser.wait_for(
+        "the timeline with others asked for",
+        "!!(window.celeriacTimeline && Array.isArray(window.celeriacTimeline.others))",
+        Duration::from_secs(10),
+    )?;
+    let foreign = browser.eval(
+        "performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith(location.origin))",
+    )?;
+    assert_eq!(foreign, json!([]), "no external assets");
+    for f in ["charts-final.png", "timeline.png"] {
+        let len = std::fs::metadata(shots.join(f))?.len();
+        assert!(len > 5_000, "{f} is a real screenshot ({len} bytes)");
+    }
+    drop(worker);
+    drop(home);
+    let _ = std::fs::remove_dir_all(&profile);
+    Ok(())
+}
+
+#[test]
+fn charts_and_run_timeline_on_rabbitmq() -> Result<()> {
+    charts_and_run_timeline(AMQP, "rpc://", "rabbitmq")
+}
+
+#[test]
+fn charts_and_run_timeline_on_redis() -> Result<()> {
+    charts_and_run_timeline(REDIS_MISC, REDIS_MISC, "redis")
 }
