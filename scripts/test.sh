@@ -25,5 +25,7 @@ cargo build --workspace --bins
 # Integration tests start worker processes and Dagster step processes: two at a time fit 2 cores.
 cargo test --workspace -- --test-threads="${CELERIAC_TEST_THREADS:-2}"
 # The load test's small scenarios (loadtest/): fail when a run is lost, a step runs twice or a figure is
-# missing (the figures of a quick run are not reported).
-"$CARGO_TARGET_DIR/debug/celeriac-loadtest" --quick coordinator
+# missing (the figures of a quick run are not reported). `worker` uses the Kubernetes test cluster: it
+# starts it if no test left it up (same binaries and image paths as the tests), and the EXIT trap above
+# stops it.
+"$CARGO_TARGET_DIR/debug/celeriac-loadtest" --quick coordinator worker

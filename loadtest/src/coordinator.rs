@@ -54,7 +54,7 @@ impl Params {
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672//";
 const TERMINAL: &[&str] = &["SUCCESS", "FAILURE", "CANCELED"];
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -80,7 +80,7 @@ fn wait_ready(port: u16, timeout: Duration) -> Result<()> {
     }
 }
 
-fn scrape(port: u16) -> String {
+pub(crate) fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();

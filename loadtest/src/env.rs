@@ -64,6 +64,14 @@ pub fn celeriac_bin() -> Result<PathBuf> {
     } else {
         ""
     };
+    // CELERIAC_LOADTEST_PREBUILT=1: the binaries next to this one are the ones to measure (copied out
+    // of a target directory that other builds share, so that none replaces them mid-run).
+    if std::env::var_os("CELERIAC_LOADTEST_PREBUILT").is_some() {
+        if !bin.exists() {
+            bail!("CELERIAC_LOADTEST_PREBUILT: no {}", bin.display());
+        }
+        return Ok(bin);
+    }
     eprintln!("loadtest: building celeriac and celeriac-load-step {profile}");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     // The same package set as `scripts/test.sh`'s `cargo build --workspace --bins`: building a subset

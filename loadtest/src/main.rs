@@ -35,7 +35,7 @@ struct Args {
     /// A small version of each scenario (minutes), checked but not reported.
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run: `coordinator`, `worker` (or `all`).
+    /// Scenarios to run: `coordinator`, `worker` (or `all`); `report` only re-renders `REPORT.md`.
     #[arg(required = true)]
     scenarios: Vec<String>,
     /// Runs handed to the coordinator (overrides the scenario's default).
@@ -79,18 +79,20 @@ fn main() -> Result<()> {
                         worker::Params::full()
                     };
                     let figures = rt.block_on(worker::run(&p)).context("scenario worker")?;
-                    let dir = if args.quick {
-                        results_dir.clone()
-                    } else {
-                        env::repo_root().join("loadtest")
-                    };
-                    match plots::worker(&figures, &dir) {
+                    match plots::worker(&figures, &results_dir) {
                         Ok(files) => eprintln!("loadtest worker: plots {files:?}"),
                         Err(e) => failures.push(format!("worker: plots: {e}")),
                     }
                     figures
                 }
-                other => bail!("unknown scenario {other:?} (known: coordinator, worker, all)"),
+                "report" => {
+                    // Only re-render REPORT.md from the committed results (and their notes).
+                    report::write(&env::repo_root().join("loadtest"))?;
+                    continue;
+                }
+                other => {
+                    bail!("unknown scenario {other:?} (known: coordinator, worker, all, report)")
+                }
             };
             let problems = report::check(name, &figures);
             for p in &problems {

@@ -35,6 +35,8 @@ fn required(scenario: &str) -> &'static [&'static str] {
             "/celeriac/step_exit_to_result_p99_s",
             "/celeriac/api_requests_per_step",
             "/celeriac/startup_s",
+            "/celeriac/job_complete_to_result_p99_s",
+            "/python/job_complete_to_result_p99_s",
             "/celeriac/cpu_ms_per_step",
             "/python/pss_slope_bytes_per_step",
             "/python/pss_intercept_bytes",
@@ -56,6 +58,15 @@ pub fn check(scenario: &str, f: &Value) -> Vec<String> {
         .filter(|p| num(f, p).is_none())
         .map(|p| format!("figure {p} is missing"))
         .collect();
+    // Every figure of the report must be there: a missing one renders as NaN.
+    let rendered = section(scenario, f);
+    let missing: Vec<&str> = rendered.lines().filter(|l| l.contains("NaN")).collect();
+    if !missing.is_empty() {
+        out.push(format!(
+            "the report lacks figures (NaN) in:\n{}",
+            missing.join("\n")
+        ));
+    }
     if scenario == "coordinator" {
         let runs = num(f, "/params/runs").unwrap_or(0.0);
         let ok = num(f, "/celeriac/runs_succeeded").unwrap_or(-1.0);
@@ -152,23 +163,6 @@ pub fn section(scenario: &str, f: &Value) -> String {
 
 fn worker_section(f: &Value) -> String {
     let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
-    let levels = |side: &str| {
-        f.pointer(&format!("/{side}/memory_points"))
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .map(|p| {
-                        format!(
-                            "{} → {}",
-                            p["in_flight"].as_f64().unwrap_or(f64::NAN),
-                            mb(p["pss_bytes"].as_f64().unwrap_or(f64::NAN))
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default()
-    };
     let row = |figure: &str, key: &str, fmt: &dyn Fn(f64) -> String| {
         format!(
             "| {figure} | {} | {} |\n",
@@ -179,16 +173,24 @@ fn worker_section(f: &Value) -> String {
     let ratio = g("/python/pss_slope_bytes_per_step") / g("/celeriac/pss_slope_bytes_per_step");
     let mut s = format!(
         "## Worker: `execute_step_k8s_job` through celeriac and Python's dagster-celery-k8s worker\n\n\
-         One release `celeriac worker` (Kubernetes launcher, `-c {cc}`) and Python's `celery -A \
-         dagster_celery_k8s.app worker` (prefork, `-c` per level) took the same tasks (built with \
-         `celeriac_dagster::submission` from `CeleriacRunLauncher`'s hand-off: Dagster's exact kwargs) from \
-         RabbitMQ, results to Redis, step Jobs on the Kubernetes 1.20 test cluster (process kubelet, 1,000 \
-         pods; more Jobs wait unscheduled). Each step runs the load-step program for {secs} s. PSS is the \
-         whole worker side (every process of it, `/proc/<pid>/smaps_rollup`), at the peak of steps in flight \
-         of each batch.\n\n\
+         One `celeriac worker` ({build} build, Kubernetes launcher, `-c {cc}`) and Python's `celery -A \
+         dagster_celery_k8s.app worker` (prefork, `-c` per level, `--prefetch-multiplier=1` as \
+         `dagster-celery worker start` runs it) took the same tasks from RabbitMQ (built with \
+         `celeriac_dagster::submission::step_task` from `CeleriacRunLauncher`'s hand-off: Dagster's exact \
+         queue, priority and kwargs), results to Redis, step Jobs on the Kubernetes 1.20 test cluster \
+         (process kubelet, 1,000 pods; more Jobs wait unscheduled, tracked by the worker as running ones). \
+         Each batch of steps (the load-step program) is held until the whole batch is in flight and the \
+         worker side's PSS (every process of it, `/proc/<pid>/smaps_rollup`) has been sampled, then \
+         released. Machine load (1-minute average) {load0:.1} at the start, {load1:.1} at the end; per \
+         level below.\n\n\
          | figure | celeriac | Python |\n|---|---|---|\n",
+        build = f
+            .pointer("/params/build")
+            .and_then(Value::as_str)
+            .unwrap_or("release"),
         cc = g("/params/celeriac_concurrency"),
-        secs = g("/params/step_seconds"),
+        load0 = g("/params/load_average_1m/start"),
+        load1 = g("/params/load_average_1m/end"),
     );
     s.push_str(&row(
         "memory per in-flight step (PSS slope)",
@@ -196,11 +198,7 @@ fn worker_section(f: &Value) -> String {
         &kb,
     ));
     s.push_str(&row("memory intercept (PSS)", "pss_intercept_bytes", &mb));
-    s.push_str(&format!(
-        "| PSS at steps in flight | {} | {} |\n",
-        levels("celeriac"),
-        levels("python")
-    ));
+    s.push_str(&row("idle worker side (PSS)", "idle_pss_bytes", &mb));
     s.push_str(&row(
         "publish → Job created p50",
         "publish_to_job_created_p50_s",
@@ -221,15 +219,27 @@ fn worker_section(f: &Value) -> String {
         "step_exit_to_result_p99_s",
         &ms,
     ));
+    s.push_str(&format!(
+        "| Job complete → result p50 / p99 | {} / {} (the worker's histogram: watch event → events ready) | {} / {} (Job `completionTime`, whole seconds → result stored) |\n",
+        ms(g("/celeriac/job_complete_to_result_p50_s")),
+        ms(g("/celeriac/job_complete_to_result_p99_s")),
+        ms(g("/python/job_complete_to_result_p50_s")),
+        ms(g("/python/job_complete_to_result_p99_s")),
+    ));
     s.push_str(&row(
         "API requests per step (+ shared watches)",
         "api_requests_per_step",
         &|v| format!("{v:.2}"),
     ));
+    s.push_str(&format!(
+        "| shared LIST/WATCH requests (whole run) | {} | {} |\n",
+        g("/celeriac/api_requests_shared_watches"),
+        g("/python/api_requests_shared_watches")
+    ));
     s.push_str(&row(
         "API requests per second of step runtime",
         "api_requests_per_step_second",
-        &|v| format!("{v:.3}"),
+        &|v| format!("{v:.4}"),
     ));
     s.push_str(&row(
         "start-up (process start → consuming)",
@@ -252,9 +262,39 @@ fn worker_section(f: &Value) -> String {
         tally("celeriac"),
         tally("python")
     ));
+    s.push_str(
+        "\nPer level (one batch each; latencies of that batch; publish rate = as fast as RabbitMQ \
+         confirmed them; drain = release → every result stored):\n\n\
+         | side | steps | in flight | PSS | RSS | published/s | publish → Job created p50 / p99 | step exit → result p50 / p99 | drain | load avg |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for side in ["celeriac", "python"] {
+        for l in f
+            .pointer(&format!("/{side}/levels"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let v = |k: &str| l[k].as_f64().unwrap_or(f64::NAN);
+            s.push_str(&format!(
+                "| {side} | {} | {} | {} | {} | {:.0} | {} / {} | {} / {} | {:.1} s | {:.1} |\n",
+                v("steps"),
+                v("in_flight"),
+                mb(v("pss_bytes")),
+                mb(v("rss_bytes")),
+                v("publish_per_s"),
+                ms(v("publish_to_job_created_p50_s")),
+                ms(v("publish_to_job_created_p99_s")),
+                ms(v("step_exit_to_result_p50_s")),
+                ms(v("step_exit_to_result_p99_s")),
+                v("drain_s"),
+                v("load_average_1m"),
+            ));
+        }
+    }
     s.push_str(&format!(
-        "\nPython's memory per in-flight step is {ratio:.0}× celeriac's. Plots: `worker-memory.png`, \
-         `worker-latency.png`. Step exit → result stored starts when the step program exits (before the \
+        "\nPython's memory per in-flight step is {ratio:.0}× celeriac's. Plots: [`results/worker-memory.png`](results/worker-memory.png), \
+         [`results/worker-latency.png`](results/worker-latency.png). Step exit → result stored starts when the step program exits (before the \
          kubelet reports the pod and the Job controller marks the Job complete), so both sides' figures \
          include the cluster's own reaction time.\n"
     ));
@@ -283,6 +323,11 @@ pub fn write(loadtest_dir: &Path) -> Result<()> {
         let f: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
         body.push_str(&section(&name, &f));
         body.push('\n');
+        // What the figures mean, written by hand after the run: `results/<scenario>.notes.md`.
+        if let Ok(notes) = std::fs::read_to_string(path.with_extension("notes.md")) {
+            body.push_str(&notes);
+            body.push('\n');
+        }
     }
     std::fs::write(loadtest_dir.join("REPORT.md"), body)?;
     Ok(())

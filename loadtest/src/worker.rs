@@ -19,12 +19,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use celeriac_dagster::plan::snapshot::{OutputSnap, StepHandle, StepKind, StepSnap as Step};
 use celeriac_dagster::plan::KnownState;
 use celeriac_dagster::submission::{self, Handoff};
 use celeriac_wire::broker::amqp::AmqpBroker;
 use celeriac_wire::broker::{Broker, QueueSpec};
 use celeriac_wire::task::TaskMessage;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::env::{self, Home, Proc};
 use crate::procs;
@@ -44,7 +45,8 @@ pub struct Params {
     pub celeriac_levels: Vec<usize>,
     /// Python worker concurrencies (`-c`), each run with that many steps in flight.
     pub python_levels: Vec<usize>,
-    /// Seconds each step sleeps (long enough for a whole batch to be in flight at once).
+    /// Longest a step is held (each batch's steps run until the scenario has measured the batch in
+    /// flight and releases them; this only bounds a step the scenario forgot).
     pub step_seconds: f64,
     /// celeriac's `-c`.
     pub celeriac_concurrency: usize,
@@ -53,9 +55,9 @@ pub struct Params {
 impl Params {
     pub fn full() -> Params {
         Params {
-            celeriac_levels: vec![10, 100, 1000, 5000, 10000],
-            python_levels: vec![2, 8],
-            step_seconds: 90.0,
+            celeriac_levels: vec![10, 100, 1000, 3000],
+            python_levels: vec![2, 8, 32],
+            step_seconds: 1800.0,
             celeriac_concurrency: 12000,
         }
     }
@@ -63,7 +65,7 @@ impl Params {
         Params {
             celeriac_levels: vec![10, 100],
             python_levels: vec![1, 2],
-            step_seconds: 8.0,
+            step_seconds: 300.0,
             celeriac_concurrency: 200,
         }
     }
@@ -183,7 +185,20 @@ struct Audit {
     verb: String,
     resource: String,
     name: String,
+    /// The request URI (with its query: a list naming one Job is per step, not a shared watch).
+    uri: String,
     at: f64,
+}
+
+impl Audit {
+    /// A LIST or WATCH of all step Jobs or pods of the namespace (shared by every step), as opposed
+    /// to one that selects a single Job's objects (`job-name=…`, `metadata.name=…`).
+    fn shared(&self) -> bool {
+        (self.verb == "list" || self.verb == "watch")
+            && !self.uri.contains("job-name%3D")
+            && !self.uri.contains("job-name=")
+            && !self.uri.contains("metadata.name")
+    }
 }
 
 fn audit_log() -> PathBuf {
@@ -233,6 +248,7 @@ fn audit_since(mark: u64, user: &str, namespace: &str) -> Vec<Audit> {
             verb: s("/verb").to_string(),
             resource,
             name: s("/objectRef/name").to_string(),
+            uri: s("/requestURI").to_string(),
             at: parse_time(s("/stageTimestamp")).unwrap_or(f64::NAN),
         });
     }
@@ -250,47 +266,38 @@ fn load_handoff(run_id: &str, base: &Value, ns: &Namespace) -> Result<Handoff> {
     Handoff::decode(&h).context("decoding the hand-off")
 }
 
-/// The `execute_step_k8s_job` kwargs of one step, as `submission::step_task` builds them, with the op
-/// tag `dagster-k8s/config` giving the step container its program and sleep.
-fn step_kwargs(
-    handoff: &Handoff,
-    step_key: &str,
-    container_env: &Value,
-) -> Result<Map<String, Value>> {
+/// A step of the load job as the execution plan holds it: `step_key`, with the op tags Dagster's
+/// executor reads (`dagster-celery/queue`, and `dagster-k8s/config` giving the step container its
+/// program, its sleep and where it notes that it exited).
+fn load_step(step_key: &str, queue: &str, container_env: &Value) -> Step {
     let mut tags = BTreeMap::new();
+    tags.insert(submission::QUEUE_TAG.to_string(), queue.to_string());
     tags.insert(
         submission::USER_DEFINED_K8S_CONFIG_TAG.to_string(),
         json!({"container_config": {"env": container_env}}).to_string(),
     );
-    let user_defined = submission::user_defined_k8s_config(&tags)?;
-    let mut kwargs = Map::new();
-    kwargs.insert(
-        "execute_step_args_packed".into(),
-        submission::execute_step_args(handoff, step_key, &KnownState::default()),
-    );
-    kwargs.insert(
-        "job_config_dict".into(),
-        Value::Object(handoff.job_config_dict.clone()),
-    );
-    kwargs.insert("job_namespace".into(), json!(handoff.job_namespace));
-    kwargs.insert(
-        "user_defined_k8s_config_dict".into(),
-        Value::Object(user_defined),
-    );
-    kwargs.insert(
-        "per_step_k8s_config".into(),
-        handoff.per_step_k8s_config.clone(),
-    );
-    kwargs.insert(
-        "load_incluster_config".into(),
-        handoff.load_incluster_config.clone(),
-    );
-    kwargs.insert("job_wait_timeout".into(), handoff.job_wait_timeout.clone());
-    kwargs.insert("kubeconfig_file".into(), handoff.kubeconfig_file.clone());
-    Ok(kwargs)
+    Step {
+        key: step_key.to_string(),
+        kind: StepKind::Compute,
+        handle: StepHandle::Plain {
+            node: step_key.to_string(),
+            key: step_key.to_string(),
+        },
+        inputs: vec![],
+        outputs: vec![OutputSnap {
+            name: "result".into(),
+            is_required: true,
+            is_dynamic: false,
+            is_asset_check: false,
+        }],
+        tags,
+        pool: None,
+    }
 }
 
-/// Publishes `count` steps of `handoff` to `queue`, as fast as the broker takes them.
+/// Publishes `count` steps of `handoff` to `queue`, as fast as the broker takes them. Each task is
+/// what Dagster's executor publishes for the step (`submission::step_task`: queue, priority, the
+/// eight kwargs), wrapped as the coordinator wraps it.
 async fn publish(
     broker: &AmqpBroker,
     queue: &str,
@@ -300,26 +307,36 @@ async fn publish(
     container_env: &Value,
 ) -> Result<Vec<Sent>> {
     broker.declare(&QueueSpec::dagster(queue)).await?;
+    let known = KnownState::default();
     let mut sent = Vec::with_capacity(count);
     for i in 0..count {
         let step_key = format!("{prefix}_{i}");
-        let kwargs = step_kwargs(handoff, &step_key, container_env)?;
+        let step = load_step(&step_key, queue, container_env);
+        let task = submission::step_task(handoff, 0, &step, &known)
+            .with_context(|| format!("building the task of step {step_key}"))?;
+        anyhow::ensure!(
+            task.queue == queue,
+            "step {step_key} routed to {}",
+            task.queue
+        );
         let id = uuid::Uuid::new_v4().to_string();
         let message = TaskMessage {
             id: id.clone(),
             task: celeriac_dagster::step::task::TASK_NAME.into(),
             args: vec![],
             argsrepr: celeriac_wire::saferepr::argsrepr(&[]),
-            kwargsrepr: celeriac_wire::saferepr::kwargsrepr(&kwargs),
-            kwargs,
+            kwargsrepr: celeriac_wire::saferepr::kwargsrepr(&task.kwargs),
+            kwargs: task.kwargs,
             origin: format!("{}@loadtest", std::process::id()),
             reply_to: None,
-            priority: Some(5),
+            priority: Some(task.priority),
             root_id: None,
             parent_id: None,
         };
         let published_at = crate::now();
-        broker.publish("", queue, message.to_outgoing()).await?;
+        broker
+            .publish("", &task.queue, message.to_outgoing())
+            .await?;
         sent.push(Sent {
             task_id: id,
             job_name: celeriac_dagster::step::command::job_name(&handoff.run_id, &step_key, 0),
@@ -355,6 +372,13 @@ fn results(ids: &[String]) -> Result<HashMap<String, (String, f64)>> {
     Ok(out)
 }
 
+/// How many of `sent` have a result stored (success or failure: a failed step is finished too, and
+/// reported as such afterwards).
+fn stored_counter(sent: &[Sent]) -> impl Fn() -> usize {
+    let ids: Vec<String> = sent.iter().map(|s| s.task_id.clone()).collect();
+    move || results(&ids).map_or(0, |r| r.len())
+}
+
 /// When each step program exited (`LOAD_STEP_DONE_FILE`), by step key; also how often each ran.
 fn step_exits(path: &Path) -> (HashMap<String, f64>, HashMap<String, usize>) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -373,11 +397,28 @@ fn step_exits(path: &Path) -> (HashMap<String, f64>, HashMap<String, usize>) {
     (at, runs)
 }
 
+/// One batch (level) of one side, measured.
+#[derive(Debug, Clone, Default)]
+struct Level {
+    /// Steps published.
+    n: usize,
+    /// Steps in flight when memory was measured (all of them, unless some never got a Job).
+    in_flight: usize,
+    pss: f64,
+    rss: f64,
+    /// Steps published per second (as fast as RabbitMQ confirms them).
+    publish_per_s: f64,
+    /// Release of the held steps → every result stored.
+    drain_s: f64,
+    load_average: f64,
+    /// Index range of this batch in the side's `sent`.
+    sent: std::ops::Range<usize>,
+}
+
 /// Everything measured of one side.
 #[derive(Default)]
 struct Side {
-    /// (steps in flight, PSS bytes of the worker side) per level.
-    memory: Vec<(f64, f64)>,
+    levels: Vec<Level>,
     idle_pss: f64,
     idle_rss: f64,
     after_rss: Vec<f64>,
@@ -409,51 +450,104 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
     (my - b * mx, b)
 }
 
-/// Waits (sampling PSS) until the batch's steps have all been taken up, then until they all finished;
-/// returns the peak (in flight, PSS) seen. `in_flight` and `finished` read the worker's log.
-fn measure_batch(
+/// What a batch is measured with.
+struct Batch<'a> {
+    /// The worker side's root process.
     pid: u32,
     n: usize,
-    timeout: Duration,
-    in_flight: &dyn Fn() -> usize,
-    finished: &dyn Fn() -> usize,
-    progress: &str,
-) -> Result<(f64, f64)> {
-    let start = Instant::now();
-    let mut best = (0usize, 0u64);
-    let mut last_print = Instant::now();
-    loop {
-        let f = in_flight();
-        if f >= best.0 {
-            // A few samples at this level: PSS moves while the batch settles.
-            let pss = procs::tree_pss(pid);
-            if f > best.0 || pss > best.1 {
-                best = (f, pss);
+    /// Created to let the held steps finish.
+    release: &'a Path,
+    /// Steps the worker holds now (from its log).
+    in_flight: &'a dyn Fn() -> usize,
+    /// Steps of the batch with a result stored.
+    finished: &'a dyn Fn() -> usize,
+    progress: String,
+}
+
+impl Batch<'_> {
+    fn show(&self, f: usize, done: usize, phase: &str) {
+        eprint!(
+            "\r{}: {f:>6} in flight, {done:>6}/{} done, PSS {:>7.1} MB, {phase}      ",
+            self.progress,
+            self.n,
+            procs::tree_pss(self.pid) as f64 / 1e6
+        );
+    }
+
+    /// Waits until every step of the batch is in flight (or their number stopped growing for a
+    /// minute), measures the worker side's PSS there, releases the steps and waits for every result.
+    fn measure(&self, mut level: Level) -> Result<Level> {
+        let start = Instant::now();
+        let (mut best, mut grew_at) = (0usize, Instant::now());
+        let mut last_print = Instant::now() - Duration::from_secs(10);
+        let hold_limit = Duration::from_secs_f64(300.0 + self.n as f64 / 5.0);
+        loop {
+            let f = (self.in_flight)();
+            if f > best {
+                (best, grew_at) = (f, Instant::now());
             }
+            if last_print.elapsed() > Duration::from_secs(2) {
+                self.show(f, (self.finished)(), "taking up");
+                last_print = Instant::now();
+            }
+            if f >= self.n || grew_at.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+            if start.elapsed() > hold_limit {
+                bail!(
+                    "{}: only {best} of {} steps in flight after {hold_limit:?}",
+                    self.progress,
+                    self.n
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
         }
-        let done = finished();
-        if last_print.elapsed() > Duration::from_secs(5) {
-            eprint!(
-                "\r{progress}: {f:>6} in flight, {done:>6}/{n} done, PSS {:.1} MB     ",
-                procs::tree_pss(pid) as f64 / 1e6
-            );
-            last_print = Instant::now();
+        // A few samples at the plateau: PSS moves while the batch settles.
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(500));
+            let f = (self.in_flight)();
+            let pss = procs::tree_pss(self.pid) as f64;
+            if pss > level.pss {
+                level.pss = pss;
+                level.rss = procs::tree(self.pid)
+                    .into_iter()
+                    .map(procs::rss)
+                    .sum::<u64>() as f64;
+            }
+            level.in_flight = level.in_flight.max(f);
         }
-        if done >= n {
-            eprintln!();
-            return Ok((best.0 as f64, best.1 as f64));
+        level.load_average = procs::load_average();
+        std::fs::write(self.release, b"")?;
+        let released = Instant::now();
+        let drain_limit = Duration::from_secs_f64(300.0 + self.n as f64 / 10.0);
+        loop {
+            let done = (self.finished)();
+            if last_print.elapsed() > Duration::from_secs(2) {
+                self.show((self.in_flight)(), done, "released");
+                last_print = Instant::now();
+            }
+            if done >= self.n {
+                eprintln!();
+                level.drain_s = released.elapsed().as_secs_f64();
+                return Ok(level);
+            }
+            if released.elapsed() > drain_limit {
+                bail!(
+                    "{}: only {done} of {} steps finished within {drain_limit:?} of their release",
+                    self.progress,
+                    self.n
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        if start.elapsed() > timeout {
-            bail!("{progress}: only {done} of {n} steps finished within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
-fn container_env(step_dir: &Path, seconds: f64, done_file: &Path) -> Value {
+fn container_env(step_dir: &Path, seconds: f64, done_file: &Path, release: &Path) -> Value {
     json!([
         {"name": "PATH", "value": format!("{}:/usr/local/bin:/usr/bin:/bin", step_dir.display())},
         {"name": "LOAD_STEP_SECONDS", "value": seconds.to_string()},
+        {"name": "LOAD_STEP_RELEASE_FILE", "value": release.display().to_string()},
         {"name": "LOAD_STEP_DONE_FILE", "value": done_file.display().to_string()},
     ])
 }
@@ -461,20 +555,20 @@ fn container_env(step_dir: &Path, seconds: f64, done_file: &Path) -> Value {
 /// Runs the scenario; returns the figures as JSON.
 pub async fn run(p: &Params) -> Result<Value> {
     env::ensure_services()?;
+    let load_start = procs::load_average();
     let celeriac = env::celeriac_bin()?;
     let bin_dir = celeriac.parent().context("binary directory")?.to_path_buf();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "-p", "celeriac-kubelet"])
-        .args(if bin_dir.ends_with("release") {
-            &["--release"][..]
-        } else {
-            &[][..]
-        })
-        .current_dir(env::repo_root())
-        .status()?;
-    if !status.success() {
-        bail!("cannot build celeriac-kubelet");
-    }
+    let build = if bin_dir.ends_with("release") {
+        "release"
+    } else {
+        "debug"
+    };
+    // `celeriac_bin` built every workspace binary, the process kubelet with them.
+    anyhow::ensure!(
+        bin_dir.join("celeriac-kubelet").exists(),
+        "{} has no celeriac-kubelet",
+        bin_dir.display()
+    );
     let venv = env::venv()?;
     cluster_up(&bin_dir, &venv)?;
     let step_dir = env::load_step_path()?;
@@ -528,6 +622,7 @@ pub async fn run(p: &Params) -> Result<Value> {
         .filter_map(|v| v.as_str().map(str::to_string))
         .collect();
     anyhow::ensure!(runs.len() == 2, "make_runs.py made {} runs", runs.len());
+    // Both workers check that the run is STARTED before they launch a step (and while it runs).
     db.execute(
         "UPDATE runs SET status = 'STARTED' WHERE run_id = ANY($1)",
         &[&runs],
@@ -542,9 +637,9 @@ pub async fn run(p: &Params) -> Result<Value> {
     let handoff = load_handoff(&runs[0], &made["handoff"], &ns)?;
     let queue = env::unique("load_celeriac");
     let done_file = work.join("celeriac-steps.txt");
-    let cenv = container_env(&step_dir, p.step_seconds, &done_file);
     let mark = audit_mark();
     let mut c = Side::default();
+    let http_port = crate::coordinator::free_port()?;
     let spawned = Instant::now();
     let mut cmd = Command::new(&celeriac);
     cmd.args([
@@ -560,7 +655,7 @@ pub async fn run(p: &Params) -> Result<Value> {
         "--launcher",
         "kubernetes",
         "--http-addr",
-        "127.0.0.1:0",
+        &format!("127.0.0.1:{http_port}"),
     ])
     .env("KUBECONFIG", &ns.kubeconfig)
     .env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")
@@ -574,29 +669,32 @@ pub async fn run(p: &Params) -> Result<Value> {
     c.idle_rss = procs::rss(pid) as f64;
     let cpu_before = procs::cpu_time(pid);
     for (i, &n) in p.celeriac_levels.iter().enumerate() {
-        let finished_before = count(&worker.log_text(), "step finished");
+        let release = work.join(format!("release-celeriac-{i}"));
+        let cenv = container_env(&step_dir, p.step_seconds, &done_file, &release);
+        let published = Instant::now();
         let sent = publish(&broker, &queue, &handoff, &format!("c{i}"), n, &cenv).await?;
+        let publish_per_s = n as f64 / published.elapsed().as_secs_f64();
         let log = worker.log.clone();
-        let text = move || std::fs::read_to_string(&log).unwrap_or_default();
-        let t2 = text.clone();
         let in_flight = move || {
-            let t = text();
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
             count(&t, "step Job running").saturating_sub(count(&t, "step finished"))
         };
-        let finished = move || count(&t2(), "step finished").saturating_sub(finished_before);
-        // Beyond the kubelet's 1,000 pods, Jobs wait unscheduled: waves of `step_seconds`.
-        let waves = n.div_ceil(1000) as f64;
-        let timeout =
-            Duration::from_secs_f64(300.0 + waves * (p.step_seconds + 60.0) + n as f64 / 20.0);
-        let point = measure_batch(
+        let finished = stored_counter(&sent);
+        let level = Batch {
             pid,
             n,
-            timeout,
-            &in_flight,
-            &finished,
-            &format!("celeriac {n:>5}"),
-        )?;
-        c.memory.push(point);
+            release: &release,
+            in_flight: &in_flight,
+            finished: &finished,
+            progress: format!("celeriac {n:>5}"),
+        }
+        .measure(Level {
+            n,
+            publish_per_s,
+            sent: c.sent.len()..c.sent.len() + n,
+            ..Level::default()
+        })?;
+        c.levels.push(level);
         c.sent.extend(sent);
         std::thread::sleep(Duration::from_secs(15));
         c.after_rss.push(procs::rss(pid) as f64);
@@ -604,6 +702,14 @@ pub async fn run(p: &Params) -> Result<Value> {
     c.cpu_s = procs::cpu_time(pid)
         .saturating_sub(cpu_before)
         .as_secs_f64();
+    // The worker's own view of "Job complete → result": its histogram from the Job turning terminal
+    // (watch event) to the step's events being ready for the result.
+    let scrape =
+        crate::coordinator::scrape(http_port).replace(&format!("namespace=\"{}\",", ns.name), "");
+    let job_to_result = [0.5, 0.99].map(|q| {
+        procs::histogram_quantile(&scrape, "celeriac_step_job_result_latency_seconds", q)
+            .unwrap_or(f64::NAN)
+    });
     drop(worker);
     c.audit = audit_since(mark, &ns.user, &ns.name);
 
@@ -612,21 +718,16 @@ pub async fn run(p: &Params) -> Result<Value> {
     let phandoff = load_handoff(&runs[1], &made["handoff"], &pns)?;
     let pqueue = env::unique("load_python");
     let pdone_file = work.join("python-steps.txt");
-    let penv = container_env(&step_dir, p.step_seconds, &pdone_file);
     let pmark = audit_mark();
     let mut py = Side::default();
     for (i, &conc) in p.python_levels.iter().enumerate() {
         let spawned = Instant::now();
         let mut cmd = Command::new(venv.join("bin/celery"));
-        cmd.args(["-A", "dagster_celery_k8s.app", "worker", "-Q", &pqueue])
-            .args([
-                "-c",
-                &conc.to_string(),
-                "-b",
-                BROKER,
-                "--result-backend",
-                BACKEND,
-            ])
+        // As `dagster-celery worker start` runs it (broker and backend are options of `celery`
+        // itself, not of its `worker` command).
+        cmd.args(["-A", "dagster_celery_k8s.app", "-b", BROKER])
+            .args(["--result-backend", BACKEND, "worker", "-Q", &pqueue])
+            .args(["-c", &conc.to_string(), "--prefetch-multiplier=1"])
             .args(["-l", "info", "-n", &format!("{}@load", env::unique("py"))])
             .args([
                 "--without-gossip",
@@ -653,26 +754,35 @@ pub async fn run(p: &Params) -> Result<Value> {
             py.idle_rss = procs::rss(pid) as f64;
         }
         let cpu_before: Duration = procs::tree(pid).into_iter().map(procs::cpu_time).sum();
+        let release = work.join(format!("release-python-{i}"));
+        let penv = container_env(&step_dir, p.step_seconds, &pdone_file, &release);
+        let published = Instant::now();
         let sent = publish(&broker, &pqueue, &phandoff, &format!("p{i}"), conc, &penv).await?;
+        let publish_per_s = conc as f64 / published.elapsed().as_secs_f64();
         let log = w.log.clone();
-        let text = move || std::fs::read_to_string(&log).unwrap_or_default();
-        let t2 = text.clone();
-        // celery logs `Task execute_step_k8s_job[<id>] received` and `… succeeded in <s>s: …`.
+        // celery logs `Task execute_step_k8s_job[<id>] received`, then `… succeeded in <s>s: …` or
+        // `… raised unexpected: …`.
         let in_flight = move || {
-            let t = text();
-            count(&t, "] received").saturating_sub(count(&t, "] succeeded in"))
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            count(&t, "] received")
+                .saturating_sub(count(&t, "] succeeded in") + count(&t, "] raised unexpected"))
         };
-        let finished = move || count(&t2(), "] succeeded in");
-        let timeout = Duration::from_secs_f64(600.0 + p.step_seconds * 2.0);
-        let point = measure_batch(
+        let finished = stored_counter(&sent);
+        let level = Batch {
             pid,
-            conc,
-            timeout,
-            &in_flight,
-            &finished,
-            &format!("python -c {conc:>3}"),
-        )?;
-        py.memory.push((conc as f64, point.1));
+            n: conc,
+            release: &release,
+            in_flight: &in_flight,
+            finished: &finished,
+            progress: format!("python -c {conc:>3}"),
+        }
+        .measure(Level {
+            n: conc,
+            publish_per_s,
+            sent: py.sent.len()..py.sent.len() + conc,
+            ..Level::default()
+        })?;
+        py.levels.push(level);
         py.cpu_s += procs::tree(pid)
             .into_iter()
             .map(procs::cpu_time)
@@ -683,12 +793,28 @@ pub async fn run(p: &Params) -> Result<Value> {
         drop(w);
     }
     py.audit = audit_since(pmark, &pns.user, &pns.name);
+    // Python leaves its step Jobs in place: when each turned Complete (whole seconds in 1.20).
+    let completed: HashMap<String, f64> = serde_json::from_str::<Value>(&kubectl(
+        &["get", "jobs", "-n", &pns.name, "-o", "json"],
+        None,
+    )?)?["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| {
+            Some((
+                j.pointer("/metadata/name")?.as_str()?.to_string(),
+                parse_time(j.pointer("/status/completionTime")?.as_str()?)?,
+            ))
+        })
+        .collect();
 
     // --- figures ---
     let mut out = json!({
         "params": {"celeriac_levels": p.celeriac_levels, "python_levels": p.python_levels,
-                   "step_seconds": p.step_seconds, "celeriac_concurrency": p.celeriac_concurrency,
-                   "broker": "amqp", "backend": "redis"},
+                   "step_seconds_max": p.step_seconds, "celeriac_concurrency": p.celeriac_concurrency,
+                   "broker": "amqp", "backend": "redis", "build": build,
+                   "load_average_1m": {"start": load_start, "end": procs::load_average()}},
     });
     let mut problems = Vec::new();
     for (name, side, done_file) in [("celeriac", &c, &done_file), ("python", &py, &pdone_file)] {
@@ -718,54 +844,115 @@ pub async fn run(p: &Params) -> Result<Value> {
             .filter(|a| a.verb == "create" && a.resource == "jobs")
             .map(|a| (a.name.as_str(), a.at))
             .collect();
-        let dispatch: Vec<f64> = side
-            .sent
-            .iter()
-            .filter_map(|s| Some(creates.get(s.job_name.as_str())? - s.published_at))
-            .collect();
-        let result: Vec<f64> = side
-            .sent
-            .iter()
-            .filter_map(|s| {
-                let (_, done) = stored.get(&s.task_id)?;
-                Some(done - exits.get(&s.step_key)?)
-            })
-            .filter(|d| d.is_finite())
-            .collect();
+        let dispatch = |sent: &[Sent]| -> Vec<f64> {
+            sent.iter()
+                .filter_map(|s| Some(creates.get(s.job_name.as_str())? - s.published_at))
+                .collect()
+        };
+        let result = |sent: &[Sent]| -> Vec<f64> {
+            sent.iter()
+                .filter_map(|s| {
+                    let (_, done) = stored.get(&s.task_id)?;
+                    Some(done - exits.get(&s.step_key)?)
+                })
+                .filter(|d| d.is_finite())
+                .collect()
+        };
+        let all_dispatch = dispatch(&side.sent);
+        let all_result = result(&side.sent);
         let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
         for a in &side.audit {
             *by_kind
                 .entry(format!("{} {}", a.verb, a.resource))
                 .or_default() += 1;
         }
-        let shared: usize = ["list jobs", "watch jobs", "list pods", "watch pods"]
-            .iter()
-            .map(|k| by_kind.get(*k).copied().unwrap_or(0))
-            .sum();
+        let shared = side.audit.iter().filter(|a| a.shared()).count();
         let steps = side.sent.len().max(1) as f64;
-        let step_seconds_total = steps * p.step_seconds;
-        let (intercept, slope) = fit(&side.memory);
+        // Step runtime: Job created → step program exited, summed.
+        let runtime: f64 = side
+            .sent
+            .iter()
+            .filter_map(|s| Some(exits.get(&s.step_key)? - creates.get(s.job_name.as_str())?))
+            .filter(|d| d.is_finite() && *d > 0.0)
+            .sum();
+        let points: Vec<(f64, f64)> = side
+            .levels
+            .iter()
+            .map(|l| (l.in_flight as f64, l.pss))
+            .collect();
+        let (intercept, slope) = fit(&points);
+        let levels: Vec<Value> = side
+            .levels
+            .iter()
+            .map(|l| {
+                let sent = &side.sent[l.sent.clone()];
+                let (d, r) = (dispatch(sent), result(sent));
+                json!({
+                    "steps": l.n, "in_flight": l.in_flight, "pss_bytes": l.pss, "rss_bytes": l.rss,
+                    "publish_per_s": l.publish_per_s, "drain_s": l.drain_s,
+                    "load_average_1m": l.load_average,
+                    "publish_to_job_created_p50_s": procs::quantile(&d, 0.5),
+                    "publish_to_job_created_p99_s": procs::quantile(&d, 0.99),
+                    "step_exit_to_result_p50_s": procs::quantile(&r, 0.5),
+                    "step_exit_to_result_p99_s": procs::quantile(&r, 0.99),
+                })
+            })
+            .collect();
         out[name] = json!({
             "steps": side.sent.len(), "results_success": ok, "lost": lost, "ran_twice": twice,
-            "memory_points": side.memory.iter().map(|(x, y)| json!({"in_flight": x, "pss_bytes": y})).collect::<Vec<_>>(),
+            "never_ran": never,
+            "memory_points": points.iter().map(|(x, y)| json!({"in_flight": x, "pss_bytes": y})).collect::<Vec<_>>(),
+            "levels": levels,
             "pss_slope_bytes_per_step": slope, "pss_intercept_bytes": intercept,
             "idle_pss_bytes": side.idle_pss, "idle_rss_bytes": side.idle_rss,
             "rss_after_batches_bytes": side.after_rss,
-            "publish_to_job_created_p50_s": procs::quantile(&dispatch, 0.5),
-            "publish_to_job_created_p99_s": procs::quantile(&dispatch, 0.99),
-            "dispatch_samples": dispatch.len(),
-            "step_exit_to_result_p50_s": procs::quantile(&result, 0.5),
-            "step_exit_to_result_p99_s": procs::quantile(&result, 0.99),
-            "result_samples": result.len(),
+            "publish_to_job_created_p50_s": procs::quantile(&all_dispatch, 0.5),
+            "publish_to_job_created_p99_s": procs::quantile(&all_dispatch, 0.99),
+            "dispatch_samples": all_dispatch.len(),
+            "step_exit_to_result_p50_s": procs::quantile(&all_result, 0.5),
+            "step_exit_to_result_p99_s": procs::quantile(&all_result, 0.99),
+            "result_samples": all_result.len(),
             "api_requests_total": side.audit.len(),
             "api_requests_per_step": (side.audit.len() - shared) as f64 / steps,
             "api_requests_shared_watches": shared,
-            "api_requests_per_step_second": side.audit.len() as f64 / step_seconds_total,
+            "step_runtime_total_s": runtime,
+            "api_requests_per_step_second": side.audit.len() as f64 / runtime,
             "api_requests_by_kind": by_kind,
             "startup_s": side.startup_s.iter().cloned().fold(f64::NAN, f64::min),
             "cpu_ms_per_step": side.cpu_s * 1000.0 / steps,
         });
     }
+    out["celeriac"]["job_complete_to_result_p50_s"] = json!(job_to_result[0]);
+    out["celeriac"]["job_complete_to_result_p99_s"] = json!(job_to_result[1]);
+    let ids: Vec<String> = py.sent.iter().map(|s| s.task_id.clone()).collect();
+    let stored = results(&ids)?;
+    let py_job_to_result: Vec<f64> = py
+        .sent
+        .iter()
+        .filter_map(|s| Some(stored.get(&s.task_id)?.1 - completed.get(&s.job_name)?))
+        .filter(|d| d.is_finite())
+        .collect();
+    // Python's steps one by one (few), to read the timelines behind its figures.
+    let py_creates: HashMap<&str, f64> = py
+        .audit
+        .iter()
+        .filter(|a| a.verb == "create" && a.resource == "jobs")
+        .map(|a| (a.name.as_str(), a.at))
+        .collect();
+    let (py_exits, _) = step_exits(&pdone_file);
+    out["python"]["timelines"] = json!(py
+        .sent
+        .iter()
+        .map(|s| json!({
+            "step": s.step_key, "published": s.published_at,
+            "job_created": py_creates.get(s.job_name.as_str()),
+            "step_exited": py_exits.get(&s.step_key),
+            "job_completion_time": completed.get(&s.job_name),
+            "result_date_done": stored.get(&s.task_id).map(|r| r.1),
+        }))
+        .collect::<Vec<_>>());
+    out["python"]["job_complete_to_result_p50_s"] = json!(procs::quantile(&py_job_to_result, 0.5));
+    out["python"]["job_complete_to_result_p99_s"] = json!(procs::quantile(&py_job_to_result, 0.99));
     out["problems"] = json!(problems);
     drop(db);
     Ok(out)

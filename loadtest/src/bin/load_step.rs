@@ -3,7 +3,8 @@
 //! --compressed-input-json <b64(zlib(json))>` exactly like the real one, it reads the step it was given,
 //! sleeps `LOAD_STEP_SECONDS` (default 0) and prints the serialized Dagster events a real one-output step
 //! prints (STEP_START, STEP_OUTPUT `result`, STEP_SUCCESS), so workers and coordinators see real results
-//! without the cost of a Python interpreter per step. With `LOAD_STEP_DONE_FILE` set it appends
+//! without the cost of a Python interpreter per step. With `LOAD_STEP_RELEASE_FILE` set it stops
+//! sleeping as soon as that file exists. With `LOAD_STEP_DONE_FILE` set it appends
 //! `<run_id> <step_key> <epoch seconds>` there as it exits.
 
 use std::io::Read as _;
@@ -45,6 +46,24 @@ fn event(kind: &str, job: &str, run_id: &str, step: &str, data: Value, message: 
     celeriac_dagster::serdes::to_string(&v)
 }
 
+/// Sleeps `seconds`, or less when `release` (a path) appears first: the load test holds a whole batch
+/// of steps in flight, measures, then releases them at once.
+fn hold(seconds: f64, release: Option<&std::ffi::OsStr>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds.max(0.0));
+    let Some(release) = release.map(std::path::Path::new) else {
+        std::thread::sleep(deadline.saturating_duration_since(std::time::Instant::now()));
+        return;
+    };
+    // Polled twice a second: with a thousand steps held, cheaper than anything cleverer.
+    while !release.exists() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(500)));
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = match input() {
         Ok(a) => a,
@@ -74,9 +93,10 @@ fn main() -> std::process::ExitCode {
             &format!("Started execution of step \"{step}\".")
         )
     );
-    if seconds > 0.0 {
-        std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
-    }
+    hold(
+        seconds,
+        std::env::var_os("LOAD_STEP_RELEASE_FILE").as_deref(),
+    );
     let handle = json!({"__class__": "StepOutputHandle", "mapping_key": null, "output_name": "result", "step_key": step});
     let output = json!({"__class__": "StepOutputData", "metadata_entries": [], "step_output_handle": handle,
                         "type_check_data": {"__class__": "TypeCheckData", "description": null, "label": "result",
