@@ -23,25 +23,74 @@ pub struct DagsterHome {
 impl Drop for DagsterHome {
     /// Drops the run's database (best effort), so repeated test runs do not pile up databases.
     fn drop(&mut self) {
-        let _ = std::process::Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-q",
-                "-c",
-            ])
-            .arg(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.db
-            ))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = psql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db),
+        );
     }
+}
+
+/// Runs `sql` in database `db` of the local PostgreSQL with `psql` (unaligned, tuples only); its output.
+pub fn psql(db: &str, sql: &str) -> Result<String> {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-q",
+            "-At",
+            "-c",
+            sql,
+        ])
+        .output()
+        .context("running psql")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// STEP_START count and "Submitting" engine events per step, from a `run_shape.py` summary.
+pub fn per_step_counts(
+    summary: &serde_json::Value,
+) -> std::collections::BTreeMap<String, (usize, usize)> {
+    summary["step_events"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(step, events)| {
+                    let events: Vec<&str> = events
+                        .as_array()
+                        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+                        .unwrap_or_default();
+                    let starts = events.iter().filter(|e| **e == "STEP_START").count();
+                    let submits = events
+                        .iter()
+                        .filter(|e| e.starts_with("ENGINE_EVENT:Submitting celery task"))
+                        .count();
+                    (step.clone(), (starts, submits))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Each of `steps` submitted once and started once in a `run_shape.py` summary, or which was not.
+pub fn each_step_once(summary: &serde_json::Value, steps: &[&str]) -> Result<(), String> {
+    let counts = per_step_counts(summary);
+    for step in steps {
+        if counts.get(*step) != Some(&(1, 1)) {
+            return Err(format!(
+                "step {step} must be submitted once and run once: {counts:?}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What `run_job.py` reports about a finished (or timed-out) run.
@@ -110,11 +159,22 @@ impl DagsterHome {
         Self::create_with(broker, backend, &[])
     }
 
-    /// Every process reads the Postgres port from `$<var>` (`{env: var}` in dagster.yaml), and step
-    /// processes get `<var>=5432` from the run config's `env_vars`: a test can send the worker's
-    /// database connections (only) through a fault proxy.
-    pub fn create_with_pg_port_env(broker: &str, backend: &str, var: &str) -> Result<DagsterHome> {
-        Self::create_with(broker, backend, &["--pg-port-env", var])
+    /// Every process reads the Postgres port from `$<var>` (`{env: var}` in dagster.yaml), and the
+    /// processes of `direct_steps` get `<var>=5432` from the run config's `per_step_k8s_config`
+    /// container env: a test can send the worker's database connections (only) through a fault proxy.
+    /// (The executor's `env_vars` would not do: dagster-celery-k8s accepts and drops it, so step
+    /// processes would inherit the worker's value.)
+    pub fn create_with_pg_port_env(
+        broker: &str,
+        backend: &str,
+        var: &str,
+        direct_steps: &[&str],
+    ) -> Result<DagsterHome> {
+        let mut extra = vec!["--pg-port-env", var];
+        for step in direct_steps {
+            extra.extend(["--pg-direct-step", step]);
+        }
+        Self::create_with(broker, backend, &extra)
     }
 
     /// Steps run as Kubernetes Jobs in `namespace`, with `kubeconfig` as the task's kubeconfig_file.
@@ -159,7 +219,8 @@ impl DagsterHome {
         )
     }
 
-    fn create_with(broker: &str, backend: &str, extra: &[&str]) -> Result<DagsterHome> {
+    /// [`Self::create`] with more `make_instance.py` arguments (`--pg-password`, `--env-var K=V`, …).
+    pub fn create_with(broker: &str, backend: &str, extra: &[&str]) -> Result<DagsterHome> {
         Self::create_from("make_instance.py", broker, backend, extra)
     }
 
@@ -176,6 +237,47 @@ impl DagsterHome {
     /// to the celeriac coordinator), with run monitoring on and a workspace of `plan_shapes.py`.
     pub fn create_coordinator(broker: &str, backend: &str, extra: &[&str]) -> Result<DagsterHome> {
         Self::create_from("make_coordinator_home.py", broker, backend, extra)
+    }
+
+    /// Launches a `plan_shapes.py` shape through `instance.launch_run` (the configured run
+    /// launcher) and returns its run id at once, without waiting for the run.
+    pub fn launch_shape(&self, shape: &str, envs: &[(&str, &str)]) -> Result<String> {
+        let out = self.run_shape_with(
+            shape,
+            "launch",
+            &["--no-wait"],
+            Duration::from_secs(60),
+            envs,
+        )?;
+        Ok(out["run_id"]
+            .as_str()
+            .context("run id of the launched shape")?
+            .to_string())
+    }
+
+    /// `run_shape.py`'s summary (status, per-step events, …) of an existing run.
+    pub fn shape_summary(&self, run_id: &str) -> Result<serde_json::Value> {
+        self.run_shape_with(
+            "-",
+            "summary",
+            &["--run-id", run_id],
+            Duration::from_secs(60),
+            &[],
+        )
+    }
+
+    /// The run's status column in the instance database (`""` for an unknown run).
+    pub fn run_status(&self, run_id: &str) -> Result<String> {
+        anyhow::ensure!(
+            run_id.chars().all(|c| c.is_ascii_hexdigit() || c == '-'),
+            "not a run id: {run_id}"
+        );
+        Ok(psql(
+            &self.db,
+            &format!("SELECT status FROM runs WHERE run_id = '{run_id}'"),
+        )?
+        .trim()
+        .to_string())
     }
 
     /// Creates a run of a `plan_shapes.py` shape and drives it (`run_shape.py --mode python|launch|create`):

@@ -2,12 +2,11 @@
 //! termination mid-run, a replica killed mid-run (takeover), a broker restart mid-run, and bad input
 //! (a plan with an unknown class, a malformed step result). Each against the real peers.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use celeriac_tests::brokers::PrivateRabbit;
-use celeriac_tests::dagster::DagsterHome;
+use celeriac_tests::dagster::{each_step_once, per_step_counts, DagsterHome};
 use celeriac_tests::{ensure_services, peer, unique, CeleriacProcess, WorkerProcess};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -80,24 +79,11 @@ impl Fleet {
 
     /// Launches a shape through `instance.launch_run` and returns its run id at once.
     fn launch(&self, shape: &str, envs: &[(&str, &str)]) -> Result<String> {
-        let out = self.home.run_shape_with(
-            shape,
-            "launch",
-            &["--no-wait"],
-            Duration::from_secs(60),
-            envs,
-        )?;
-        Ok(out["run_id"].as_str().context("run id")?.to_string())
+        self.home.launch_shape(shape, envs)
     }
 
     fn summary(&self, run_id: &str) -> Result<Value> {
-        self.home.run_shape_with(
-            "-",
-            "summary",
-            &["--run-id", run_id],
-            Duration::from_secs(60),
-            &[],
-        )
+        self.home.shape_summary(run_id)
     }
 
     fn query<T>(
@@ -170,37 +156,9 @@ impl Fleet {
     }
 }
 
-/// STEP_START count and "Submitting" engine events per step, from a run summary.
-fn per_step_counts(summary: &Value) -> BTreeMap<String, (usize, usize)> {
-    summary["step_events"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(step, events)| {
-                    let events: Vec<&str> = events
-                        .as_array()
-                        .map(|a| a.iter().filter_map(Value::as_str).collect())
-                        .unwrap_or_default();
-                    let starts = events.iter().filter(|e| **e == "STEP_START").count();
-                    let submits = events
-                        .iter()
-                        .filter(|e| e.starts_with("ENGINE_EVENT:Submitting celery task"))
-                        .count();
-                    (step.clone(), (starts, submits))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn assert_each_step_once(summary: &Value, steps: &[&str]) {
-    let counts = per_step_counts(summary);
-    for step in steps {
-        assert_eq!(
-            counts.get(*step),
-            Some(&(1, 1)),
-            "step {step} must be submitted once and run once: {counts:?}\n{summary:#}"
-        );
+    if let Err(e) = each_step_once(summary, steps) {
+        panic!("{e}\n{summary:#}");
     }
 }
 

@@ -98,21 +98,7 @@ fn revoke_with_terminate_deletes_the_step_job_and_pods() -> Result<()> {
 #[test]
 fn a_run_leaving_started_deletes_its_step_job_and_pods() -> Result<()> {
     let took = cancel_with(|home, _| {
-        let sql = "UPDATE runs SET status = 'CANCELING'";
-        let status = std::process::Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                &home.db,
-                "-q",
-                "-c",
-                sql,
-            ])
-            .status()?;
-        anyhow::ensure!(status.success(), "psql failed");
+        celeriac_tests::dagster::psql(&home.db, "UPDATE runs SET status = 'CANCELING'")?;
         Ok(())
     })?;
     assert!(

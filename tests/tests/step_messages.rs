@@ -13,12 +13,12 @@
 //! against Dagster's `ActiveExecution` by `plan_differential.rs`).
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use celeriac_dagster::plan::{ActiveExecution, ExecutionPlan, KnownState, SortKey};
 use celeriac_dagster::submission::{run_priority, step_task, Handoff};
+use celeriac_tests::brokers::Vhost;
 use celeriac_tests::dagster::DagsterHome;
 use celeriac_tests::{ensure_services, unique, WorkerProcess};
 use celeriac_wire::broker::amqp::table_to_json;
@@ -42,40 +42,6 @@ const SHAPES: &[&str] = &[
     "reexecute_from_failure",
     "asset_check",
 ];
-
-fn rabbitmqctl(args: &[&str]) -> Result<()> {
-    let out = Command::new("rabbitmqctl").args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// A vhost of this test with the firehose on; deleted on drop.
-struct TracedVhost(String);
-
-impl TracedVhost {
-    fn create() -> Result<Self> {
-        let name = unique("celeriac_parity");
-        rabbitmqctl(&["add_vhost", &name])?;
-        let v = TracedVhost(name);
-        rabbitmqctl(&["set_permissions", "-p", &v.0, "guest", ".*", ".*", ".*"])?;
-        rabbitmqctl(&["trace_on", "-p", &v.0])?;
-        Ok(v)
-    }
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
-    }
-}
-
-impl Drop for TracedVhost {
-    fn drop(&mut self) {
-        let _ = rabbitmqctl(&["delete_vhost", &self.0]);
-    }
-}
 
 /// A step task as captured: routing key, properties, headers and decoded body.
 #[derive(Debug)]
@@ -262,7 +228,8 @@ fn compare(
 #[test]
 fn step_tasks_match_pythons_executor() -> Result<()> {
     ensure_services();
-    let vhost = TracedVhost::create()?;
+    let vhost = Vhost::create("celeriac_parity")?;
+    vhost.trace_on()?;
     let broker = vhost.url();
     let rt = tokio::runtime::Runtime::new()?;
     let conn = rt.block_on(lapin::Connection::connect(&broker, Default::default()))?;
