@@ -129,7 +129,7 @@ fn bench(c: &mut Criterion) {
     let run_id = format!("{:08x}-6cab-4ef7-9f6b-ee3c7a9eef4a", 12_345);
     c.bench_function("run_timeline (Celery side, 100k tasks)", |b| {
         b.iter(|| {
-            let (facts, job) = timeline::facts_of_run(state.tasks(), &run_id);
+            let (facts, job) = timeline::facts_of_run(state.tasks_of_run(&run_id), &run_id);
             assert_eq!(facts.len(), 6);
             let t = timeline::build(&run_id, job, &facts, None, &HashMap::new());
             black_box(to_python_string(

@@ -938,7 +938,7 @@ async fn run_timeline(
         })
         .collect();
     let state = read_state(&shared);
-    let (facts, job) = timeline::facts_of_run(state.tasks(), &run_id);
+    let (facts, job) = timeline::facts_of_run(state.tasks_of_run(&run_id), &run_id);
     if facts.is_empty() && events.as_ref().is_none_or(Vec::is_empty) {
         return Err(err(
             StatusCode::NOT_FOUND,

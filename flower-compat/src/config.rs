@@ -53,6 +53,9 @@ pub struct FlowerArgs {
     /// timeline's Job and step edges; unset = the timeline shows what Celery events tell only.
     #[arg(long, env = "FLOWER_DAGSTER_DB")]
     pub dagster_db: Option<String>,
+    /// Password of `--dagster-db`, when the URL has none (Helm passes the instance's Secret here).
+    #[arg(long, env = "FLOWER_DAGSTER_DB_PASSWORD", hide_env_values = true)]
+    pub dagster_db_password: Option<String>,
     /// Remote-control reply timeout in milliseconds (Flower's `--inspect_timeout`).
     #[arg(long, env = "FLOWER_INSPECT_TIMEOUT", default_value_t = 1000.0)]
     pub inspect_timeout: f64,

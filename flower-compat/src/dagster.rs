@@ -60,18 +60,31 @@ pub fn k8s_job_name(run_id: &str, step_key: &str) -> String {
     format!("dagster-step-{hex}")
 }
 
+/// The kwargs as text, if they look like Dagster step arguments.
+fn step_args_text(kwargs: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    let text = match kwargs {
+        Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
+        other => std::borrow::Cow::Owned(other.to_string()),
+    };
+    (text.contains("execute_step_args_packed") || text.contains("ExecuteStepArgs")).then_some(text)
+}
+
+fn run_id_in(text: &str) -> Option<String> {
+    quoted_after(text, "pipeline_run_id").or_else(|| quoted_after(text, "run_id"))
+}
+
+/// The Dagster run id of a step task's kwargs (the key of the state's run index).
+pub fn run_id(kwargs: &Value) -> Option<String> {
+    run_id_in(&step_args_text(kwargs)?)
+}
+
 /// The context of a task, if its kwargs look like Dagster step arguments.
 pub fn context(kwargs: Option<&Value>, dagster_url: Option<&str>) -> Option<DagsterContext> {
-    let text = match kwargs? {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    if !text.contains("execute_step_args_packed") && !text.contains("ExecuteStepArgs") {
-        return None;
-    }
-    let run_id = quoted_after(&text, "pipeline_run_id").or_else(|| quoted_after(&text, "run_id"));
-    let job = quoted_after(&text, "pipeline_name").or_else(|| quoted_after(&text, "job_name"));
-    let step_key = first_list_item(&text, "step_keys_to_execute");
+    let text = step_args_text(kwargs?)?;
+    let text = text.as_ref();
+    let run_id = run_id_in(text);
+    let job = quoted_after(text, "pipeline_name").or_else(|| quoted_after(text, "job_name"));
+    let step_key = first_list_item(text, "step_keys_to_execute");
     let k8s_job = match (&run_id, &step_key) {
         (Some(r), Some(s)) => Some(k8s_job_name(r, s)),
         _ => None,
@@ -119,5 +132,10 @@ mod tests {
             "dagster-step-d41d8cd98f00b204e9800998ecf8427e"
         );
         assert!(context(Some(&Value::String("{'x': 1}".into())), None).is_none());
+        assert_eq!(
+            run_id(&Value::String(repr.into())).as_deref(),
+            Some("ba924453-6cab-4ef7-9f6b-ee3c7a9eef4a")
+        );
+        assert_eq!(run_id(&Value::String("{'run_id': 'x'}".into())), None);
     }
 }

@@ -88,13 +88,17 @@ pub fn classify(event_type: &str, message: &str) -> Option<StepMark> {
 /// A lazily connected reader of one instance database.
 pub struct EventLog {
     url: String,
+    /// Set apart from the URL (`FLOWER_DAGSTER_DB_PASSWORD`, from a Secret), so that a password with
+    /// `@`, `/` or `:` needs no URL escaping.
+    password: Option<String>,
     client: Mutex<Option<tokio_postgres::Client>>,
 }
 
 impl EventLog {
-    pub fn new(url: &str) -> EventLog {
+    pub fn new(url: &str, password: Option<&str>) -> EventLog {
         EventLog {
             url: url.to_string(),
+            password: password.map(str::to_owned),
             client: Mutex::new(None),
         }
     }
@@ -109,9 +113,16 @@ impl EventLog {
             url: self.describe(),
             reason,
         };
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| fail(e.to_string()))?;
+        if let Some(password) = &self.password {
+            config.password(password);
+        }
         let (client, connection) = tokio::time::timeout(
             Duration::from_secs(5),
-            tokio_postgres::connect(&self.url, tokio_postgres::NoTls),
+            config.connect(tokio_postgres::NoTls),
         )
         .await
         .map_err(|_| fail("timed out after 5 s".into()))?

@@ -228,7 +228,10 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
         inspector: Inspector::new(config.inspect_timeout()),
         history_description: store.as_ref().map(|s| s.describe()),
         samples: RwLock::new(samples),
-        event_log: config.dagster_db.as_deref().map(EventLog::new),
+        event_log: config
+            .dagster_db
+            .as_deref()
+            .map(|url| EventLog::new(url, config.dagster_db_password.as_deref())),
         config,
         state: RwLock::new(state),
         metrics,

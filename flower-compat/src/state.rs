@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::dagster;
 use crate::metrics::FlowerMetrics;
 use crate::search::{self, Query, QueryError};
 
@@ -417,6 +418,9 @@ pub struct EventsState {
     tasks: HashMap<String, Task>,
     /// Creation order of `tasks` (uuid), for eviction; may hold uuids already removed.
     order: VecDeque<String>,
+    /// Dagster run id → uuids of its step tasks in `tasks`: a run's timeline reads its few tasks,
+    /// not the whole history (100,000 kwargs scans took 91 ms).
+    runs: HashMap<String, Vec<String>>,
     task_types: BTreeSet<String>,
     max_tasks: usize,
     /// Tasks changed since the history store last took them.
@@ -433,6 +437,7 @@ impl EventsState {
             workers: HashMap::new(),
             tasks: HashMap::new(),
             order: VecDeque::new(),
+            runs: HashMap::new(),
             task_types: BTreeSet::new(),
             max_tasks: max_tasks.max(1),
             dirty: HashSet::new(),
@@ -454,6 +459,48 @@ impl EventsState {
         self.tasks.values()
     }
 
+    /// The step tasks whose kwargs name Dagster run `run_id`.
+    pub fn tasks_of_run<'a>(&'a self, run_id: &str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.runs
+            .get(run_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|uuid| self.tasks.get(uuid))
+    }
+
+    /// Files `task` under its run, once its kwargs are known.
+    fn index_run(&mut self, uuid: &str) {
+        let Some(run) = self
+            .tasks
+            .get(uuid)
+            .and_then(|t| t.kwargs.as_ref())
+            .and_then(dagster::run_id)
+        else {
+            return;
+        };
+        let uuids = self.runs.entry(run).or_default();
+        if !uuids.iter().any(|u| u == uuid) {
+            uuids.push(uuid.to_string());
+        }
+    }
+
+    /// Removes `uuid` from memory and from the indexes.
+    fn forget(&mut self, uuid: &str) -> bool {
+        let Some(t) = self.tasks.remove(uuid) else {
+            return false;
+        };
+        self.dirty.remove(uuid);
+        if let Some(run) = t.kwargs.as_ref().and_then(dagster::run_id) {
+            if let Some(uuids) = self.runs.get_mut(&run) {
+                uuids.retain(|u| u != uuid);
+                if uuids.is_empty() {
+                    self.runs.remove(&run);
+                }
+            }
+        }
+        true
+    }
+
     /// `state.task_types()`: every task name seen, sorted.
     pub fn task_types(&self) -> Vec<String> {
         self.task_types.iter().cloned().collect()
@@ -469,8 +516,10 @@ impl EventsState {
             if let Some(name) = &t.name {
                 self.task_types.insert(name.clone());
             }
-            self.order.push_back(t.uuid.clone());
-            self.tasks.insert(t.uuid.clone(), t);
+            let uuid = t.uuid.clone();
+            self.order.push_back(uuid.clone());
+            self.tasks.insert(uuid.clone(), t);
+            self.index_run(&uuid);
         }
     }
 
@@ -501,9 +550,7 @@ impl EventsState {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            if let Some(t) = self.tasks.remove(&oldest) {
-                self.dirty.remove(&t.uuid);
-            }
+            self.forget(&oldest);
         }
     }
 
@@ -515,8 +562,7 @@ impl EventsState {
                 Some(t) if t.first_seen >= cutoff => break,
                 Some(_) => {
                     if let Some(id) = self.order.pop_front() {
-                        self.tasks.remove(&id);
-                        self.dirty.remove(&id);
+                        self.forget(&id);
                         n += 1;
                     }
                 }
@@ -578,16 +624,21 @@ impl EventsState {
                     w.apply(None, ts, local_received, None);
                 }
                 let task = self.tasks.get_mut(uuid)?;
+                let had_kwargs = task.kwargs.is_some();
                 if subject == "sent" {
                     task.client = Some(hostname.to_string());
                 } else {
                     task.worker = Some(hostname.to_string());
                 }
                 task.apply(subject, ts, event);
+                let kwargs_arrived = !had_kwargs && task.kwargs.is_some();
                 let name = task.name.clone();
                 let parent = task.parent_id.clone();
                 if let Some(m) = &self.metrics {
                     m.observe_task(hostname, kind, event, task);
+                }
+                if kwargs_arrived {
+                    self.index_run(uuid);
                 }
                 if let Some(name) = name {
                     if !self.task_types.contains(&name) && self.task_types.len() < MAX_TASK_TYPES {
@@ -796,6 +847,46 @@ mod tests {
             Value::Object(m) => m,
             _ => Map::new(),
         }
+    }
+
+    #[test]
+    fn the_run_index_follows_arrivals_evictions_and_restores() {
+        let kwargs = |run: &str, step: &str| {
+            format!(
+                "{{'execute_step_args_packed': {{'__class__': 'ExecuteStepArgs', 'pipeline_run_id': '{run}', \
+                 'step_keys_to_execute': ['{step}']}}}}"
+            )
+        };
+        let received = |uuid: &str, kw: String, t: f64| {
+            ev(
+                json!({"type": "task-received", "uuid": uuid, "hostname": "w@h", "timestamp": t,
+                "local_received": t, "name": "execute_step_k8s_job", "kwargs": kw}),
+            )
+        };
+        let mut s = EventsState::new(3, None);
+        // Started before received: filed once the kwargs arrive.
+        s.apply(&ev(json!({"type": "task-started", "uuid": "a", "hostname": "w@h", "timestamp": 1.0, "local_received": 1.0})));
+        assert_eq!(s.tasks_of_run("r1").count(), 0);
+        s.apply(&received("a", kwargs("r1", "s1"), 1.0));
+        s.apply(&received("a", kwargs("r1", "s1"), 1.0));
+        s.apply(&received("b", kwargs("r1", "s2"), 2.0));
+        s.apply(&received("c", kwargs("r2", "s1"), 3.0));
+        let uuids = |s: &EventsState, run: &str| {
+            let mut v: Vec<String> = s.tasks_of_run(run).map(|t| t.uuid.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(uuids(&s, "r1"), ["a", "b"]);
+        assert_eq!(uuids(&s, "r2"), ["c"]);
+        // At the limit the oldest task goes, and with it its index entry.
+        s.apply(&received("d", kwargs("r3", "s1"), 4.0));
+        assert_eq!(uuids(&s, "r1"), ["b"]);
+        assert_eq!(s.evict_older_than(3.5), 2);
+        assert!(uuids(&s, "r1").is_empty() && uuids(&s, "r2").is_empty());
+        assert!(!s.runs.contains_key("r1"), "empty entries are dropped");
+        let mut restored = EventsState::new(10, None);
+        restored.restore(s.tasks().cloned().collect());
+        assert_eq!(uuids(&restored, "r3"), ["d"]);
     }
 
     #[test]

@@ -244,7 +244,49 @@ fn check_promises(name: &str, rendered: &[Rendered]) -> Result<()> {
             "{name}: job label {job:?} must match .*celery.*"
         );
     }
+    check_flower(name, rendered)?;
     check_coordinator(name, rendered)
+}
+
+/// flower-compat reads the Dagster event log with the instance's Secret, never a password in values.
+fn check_flower(name: &str, rendered: &[Rendered]) -> Result<()> {
+    let flower = kinds(rendered, "Deployment")
+        .into_iter()
+        .find(|d| d.object["metadata"]["labels"]["app.kubernetes.io/component"] == "flower");
+    let Some(flower) = flower else {
+        return Ok(());
+    };
+    let c = &flower.object["spec"]["template"]["spec"]["containers"][0];
+    let db = env_of(c, "FLOWER_DAGSTER_DB");
+    if name == "autoscaling-values.yaml" {
+        assert_eq!(
+            db.map(|e| &e["value"]),
+            Some(&Value::from(
+                "postgresql://dagster@dagster-postgresql:5432/dagster"
+            )),
+            "{name}: flower.dagsterDb renders the event-log URL"
+        );
+    }
+    if let Some(db) = db {
+        let url = db["value"].as_str().context("FLOWER_DAGSTER_DB value")?;
+        let userinfo = url
+            .trim_start_matches("postgresql://")
+            .split('@')
+            .next()
+            .unwrap_or_default();
+        assert!(
+            !userinfo.contains(':'),
+            "{name}: no password in FLOWER_DAGSTER_DB ({url})"
+        );
+        let password = env_of(c, "FLOWER_DAGSTER_DB_PASSWORD")
+            .context("FLOWER_DAGSTER_DB_PASSWORD beside FLOWER_DAGSTER_DB")?;
+        assert_eq!(
+            password["valueFrom"]["secretKeyRef"]["key"], "postgresql-password",
+            "{name}: the event-log password comes from the instance Secret"
+        );
+        assert!(password["value"].is_null());
+    }
+    Ok(())
 }
 
 /// The alerts the PrometheusRule carries for the run coordinator.
@@ -614,6 +656,10 @@ fn the_schema_rejects_bad_values_with_a_clear_message() -> Result<()> {
         (
             "flower: {historyBackend: 'mysql://x'}",
             "/flower/historyBackend",
+        ),
+        (
+            "flower: {dagsterDb: {host: pg, password: hunter2}}",
+            "password",
         ),
         ("workerQueue: [{name: q}]", "workerQueue"),
         (
