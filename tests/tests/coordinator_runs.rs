@@ -56,15 +56,33 @@ fn normalize(message: &str) -> String {
     }
     out.push_str(rest);
     // The order of "Steps failed: [...]" follows result arrival across Python's one-second ticks: a set.
+    // The list is Python's repr of quoted step keys, which may hold brackets (`'rf_work[k1]'`): it ends
+    // at the first quote followed by `]`.
     if let Some(start) = out.find("Steps failed: [") {
         let from = start + "Steps failed: [".len();
-        if let Some(len) = out[from..].find(']') {
+        if let Some(len) = out[from..].find("']").map(|i| i + 1) {
             let mut items: Vec<&str> = out[from..from + len].split(", ").collect();
             items.sort_unstable();
             out = format!("{}{}{}", &out[..from], items.join(", "), &out[from + len..]);
         }
     }
     out
+}
+
+#[test]
+fn failed_step_lists_compare_as_sets_even_with_mapping_keys() {
+    assert_eq!(
+        normalize("failed. Steps failed: ['rf_work[k1]', 'rf_boom']."),
+        normalize("failed. Steps failed: ['rf_boom', 'rf_work[k1]'].")
+    );
+    assert_eq!(
+        normalize("Steps failed: ['b', 'a']."),
+        "Steps failed: ['a', 'b']."
+    );
+    assert_ne!(
+        normalize("Steps failed: ['a[k1]']."),
+        normalize("Steps failed: ['a[k2]'].")
+    );
 }
 
 /// The comparable view of a run summary (`run_shape.py`).

@@ -84,6 +84,53 @@ pub fn parse_broker(s: &str) -> Result<BrokerUrl, UrlError> {
     }
 }
 
+/// Where a broker is, as `celery inspect stats` reports it under `broker` (kombu's `Connection.info()`),
+/// the password left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerInfo {
+    pub hostname: String,
+    pub port: u16,
+    /// `None` where the URL names no user (Redis).
+    pub userid: Option<String>,
+    /// AMQP: the vhost (`/` by default); Redis: the database number as written (`/` when none).
+    pub virtual_host: String,
+    pub ssl: bool,
+}
+
+impl BrokerUrl {
+    /// The broker's location for `inspect stats` (default ports as kombu's: 5672, 5671 with TLS, 6379).
+    pub fn describe(&self) -> BrokerInfo {
+        let (raw, default_port) = match self {
+            BrokerUrl::Amqp { uri } => (uri.as_str(), 5672),
+            BrokerUrl::Redis { url, .. } => (url.as_str(), 6379),
+        };
+        let Ok(url) = Url::parse(raw) else {
+            return BrokerInfo {
+                hostname: "localhost".into(),
+                port: default_port,
+                userid: None,
+                virtual_host: "/".into(),
+                ssl: false,
+            };
+        };
+        let ssl = matches!(url.scheme(), "amqps" | "rediss");
+        let port = url.port().unwrap_or(match url.scheme() {
+            "amqps" => 5671,
+            _ => default_port,
+        });
+        let path = percent_decode_str(url.path().trim_start_matches('/'))
+            .decode_utf8_lossy()
+            .to_string();
+        BrokerInfo {
+            hostname: url.host_str().unwrap_or("localhost").to_string(),
+            port,
+            userid: (!url.username().is_empty()).then(|| url.username().to_string()),
+            virtual_host: if path.is_empty() { "/".into() } else { path },
+            ssl,
+        }
+    }
+}
+
 /// Parses a Celery `result_backend` URL.
 pub fn parse_backend(s: &str) -> Result<BackendUrl, UrlError> {
     if s.is_empty() || s == "disabled" || s.starts_with("disabled://") {
@@ -160,6 +207,42 @@ mod tests {
                 uri: "amqp://u:p@rabbit:5672/dagster".into()
             }
         );
+    }
+
+    #[test]
+    fn broker_info_names_the_broker_without_its_password() {
+        let info = |s: &str| parse_broker(s).map(|b| b.describe()).unwrap();
+        assert_eq!(
+            info("amqps://u:secret@rabbit/dagster"),
+            BrokerInfo {
+                hostname: "rabbit".into(),
+                port: 5671,
+                userid: Some("u".into()),
+                virtual_host: "dagster".into(),
+                ssl: true
+            }
+        );
+        let default = info("pyamqp://localhost//");
+        assert_eq!(
+            (
+                default.port,
+                default.userid.as_deref(),
+                default.virtual_host.as_str()
+            ),
+            (5672, Some("guest"), "/")
+        );
+        assert!(!default.ssl);
+        let redis = info("rediss://:secret@cache/3");
+        assert_eq!(
+            (
+                redis.port,
+                redis.userid,
+                redis.virtual_host.as_str(),
+                redis.ssl
+            ),
+            (6379, None, "3", true)
+        );
+        assert_eq!(info("redis://localhost:6380").virtual_host, "/");
     }
 
     #[test]

@@ -27,8 +27,8 @@ use tokio::sync::{Mutex, OnceCell};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    Acker, Broker, BrokerError, Consumer, Delivery, ExchangeKind, ExchangeSpec, OutgoingMessage,
-    QueueSpec, Subscription,
+    Acker, Broker, BrokerError, Consumer, Delivery, ExchangeKind, ExchangeSpec, NoAck,
+    OutgoingMessage, QueueSpec, Subscription,
 };
 use crate::json::{parse_lenient, to_python_string};
 use crate::message::{DeliveryInfo, Properties, RawMessage};
@@ -919,19 +919,6 @@ impl Acker for RedisAcker {
             self.broker.inner.commands.failed(generation, &e).await;
             return Err(lost(format!("ZADD {UNACKED_INDEX} XX {}", self.tag), e));
         }
-        Ok(())
-    }
-}
-
-/// A no-op acker for broadcast deliveries.
-struct NoAck;
-
-#[async_trait]
-impl Acker for NoAck {
-    async fn ack(&self) -> Result<(), BrokerError> {
-        Ok(())
-    }
-    async fn reject(&self, _requeue: bool) -> Result<(), BrokerError> {
         Ok(())
     }
 }

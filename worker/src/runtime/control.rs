@@ -353,24 +353,18 @@ fn queue_info(name: &str) -> Value {
 }
 
 fn broker_info(shared: &Shared) -> Value {
-    let url = url::Url::parse(&shared.config.broker_url).ok();
-    let transport = shared.broker.transport();
-    let (host, port, user, vhost) = match &url {
-        Some(u) => (
-            u.host_str().unwrap_or("localhost").to_string(),
-            u.port()
-                .unwrap_or(if transport == "redis" { 6379 } else { 5672 }),
-            u.username().to_string(),
-            u.path().trim_start_matches('/').to_string(),
-        ),
-        None => ("localhost".into(), 0, String::new(), String::new()),
+    let info = celeriac_wire::url::parse_broker(&shared.config.broker_url)
+        .map(|b| b.describe())
+        .ok();
+    let (host, port, user, vhost, ssl) = match info {
+        Some(i) => (i.hostname, i.port, i.userid, i.virtual_host, i.ssl),
+        None => ("localhost".into(), 0, None, "/".into(), false),
     };
     json!({
-        "hostname": host, "userid": if user.is_empty() { Value::Null } else { json!(user) },
-        "virtual_host": if vhost.is_empty() { "/".to_string() } else { vhost }, "port": port, "insist": false,
-        "ssl": shared.config.broker_url.starts_with("amqps") || shared.config.broker_url.starts_with("rediss"),
-        "transport": transport, "connect_timeout": 4, "transport_options": {}, "login_method": null,
-        "uri_prefix": null, "heartbeat": 120.0, "failover_strategy": "round-robin", "alternates": [],
+        "hostname": host, "userid": user, "virtual_host": vhost, "port": port, "insist": false,
+        "ssl": ssl, "transport": shared.broker.transport(), "connect_timeout": 4, "transport_options": {},
+        "login_method": null, "uri_prefix": null, "heartbeat": 120.0, "failover_strategy": "round-robin",
+        "alternates": [],
     })
 }
 
