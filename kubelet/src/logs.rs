@@ -3,10 +3,8 @@
 //! certificate is self-signed: the apiserver does not verify kubelet certificates unless
 //! `--kubelet-certificate-authority` is set.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,42 +16,9 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::watch;
 
-use crate::Node;
-
-/// One container's log file and whether the container has exited.
-#[derive(Clone)]
-pub struct LogFile {
-    pub path: PathBuf,
-    pub exited: watch::Receiver<bool>,
-}
-
-/// Which log file belongs to which `(namespace, pod, container)`.
-#[derive(Default)]
-pub struct LogIndex(Mutex<HashMap<(String, String, String), LogFile>>);
-
-impl LogIndex {
-    pub fn insert(&self, ns: &str, pod: &str, container: &str, file: LogFile) {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert((ns.into(), pod.into(), container.into()), file);
-        }
-    }
-
-    pub fn remove_pod(&self, ns: &str, pod: &str) {
-        if let Ok(mut m) = self.0.lock() {
-            m.retain(|(n, p, _), _| !(n == ns && p == pod));
-        }
-    }
-
-    fn get(&self, ns: &str, pod: &str, container: &str) -> Option<LogFile> {
-        self.0
-            .lock()
-            .ok()?
-            .get(&(ns.to_string(), pod.to_string(), container.to_string()))
-            .cloned()
-    }
-}
+use crate::log_files::LogFile;
+use crate::node::Node;
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]

@@ -14,6 +14,7 @@
 //! limit is enforced on the container's process group (`OOMKilled`, exit 137).
 
 mod env;
+mod log_files;
 mod logs;
 mod node;
 mod pods;
@@ -60,19 +61,6 @@ fn parse_image_path(s: &str) -> Result<(String, PathBuf), String> {
     Ok((k.to_string(), PathBuf::from(v)))
 }
 
-/// Shared settings of the node.
-pub struct Node {
-    pub client: kube::Client,
-    pub name: String,
-    pub port: u16,
-    pub root_dir: PathBuf,
-    pub image_paths: Vec<(String, PathBuf)>,
-    pub base_path: String,
-    /// The API server URL and TLS settings, for the kubeconfigs handed to pods' service accounts.
-    pub cluster_url: String,
-    pub logs: logs::LogIndex,
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -101,7 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_from(config).context("building the API client")?;
     std::fs::create_dir_all(&args.root_dir)
         .with_context(|| format!("creating {}", args.root_dir.display()))?;
-    let node = Arc::new(Node {
+    let node = Arc::new(node::Node {
         client,
         name: args.node_name,
         port: args.port,
@@ -109,7 +97,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         image_paths: args.image_paths,
         base_path: args.base_path,
         cluster_url,
-        logs: logs::LogIndex::default(),
+        logs: log_files::LogIndex::default(),
     });
     let server = logs::serve(node.clone()).await?;
     node::register(&node).await?;

@@ -1,6 +1,8 @@
-//! The `Node` object: registration and the status heartbeat that keeps it Ready (without it the
-//! node-lifecycle controller taints the node `not-ready` and the scheduler stops binding pods).
+//! The node: the settings every pod task shares ([`Node`]), and the `Node` object's registration and
+//! the status heartbeat that keeps it Ready (without it the node-lifecycle controller taints the node
+//! `not-ready` and the scheduler stops binding pods).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,7 +11,20 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
 
-use crate::Node;
+use crate::log_files::LogIndex;
+
+/// Shared settings of the node.
+pub struct Node {
+    pub client: kube::Client,
+    pub name: String,
+    pub port: u16,
+    pub root_dir: PathBuf,
+    pub image_paths: Vec<(String, PathBuf)>,
+    pub base_path: String,
+    /// The API server URL and TLS settings, for the kubeconfigs handed to pods' service accounts.
+    pub cluster_url: String,
+    pub logs: LogIndex,
+}
 
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
