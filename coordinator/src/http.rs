@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::Shared;
+use crate::shared::Shared;
 
 /// Binds `addr` and serves until `stop`. Returns the bound address (port 0 picks a free one).
 pub async fn serve(

@@ -6,7 +6,9 @@
 //! (`celeriac_dagster::submission`) → [`results`] delivers each step result the moment it lands → the
 //! next decision, written atomically by [`store`] with the events Python's run worker would write.
 //!
-//! [`plans`] keeps rebuilt execution plans for the runs of the same job. [`config`] holds the settings, [`metrics`] and [`http`] the operational surface.
+//! [`plans`] keeps rebuilt execution plans for the runs of the same job. [`config`] holds the settings,
+//! [`metrics`] and [`http`] the operational surface. [`shared`] is what the service, the drivers and the
+//! HTTP surface all hold; it has a module of its own so that none of them imports another to reach it.
 
 pub mod config;
 pub mod http;
@@ -15,6 +17,7 @@ pub mod plans;
 pub mod results;
 pub mod run;
 pub mod service;
+pub mod shared;
 pub mod store;
 
 pub use config::{CoordinatorArgs, Settings};

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use celeriac_wire::broker::redis::RedisTransportOptions;
-use celeriac_wire::broker::Broker;
 use celeriac_wire::url::{self, BackendUrl};
 use futures::StreamExt;
 use tokio::sync::{mpsc, Mutex};
@@ -22,36 +21,8 @@ use crate::metrics::Metrics;
 use crate::plans::PlanCache;
 use crate::results::{Results, RunInput};
 use crate::run::{Driver, Ended};
+use crate::shared::Shared;
 use crate::store::{Claimed, Store, NOTIFY_CHANNEL};
-
-/// What every run's driver shares.
-pub struct Shared {
-    pub store: Store,
-    pub broker: Arc<dyn Broker>,
-    pub results: Results,
-    pub replica: String,
-    pub hostname: String,
-    pub metrics: Metrics,
-    pub settings: Settings,
-    /// Task queues already declared on the broker.
-    pub declared: Mutex<HashSet<String>>,
-    /// Execution plans rebuilt for earlier runs of the same job.
-    pub plans: PlanCache,
-    /// Runs taken over from another replica: a note for the resume event.
-    takeovers: std::sync::Mutex<HashMap<String, String>>,
-    pub ready: AtomicBool,
-}
-
-impl Shared {
-    /// `" from <replica> (lease N s old)"` when the run was taken over, else empty.
-    pub fn takeover_note(&self, run_id: &str) -> String {
-        self.takeovers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(run_id)
-            .unwrap_or_default()
-    }
-}
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     let (config, display) = match &settings.database {
@@ -78,9 +49,9 @@ struct Driven {
     stop: CancellationToken,
 }
 
-/// Runs the coordinator until `stop` fires.
-pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
-    let store = open_store(&settings).await?;
+/// Connects to the instance database, the broker and the result backend: what every driver shares.
+async fn connect(settings: &Settings, stop: &CancellationToken) -> anyhow::Result<Arc<Shared>> {
+    let store = open_store(settings).await?;
     info!(database = %store.database(), "connected to the Dagster instance database");
     let broker =
         celeriac_wire::connect::broker(&settings.broker, RedisTransportOptions::default()).await?;
@@ -109,6 +80,12 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
         takeovers: std::sync::Mutex::default(),
         ready: AtomicBool::new(false),
     });
+    Ok(shared)
+}
+
+/// Runs the coordinator until `stop` fires.
+pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
+    let shared = connect(&settings, &stop).await?;
     let bound = crate::http::serve(settings.http_addr, shared.clone(), stop.clone()).await?;
     info!(%bound, "HTTP listening");
     info!(replica = %settings.replica, http = %bound, broker = %url::redact(&settings.broker),
@@ -162,6 +139,17 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
             }
         }
     }
+    hand_over(&shared, &driven, drivers).await;
+    Ok(())
+}
+
+/// Shutdown: stops every driver (briefly waiting for them) and releases the leases, so another replica
+/// continues the runs at once.
+async fn hand_over(
+    shared: &Shared,
+    driven: &HashMap<String, Driven>,
+    mut drivers: JoinSet<(String, Ended)>,
+) {
     info!(runs = driven.len(), "shutting down: handing runs over");
     for d in driven.values() {
         d.stop.cancel();
@@ -174,7 +162,6 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
         Ok(n) => info!(released = n, "leases released"),
         Err(e) => warn!("cannot release leases (they expire after the lease timeout): {e}"),
     }
-    Ok(())
 }
 
 /// The runs a renewal covered and those it kept (`None`: the database could not be reached).
