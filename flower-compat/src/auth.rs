@@ -12,7 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
-use crate::Shared;
+use crate::shared::Shared;
 
 /// Constant-time comparison (no early exit on the first differing byte).
 fn same(a: &[u8], b: &[u8]) -> bool {

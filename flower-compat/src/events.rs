@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::shared::Shared;
 use crate::state::prepare_event;
-use crate::Shared;
 
 /// Connects to the broker named by a Celery URL.
 pub async fn connect_broker(url: &str) -> Result<Arc<dyn Broker>, BrokerError> {
@@ -123,10 +123,7 @@ pub fn handle(shared: &Arc<Shared>, event: Map<String, Value>) {
         .and_then(Value::as_str)
         .map(str::to_owned);
     let (new_worker, count) = {
-        let mut state = match shared.state.write() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut state = shared.write_state();
         let known = hostname
             .as_deref()
             .is_some_and(|h| state.workers.contains_key(h));

@@ -7,7 +7,7 @@ use prometheus::{
 };
 use serde_json::{Map, Value};
 
-use crate::state::Task;
+use crate::task::Task;
 
 /// `prometheus_client`'s default histogram buckets (Flower's `--task_runtime_metric_buckets` default).
 pub const DEFAULT_BUCKETS: [f64; 14] = [

@@ -3,7 +3,7 @@
 //! `name: state: worker: args: kwargs: result:`; `state:` is exact, `kwargs:key=value` matches one
 //! keyword argument; other terms are case-insensitive substrings of at least 3 characters.
 
-use crate::state::Task;
+use crate::task::Task;
 
 const SEARCH_FIELDS: [&str; 6] = ["name", "state", "worker", "args", "kwargs", "result"];
 const MIN_SUBSTRING_LENGTH: usize = 3;

@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::samples::{QueueSample, QueueSamples};
-use crate::state::Task;
+use crate::shared::Shared;
 use crate::store::HistoryStore;
-use crate::Shared;
+use crate::task::Task;
 
 /// How often queue lengths and in-flight counts are measured.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -306,10 +306,7 @@ pub async fn sample_loop(
         .await;
         let now = celeriac_wire::events::now_epoch();
         let limits = {
-            let state = match shared.state.read() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let state = shared.read_state();
             queue_limits(&shared.inspector.snapshot(), &|w| {
                 state.workers.get(w).is_some_and(|w| w.alive(now))
             })
@@ -328,10 +325,7 @@ pub async fn sample_loop(
             .collect();
         debug!(queues = batch.len(), "queue sample");
         {
-            let mut samples = match shared.samples.write() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let mut samples = shared.write_samples();
             samples.evict_older_than(now - shared.config.max_age.as_secs_f64());
             samples.extend(batch.iter().cloned());
         }

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
 use crate::samples::{QueueSample, MAX_SAMPLES};
-use crate::state::Task;
+use crate::task::Task;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::dagster;
 use crate::eventlog::{StepEvent, StepMark};
-use crate::state::Task;
+use crate::task::Task;
 
 /// What the timeline needs of one Celery task of the run.
 #[derive(Debug, Clone, Default)]
@@ -228,68 +228,13 @@ pub fn build(
     for e in events.unwrap_or_default() {
         by_step.entry(e.step_key.as_str()).or_default().1.push(e);
     }
-    let mut steps = Vec::new();
-    for (step_key, (mut celery, log)) in by_step {
-        celery.sort_by(|a, b| {
-            let key = |t: &TaskFacts| t.sent.or(t.received).or(t.started).unwrap_or(t.first_seen);
-            key(a).total_cmp(&key(b)).then_with(|| a.uuid.cmp(&b.uuid))
-        });
-        // By time, not by row id: the worker writes its engine events behind, so a row can land after
-        // a later event of the step process.
-        let mut log = log;
-        log.sort_by(|a, b| a.ts.total_cmp(&b.ts));
-        let logged = log_attempts(&log);
-        let n = celery.len().max(logged.len());
-        let mut attempts = Vec::with_capacity(n);
-        for i in 0..n {
-            let t = celery.get(i).copied();
-            let l = logged.get(i).cloned().unwrap_or_default();
-            let worker = t.and_then(|t| t.worker.clone());
-            let queue = l
-                .queue
-                .clone()
-                .or_else(|| t.and_then(|t| t.routing_key.clone()))
-                .or_else(|| {
-                    let consumed = worker_queues.get(worker.as_deref()?)?;
-                    (consumed.len() == 1).then(|| consumed[0].clone())
-                });
-            let state = t.map(|t| t.state.clone());
-            let outcome = match (l.outcome, state.as_deref()) {
-                (Some(o), _) => o,
-                (None, Some(s)) => celery_outcome(s),
-                (None, None) if l.step_start.is_some() => "running",
-                (None, None) => "waiting",
-            };
-            let mut a = Attempt {
-                attempt: i,
-                task_id: t.map(|t| t.uuid.clone()),
-                worker,
-                queue,
-                state,
-                outcome,
-                published: l.published.or_else(|| t.and_then(|t| t.sent)),
-                received: t.and_then(|t| t.received),
-                started: t.and_then(|t| t.started),
-                job_created: l.job_created,
-                k8s_job: l.k8s_job,
-                step_start: l.step_start,
-                step_end: l.step_end,
-                job_finished: l.job_finished,
-                result_stored: t.and_then(|t| t.finished),
-                ..Default::default()
-            };
-            a.queue_wait = match (a.published, a.started.or(a.received)) {
-                (Some(p), Some(s)) => Some(round_ms((s - p).max(0.0))),
-                _ => None,
-            };
-            a.segments = segments(&a);
-            attempts.push(a);
-        }
-        steps.push(StepTimeline {
+    let mut steps: Vec<StepTimeline> = by_step
+        .into_iter()
+        .map(|(step_key, (celery, log))| StepTimeline {
             step_key: step_key.to_string(),
-            attempts,
-        });
-    }
+            attempts: step_attempts(celery, log, worker_queues),
+        })
+        .collect();
     let first = |s: &StepTimeline| {
         s.attempts
             .first()
@@ -301,6 +246,95 @@ pub fn build(
             .total_cmp(&first(b))
             .then_with(|| a.step_key.cmp(&b.step_key))
     });
+    let (start, end) = span(&steps);
+    Timeline {
+        run_id: run_id.to_string(),
+        job,
+        start,
+        end,
+        steps,
+        event_log: events.is_some(),
+        event_log_error: None,
+        others: None,
+    }
+}
+
+/// One step's attempts: its Celery tasks (by when they were published) paired in order with the
+/// attempts its event-log rows tell.
+fn step_attempts(
+    mut celery: Vec<&TaskFacts>,
+    mut log: Vec<&StepEvent>,
+    worker_queues: &HashMap<String, Vec<String>>,
+) -> Vec<Attempt> {
+    celery.sort_by(|a, b| {
+        let key = |t: &TaskFacts| t.sent.or(t.received).or(t.started).unwrap_or(t.first_seen);
+        key(a).total_cmp(&key(b)).then_with(|| a.uuid.cmp(&b.uuid))
+    });
+    // By time, not by row id: the worker writes its engine events behind, so a row can land after
+    // a later event of the step process.
+    log.sort_by(|a, b| a.ts.total_cmp(&b.ts));
+    let logged = log_attempts(&log);
+    let n = celery.len().max(logged.len());
+    let mut attempts = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = celery.get(i).copied();
+        let l = logged.get(i).cloned().unwrap_or_default();
+        attempts.push(attempt(i, t, l, worker_queues));
+    }
+    attempts
+}
+
+/// Attempt `i` of a step from its Celery task `t` and its event-log side `l` (either may be missing).
+fn attempt(
+    i: usize,
+    t: Option<&TaskFacts>,
+    l: LogAttempt,
+    worker_queues: &HashMap<String, Vec<String>>,
+) -> Attempt {
+    let worker = t.and_then(|t| t.worker.clone());
+    let queue = l
+        .queue
+        .clone()
+        .or_else(|| t.and_then(|t| t.routing_key.clone()))
+        .or_else(|| {
+            let consumed = worker_queues.get(worker.as_deref()?)?;
+            (consumed.len() == 1).then(|| consumed[0].clone())
+        });
+    let state = t.map(|t| t.state.clone());
+    let outcome = match (l.outcome, state.as_deref()) {
+        (Some(o), _) => o,
+        (None, Some(s)) => celery_outcome(s),
+        (None, None) if l.step_start.is_some() => "running",
+        (None, None) => "waiting",
+    };
+    let mut a = Attempt {
+        attempt: i,
+        task_id: t.map(|t| t.uuid.clone()),
+        worker,
+        queue,
+        state,
+        outcome,
+        published: l.published.or_else(|| t.and_then(|t| t.sent)),
+        received: t.and_then(|t| t.received),
+        started: t.and_then(|t| t.started),
+        job_created: l.job_created,
+        k8s_job: l.k8s_job,
+        step_start: l.step_start,
+        step_end: l.step_end,
+        job_finished: l.job_finished,
+        result_stored: t.and_then(|t| t.finished),
+        ..Default::default()
+    };
+    a.queue_wait = match (a.published, a.started.or(a.received)) {
+        (Some(p), Some(s)) => Some(round_ms((s - p).max(0.0))),
+        _ => None,
+    };
+    a.segments = segments(&a);
+    a
+}
+
+/// The first and the last edge of any attempt.
+fn span(steps: &[StepTimeline]) -> (Option<f64>, Option<f64>) {
     let all_edges = steps.iter().flat_map(|s| &s.attempts).flat_map(|a| {
         [
             a.published,
@@ -315,22 +349,12 @@ pub fn build(
         .into_iter()
         .flatten()
     });
-    let (start, end) = all_edges.fold((None, None), |(lo, hi): (Option<f64>, Option<f64>), t| {
+    all_edges.fold((None, None), |(lo, hi): (Option<f64>, Option<f64>), t| {
         (
             Some(lo.map_or(t, |l| l.min(t))),
             Some(hi.map_or(t, |h| h.max(t))),
         )
-    });
-    Timeline {
-        run_id: run_id.to_string(),
-        job,
-        start,
-        end,
-        steps,
-        event_log: events.is_some(),
-        event_log_error: None,
-        others: None,
-    }
+    })
 }
 
 /// The step tasks of `run_id` among `tasks` (found by their kwargs repr, which names the run), and the
