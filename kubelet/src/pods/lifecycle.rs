@@ -101,16 +101,8 @@ impl PodRun {
     /// Images: one on the `.invalid` TLD fails the pod's start (`ErrImagePull`, then
     /// `ImagePullBackOff`) until it is deleted. Returns whether the pod goes on.
     async fn pull_images(&self) -> bool {
-        let PodRun {
-            node,
-            pod,
-            api,
-            spec,
-            pod_name,
-            stop,
-            ..
-        } = self;
-        if let Some(bad) = spec
+        if let Some(bad) = self
+            .spec
             .containers
             .iter()
             .find(|c| unpullable(c.image.as_deref().unwrap_or("")))
@@ -119,15 +111,15 @@ impl PodRun {
             let msg = format!(
                 "rpc error: code = Unknown desc = failed to resolve image \"{image}\": no such host"
             );
-            report_waiting(api, pod_name, spec, "ErrImagePull", &msg).await;
+            self.report_waiting("ErrImagePull", &msg).await;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.cancelled() => { finalize(node, pod).await; return false; }
+                _ = self.stop.cancelled() => { self.finalize().await; return false; }
             }
             let msg = format!("Back-off pulling image \"{image}\"");
-            report_waiting(api, pod_name, spec, "ImagePullBackOff", &msg).await;
-            stop.cancelled().await;
-            finalize(node, pod).await;
+            self.report_waiting("ImagePullBackOff", &msg).await;
+            self.stop.cancelled().await;
+            self.finalize().await;
             return false;
         }
         true
@@ -135,16 +127,10 @@ impl PodRun {
 
     /// The pod's directory on the node (its logs, volumes and working files).
     fn pod_dir(&self) -> PathBuf {
-        let PodRun {
-            node,
-            pod,
-            ns,
-            pod_name,
-            ..
-        } = self;
-        let dir = node.root_dir.join("pods").join(format!(
+        let (ns, pod_name) = (&self.ns, &self.pod_name);
+        let dir = self.node.root_dir.join("pods").join(format!(
             "{ns}_{pod_name}_{}",
-            pod.metadata.uid.clone().unwrap_or_default()
+            self.pod.metadata.uid.clone().unwrap_or_default()
         ));
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!(pod = %pod_name, "cannot create {}: {e}", dir.display());
@@ -155,19 +141,11 @@ impl PodRun {
     /// Volumes and environments (retried like the kubelet does while a Secret/ConfigMap is missing);
     /// `None` when the pod was deleted meanwhile.
     async fn volumes_and_envs(&self, dir: &Path) -> Option<Prepared> {
-        let PodRun {
-            node,
-            pod,
-            api,
-            spec,
-            pod_name,
-            stop,
-            ..
-        } = self;
+        let (client, pod, spec) = (&self.node.client, &self.pod, &self.spec);
         let (volumes, envs) = loop {
             let mut all = Vec::new();
             let mut failed = None;
-            let volumes = match volumes::materialize(&node.client, pod, dir).await {
+            let volumes = match volumes::materialize(client, pod, dir).await {
                 Ok(v) => v,
                 Err(e) => {
                     failed = Some(e.to_string());
@@ -181,7 +159,7 @@ impl PodRun {
                 .chain(spec.containers.iter())
                 .take_while(|_| failed.is_none())
             {
-                match resolve(&node.client, pod, c).await {
+                match resolve(client, pod, c).await {
                     Ok(e) => all.push(e),
                     Err(e) => {
                         failed = Some(e.to_string());
@@ -192,10 +170,11 @@ impl PodRun {
             match failed {
                 None => break (volumes, all),
                 Some(msg) => {
-                    report_waiting(api, pod_name, spec, "CreateContainerConfigError", &msg).await;
+                    self.report_waiting("CreateContainerConfigError", &msg)
+                        .await;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                        _ = stop.cancelled() => { finalize(node, pod).await; return None; }
+                        _ = self.stop.cancelled() => { self.finalize().await; return None; }
                     }
                 }
             }
@@ -213,45 +192,20 @@ impl PodRun {
         kubeconfig: Option<&Path>,
         started: &str,
     ) -> bool {
-        let PodRun {
-            node,
-            pod,
-            api,
-            spec,
-            pod_name,
-            stop,
-            ..
-        } = self;
-        // Init containers run one after the other; a failure fails the pod (restartPolicy Never).
+        let (node, pod, spec, stop) = (&self.node, &self.pod, &self.spec, &self.stop);
         for (c, env) in spec.init_containers.iter().flatten().zip(init_envs) {
             let mut proc = start(node, pod, c, env, volumes, dir, kubeconfig);
-            let waiting: Vec<_> = spec
-                .containers
-                .iter()
-                .map(|c| ContainerReport::waiting(c, "PodInitializing", ""))
-                .collect();
-            report(
-                api,
-                pod_name,
-                "Pending",
-                &waiting,
-                json!({"startTime": started}),
-            )
-            .await;
+            let waiting = self.initializing();
+            self.report("Pending", &waiting, json!({"startTime": started}))
+                .await;
             let end = proc.wait(stop, grace(pod)).await;
             if stop.is_cancelled() {
-                finalize(node, pod).await;
+                self.finalize().await;
                 return false;
             }
             if end.exit_code != 0 {
-                let waiting: Vec<_> = spec
-                    .containers
-                    .iter()
-                    .map(|c| ContainerReport::waiting(c, "PodInitializing", ""))
-                    .collect();
-                report(
-                    api,
-                    pod_name,
+                let waiting = self.initializing();
+                self.report(
                     "Failed",
                     &waiting,
                     json!({"startTime": started, "reason": "InitContainerFailed"}),
@@ -272,15 +226,7 @@ impl PodRun {
         kubeconfig: Option<&Path>,
         started: &str,
     ) {
-        let PodRun {
-            node,
-            pod,
-            api,
-            spec,
-            ns,
-            pod_name,
-            stop,
-        } = self;
+        let (node, pod, spec, stop) = (&self.node, &self.pod, &self.spec, &self.stop);
         let procs: Vec<Proc> = spec
             .containers
             .iter()
@@ -299,23 +245,17 @@ impl PodRun {
             }
         }
         drop(probe_tx);
-        report(
-            api,
-            pod_name,
-            "Running",
-            &reports,
-            json!({"startTime": started}),
-        )
-        .await;
+        self.report("Running", &reports, json!({"startTime": started}))
+            .await;
         let failed = self
             .wait_containers(procs, &mut reports, probe_rx, &pids)
             .await;
         probe_stop.cancel();
         let final_phase = if failed { "Failed" } else { "Succeeded" };
-        tracing::info!(namespace = %ns, pod = %pod_name, phase = final_phase, "pod finished");
-        report(api, pod_name, final_phase, &reports, json!({})).await;
+        tracing::info!(namespace = %self.ns, pod = %self.pod_name, phase = final_phase, "pod finished");
+        self.report(final_phase, &reports, json!({})).await;
         if stop.is_cancelled() {
-            finalize(node, pod).await;
+            self.finalize().await;
         }
     }
 
@@ -328,15 +268,8 @@ impl PodRun {
         mut probe_rx: mpsc::Receiver<ProbeEvent>,
         pids: &[i32],
     ) -> bool {
-        let PodRun {
-            pod,
-            api,
-            ns,
-            pod_name,
-            stop,
-            ..
-        } = self;
-        let g = grace(pod);
+        let (ns, pod_name, stop) = (&self.ns, &self.pod_name, &self.stop);
+        let g = grace(&self.pod);
         let mut waits = tokio::task::JoinSet::new();
         for (i, mut p) in procs.into_iter().enumerate() {
             let stop = stop.clone();
@@ -355,7 +288,7 @@ impl PodRun {
                             if reports[i].state.get("running").is_some() && reports[i].ready != ready {
                                 tracing::info!(namespace = %ns, pod = %pod_name, container = i, ready, "readiness changed");
                                 reports[i].ready = ready;
-                                report(api, pod_name, "Running", reports, json!({})).await;
+                                self.report("Running", reports, json!({})).await;
                             }
                         }
                         ProbeEvent::Unhealthy(i) => {
@@ -378,11 +311,35 @@ impl PodRun {
             if !stop.is_cancelled() {
                 let still_running = reports.iter().any(|r| r.state.get("running").is_some());
                 if still_running {
-                    report(api, pod_name, "Running", reports, json!({})).await;
+                    self.report("Running", reports, json!({})).await;
                 }
             }
         }
         failed
+    }
+
+    /// Every container waiting while the init containers run.
+    fn initializing(&self) -> Vec<ContainerReport> {
+        self.spec
+            .containers
+            .iter()
+            .map(|c| ContainerReport::waiting(c, "PodInitializing", ""))
+            .collect()
+    }
+
+    /// Reports the pod's status ([`report`]).
+    async fn report(&self, phase: &str, containers: &[ContainerReport], extra: serde_json::Value) {
+        report(&self.api, &self.pod_name, phase, containers, extra).await;
+    }
+
+    /// Reports the pod Pending with every container waiting for `reason` ([`report_waiting`]).
+    async fn report_waiting(&self, reason: &str, message: &str) {
+        report_waiting(&self.api, &self.pod_name, &self.spec, reason, message).await;
+    }
+
+    /// The final `DELETE` of the deleted pod ([`finalize`]).
+    async fn finalize(&self) {
+        finalize(&self.node, &self.pod).await;
     }
 }
 
