@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use celeriac_dagster::plan::StepEvent;
-use celeriac_dagster::run_events::{self as ev, EngineData, ERROR, INFO};
+use celeriac_dagster::run_events::{self as ev, EngineData, EventRow, ERROR, INFO};
 use celeriac_wire::broker::Acker;
 use celeriac_wire::json::python_repr;
 use serde_json::Value;
@@ -138,19 +138,7 @@ impl Driver {
                 self.step_errors
                     .push((step_key.to_string(), format!("{qualified}: {message}\n")));
             }
-            "REVOKED" => {
-                let step = self.engine.step(step_key).ok().cloned();
-                commit.events.push(ev::engine_event(
-                    &self.scope,
-                    step.as_ref(),
-                    &format!("celery task for running step \"{step_key}\" was revoked."),
-                    &EngineData {
-                        marker_end: Some(DELEGATE_MARKER.into()),
-                        ..Default::default()
-                    },
-                    t,
-                ));
-            }
+            "REVOKED" => commit.events.push(self.revoked_event(step_key, t)),
             other => {
                 return Err(format!(
                     "the result of step {step_key} has an unexpected state {other:?}"
@@ -158,6 +146,21 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// The engine event of a step whose task was revoked (it ends the step's `celery_queue_wait`).
+    pub(super) fn revoked_event(&self, step_key: &str, t: f64) -> EventRow {
+        let step = self.engine.step(step_key).ok().cloned();
+        ev::engine_event(
+            &self.scope,
+            step.as_ref(),
+            &format!("celery task for running step \"{step_key}\" was revoked."),
+            &EngineData {
+                marker_end: Some(DELEGATE_MARKER.into()),
+                ..Default::default()
+            },
+            t,
+        )
     }
 
     /// What follows finished tasks: unknown-state checks, skips, abandons, new submissions.

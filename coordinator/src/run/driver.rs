@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use celeriac_dagster::events::ErrorInfo;
 use celeriac_dagster::plan::ActiveExecution;
 use celeriac_dagster::run::RunRecord;
-use celeriac_dagster::run_events::{self as ev, EngineData, FailureReason, RunScope};
+use celeriac_dagster::run_events::{FailureReason, RunScope};
 use celeriac_wire::broker::Acker;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -177,6 +177,17 @@ impl Driver {
         Ended::Handed
     }
 
+    /// The run's status as stored now (empty when the run has no row).
+    pub(super) async fn run_status(&self) -> Result<String, StoreError> {
+        Ok(self
+            .shared
+            .store
+            .run_row(&self.scope.run_id)
+            .await?
+            .map(|(s, _)| s)
+            .unwrap_or_default())
+    }
+
     pub(super) fn status_change(&self, reason: Option<FailureReason>) -> StatusChange {
         StatusChange {
             body: self.run.body.clone(),
@@ -225,17 +236,7 @@ impl Driver {
                 }
                 self.order.clear();
                 for key in &gone {
-                    let step = self.engine.step(key).ok().cloned();
-                    commit.events.push(ev::engine_event(
-                        &self.scope,
-                        step.as_ref(),
-                        &format!("celery task for running step \"{key}\" was revoked."),
-                        &EngineData {
-                            marker_end: Some(DELEGATE_MARKER.into()),
-                            ..Default::default()
-                        },
-                        t,
-                    ));
+                    commit.events.push(self.revoked_event(key, t));
                 }
                 self.after_results(&mut commit, &gone, t);
                 self.commit(commit).await?;

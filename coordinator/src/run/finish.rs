@@ -34,13 +34,7 @@ impl Driver {
     async fn finish(&mut self) -> Result<String, StoreError> {
         let t = now();
         let (canceled, exception) = self.ending_error();
-        let run_status = self
-            .shared
-            .store
-            .run_row(&self.scope.run_id)
-            .await?
-            .map(|(s, _)| s)
-            .unwrap_or_default();
+        let run_status = self.run_status().await?;
         let canceling = run_status == "CANCELING";
         self.sort_failed_steps();
         let mut commit = Commit::default();

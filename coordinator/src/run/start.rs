@@ -15,13 +15,7 @@ impl Driver {
         &mut self,
         stop: &CancellationToken,
     ) -> Result<Option<Ended>, StoreError> {
-        let status = self
-            .shared
-            .store
-            .run_row(&self.scope.run_id)
-            .await?
-            .map(|(s, _)| s)
-            .unwrap_or_default();
+        let status = self.run_status().await?;
         match status.as_str() {
             "SUCCESS" | "FAILURE" | "CANCELED" => {
                 info!(run_id = %self.scope.run_id, status, "run already finished");
