@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use celeriac_wire::backoff::Backoff;
 use celeriac_wire::broker::{Broker, BrokerError, ExchangeSpec, OutgoingMessage, Subscription};
 use celeriac_wire::events::{now_epoch, unbatch};
 use celeriac_wire::json::{parse_lenient, to_python_string};
@@ -15,23 +16,6 @@ use tracing::{debug, info, warn};
 
 use crate::shared::Shared;
 use crate::state::prepare_event;
-
-/// Connects to the broker named by a Celery URL.
-pub async fn connect_broker(url: &str) -> Result<Arc<dyn Broker>, BrokerError> {
-    use celeriac_wire::url::{parse_broker, BrokerUrl};
-    let parsed = parse_broker(url).map_err(|e| BrokerError::Connect {
-        url: celeriac_wire::url::redact(url),
-        reason: e.to_string(),
-    })?;
-    Ok(match parsed {
-        BrokerUrl::Amqp { uri } => Arc::new(
-            celeriac_wire::broker::amqp::AmqpBroker::connect_named(&uri, "celeriac-flower").await?,
-        ),
-        BrokerUrl::Redis { url, .. } => Arc::new(
-            celeriac_wire::broker::redis::RedisBroker::connect(&url, Default::default()).await?,
-        ),
-    })
-}
 
 /// Broadcasts a remote-control command that expects no reply (`enable_events`, `heartbeat`, `revoke`,
 /// `shutdown`), as `celery.app.control.broadcast(..., reply=False)` sends it.
@@ -64,20 +48,20 @@ fn subscription() -> Subscription {
 
 /// Consumes events until `stop`.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     while !stop.is_cancelled() {
         match consume(&shared, &stop).await {
             Ok(()) => return,
             Err(e) => {
+                let delay = backoff.next_delay();
                 warn!(
-                    "failed to capture events: {e}; trying again in {} s",
-                    backoff.as_secs()
+                    "failed to capture events: {e}; trying again in {:.1} s",
+                    delay.as_secs_f64()
                 );
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }

@@ -10,24 +10,10 @@
 use std::collections::BTreeMap;
 
 use celeriac_wire::broker::Broker;
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::inspector::Inspector;
-
-/// kombu's default `priority_steps` and `sep`.
-pub const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
-pub const SEP: &str = "\x06\x16";
-
-/// The Redis list holding messages of priority step `step` (`_q_for_pri`).
-pub fn redis_list(queue: &str, step: u8) -> String {
-    if step == 0 {
-        queue.to_string()
-    } else {
-        format!("{queue}{SEP}{step}")
-    }
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct QueueDetail {
@@ -42,71 +28,34 @@ pub struct QueueDetail {
     pub priorities: Option<BTreeMap<String, u64>>,
 }
 
-/// Measures ready messages.
-pub enum QueueMeter {
-    Redis(ConnectionManager),
-    Amqp,
-}
-
-impl QueueMeter {
-    pub async fn for_broker(url: &str) -> QueueMeter {
-        if url.starts_with("redis://") || url.starts_with("rediss://") {
-            if let Ok(client) = redis::Client::open(url) {
-                if let Ok(con) = ConnectionManager::new(client).await {
-                    return QueueMeter::Redis(con);
-                }
-            }
-            tracing::warn!(
-                "cannot open a Redis connection for queue lengths; using the broker's total"
-            );
-        }
-        QueueMeter::Amqp
-    }
-
-    /// `(total, per-priority)` ready messages of `queue`; `None` when the queue does not exist (RabbitMQ).
-    pub async fn ready(
-        &self,
-        broker: &dyn Broker,
-        queue: &str,
-    ) -> Option<(u64, Option<BTreeMap<String, u64>>)> {
-        match self {
-            QueueMeter::Redis(con) => {
-                let mut con = con.clone();
-                let mut pipe = redis::pipe();
-                for step in PRIORITY_STEPS {
-                    pipe.llen(redis_list(queue, step));
-                }
-                match pipe.query_async::<Vec<u64>>(&mut con).await {
-                    Ok(lens) => {
-                        let per: BTreeMap<String, u64> = PRIORITY_STEPS
-                            .iter()
-                            .zip(lens.iter())
-                            .map(|(s, n)| (s.to_string(), *n))
-                            .collect();
-                        Some((lens.iter().sum(), Some(per)))
-                    }
-                    Err(e) => {
-                        tracing::warn!("LLEN {queue}: {e}");
-                        None
-                    }
-                }
-            }
-            QueueMeter::Amqp => match broker.queue_length(queue).await {
-                Ok(n) => Some((n, None)),
-                Err(e) => {
-                    tracing::debug!("queue length of {queue}: {e}");
-                    None
-                }
-            },
+/// `(total, per-priority)` ready messages of `queue` ([`Broker::queue_depths`]: kombu's layout on
+/// Redis, a passive declare on RabbitMQ); `None` when the queue does not exist (RabbitMQ) or the broker
+/// cannot tell.
+pub async fn ready(
+    broker: &dyn Broker,
+    queue: &str,
+) -> Option<(u64, Option<BTreeMap<String, u64>>)> {
+    match broker.queue_depths(queue).await {
+        Ok(depth) => Some((
+            depth.total,
+            depth.by_priority.map(|per| {
+                per.into_iter()
+                    .map(|(step, n)| (step.to_string(), n))
+                    .collect()
+            }),
+        )),
+        Err(e) => {
+            tracing::debug!("queue length of {queue}: {e}");
+            None
         }
     }
 }
 
 /// `{"active_queues": [{"name", "messages"}]}` for `names`.
-pub async fn lengths(meter: &QueueMeter, broker: &dyn Broker, names: &[String]) -> Value {
+pub async fn lengths(broker: &dyn Broker, names: &[String]) -> Value {
     let mut out = Vec::new();
     for name in names {
-        if let Some((n, _)) = meter.ready(broker, name).await {
+        if let Some((n, _)) = ready(broker, name).await {
             out.push(json!({"name": name, "messages": n}));
         }
     }
@@ -115,7 +64,6 @@ pub async fn lengths(meter: &QueueMeter, broker: &dyn Broker, names: &[String]) 
 
 /// Ready, reserved and running per queue.
 pub async fn details(
-    meter: &QueueMeter,
     broker: &dyn Broker,
     inspector: &Inspector,
     names: &[String],
@@ -141,11 +89,11 @@ pub async fn details(
     }
     let mut out = Vec::new();
     for name in names {
-        let (ready, priorities) = meter.ready(broker, name).await.unwrap_or((0, None));
+        let (in_broker, priorities) = ready(broker, name).await.unwrap_or((0, None));
         out.push(QueueDetail {
             name: name.clone(),
-            messages: ready,
-            ready,
+            messages: in_broker,
+            ready: in_broker,
             reserved: reserved.get(name).copied().unwrap_or(0),
             running: running.get(name).copied().unwrap_or(0),
             priorities,

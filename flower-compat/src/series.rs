@@ -297,13 +297,8 @@ pub async fn sample_loop(
         if names.is_empty() {
             continue;
         }
-        let details = crate::queues::details(
-            &shared.queues,
-            shared.broker.as_ref(),
-            &shared.inspector,
-            &names,
-        )
-        .await;
+        let details =
+            crate::queues::details(shared.broker.as_ref(), &shared.inspector, &names).await;
         let now = celeriac_wire::events::now_epoch();
         let limits = {
             let state = shared.read_state();

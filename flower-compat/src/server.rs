@@ -17,7 +17,6 @@ use crate::eventlog::EventLog;
 use crate::housekeeping::housekeeping;
 use crate::inspector::Inspector;
 use crate::metrics::{self, FlowerMetrics};
-use crate::queues::QueueMeter;
 use crate::results::{self, ResultReader};
 use crate::samples::QueueSamples;
 use crate::shared::Shared;
@@ -29,6 +28,8 @@ use crate::{api, auth, dashboard, events, series};
 pub enum FlowerError {
     #[error(transparent)]
     Broker(#[from] celeriac_wire::broker::BrokerError),
+    #[error(transparent)]
+    Connect(#[from] celeriac_wire::connect::ConnectError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
@@ -90,12 +91,18 @@ pub async fn run(config: FlowerArgs) -> Result<(), FlowerError> {
 /// Starts everything and serves until `stop`.
 pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), FlowerError> {
     let metrics = FlowerMetrics::new(&metrics::DEFAULT_BUCKETS)?;
-    let broker = events::connect_broker(&config.broker).await?;
+    let broker = celeriac_wire::connect::connect(
+        &config.broker,
+        celeriac_wire::connect::BrokerOptions {
+            connection_name: "celeriac-flower".into(),
+            ..Default::default()
+        },
+    )
+    .await?;
     let mut state = EventsState::new(config.max_tasks, Some(metrics.clone()));
     let mut samples = QueueSamples::default();
     let store = open_history(&config, &mut state, &mut samples).await?;
     let results = ResultReader::open(&config.result_backend, broker.clone(), stop.clone()).await?;
-    let queues = QueueMeter::for_broker(&config.broker).await;
     let shared = Arc::new(Shared {
         inspector: Inspector::new(config.inspect_timeout()),
         history_description: store.as_ref().map(|s| s.describe()),
@@ -109,7 +116,6 @@ pub async fn serve(config: FlowerArgs, stop: CancellationToken) -> Result<(), Fl
         metrics,
         broker,
         results,
-        queues,
     });
     shared
         .metrics

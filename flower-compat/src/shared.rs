@@ -13,7 +13,6 @@ use crate::config::FlowerArgs;
 use crate::eventlog::EventLog;
 use crate::inspector::Inspector;
 use crate::metrics::FlowerMetrics;
-use crate::queues::QueueMeter;
 use crate::results::ResultReader;
 use crate::samples::QueueSamples;
 use crate::state::EventsState;
@@ -26,7 +25,6 @@ pub struct Shared {
     pub broker: Arc<dyn Broker>,
     pub inspector: Inspector,
     pub results: ResultReader,
-    pub queues: QueueMeter,
     pub history_description: Option<String>,
     /// Queue measurements for the charts.
     pub samples: RwLock<QueueSamples>,

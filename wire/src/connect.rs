@@ -38,6 +38,27 @@ pub enum ConnectError {
     },
 }
 
+/// How to reach a broker besides its URL.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// The connection's name in RabbitMQ's management UI (`celeriac`, `celeriac-flower`, …).
+    pub connection_name: String,
+    /// Applies to Redis brokers only.
+    pub redis: RedisTransportOptions,
+    /// Celery's `broker_use_ssl` (the URL's `ssl_*` query parameters win).
+    pub tls: TlsOptions,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        Self {
+            connection_name: "celeriac".into(),
+            redis: RedisTransportOptions::default(),
+            tls: TlsOptions::default(),
+        }
+    }
+}
+
 /// Connects to the broker named by `broker_url` (`amqp://`, `pyamqp://`, `amqps://`, `redis://`,
 /// `rediss://`); `redis` applies to Redis brokers only. TLS settings come from the URL's `ssl_*` query
 /// (see [`crate::tls`]).
@@ -45,15 +66,44 @@ pub async fn broker(
     broker_url: &str,
     redis: RedisTransportOptions,
 ) -> Result<Arc<dyn Broker>, ConnectError> {
-    broker_with_tls(broker_url, redis, &TlsOptions::default()).await
+    connect(
+        broker_url,
+        BrokerOptions {
+            redis,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// [`broker`] with Celery's `broker_use_ssl` settings (the URL's `ssl_*` query parameters win).
 pub async fn broker_with_tls(
     broker_url: &str,
-    mut redis: RedisTransportOptions,
+    redis: RedisTransportOptions,
     tls: &TlsOptions,
 ) -> Result<Arc<dyn Broker>, ConnectError> {
+    connect(
+        broker_url,
+        BrokerOptions {
+            redis,
+            tls: tls.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// The one place a broker URL becomes a transport: the worker, the run coordinator and flower-compat
+/// all connect through here.
+pub async fn connect(
+    broker_url: &str,
+    options: BrokerOptions,
+) -> Result<Arc<dyn Broker>, ConnectError> {
+    let BrokerOptions {
+        connection_name,
+        mut redis,
+        tls,
+    } = options;
     let tls_err = |e: TlsError| ConnectError::Tls {
         url: url::redact(broker_url),
         source: e,
@@ -62,7 +112,7 @@ pub async fn broker_with_tls(
     let material = tls.load().map_err(tls_err)?;
     Ok(match url::parse_broker(&clean_url)? {
         BrokerUrl::Amqp { uri } => Arc::new(
-            AmqpBroker::connect_with_tls(&uri, "celeriac", &material)
+            AmqpBroker::connect_with_tls(&uri, &connection_name, &material)
                 .await
                 .map_err(|source| ConnectError::Broker {
                     what: "RabbitMQ",

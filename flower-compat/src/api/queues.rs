@@ -21,7 +21,7 @@ fn queue_names(shared: &Shared) -> Vec<String> {
 pub(super) async fn queue_lengths(State(shared): AppState) -> ApiResult {
     let names = queue_names(&shared);
     Ok(json_response(
-        queues::lengths(&shared.queues, shared.broker.as_ref(), &names).await,
+        queues::lengths(shared.broker.as_ref(), &names).await,
     ))
 }
 
@@ -35,13 +35,7 @@ pub(super) async fn queue_details(State(shared): AppState, Query(q): Params) -> 
             .collect(),
         None => queue_names(&shared),
     };
-    let details = queues::details(
-        &shared.queues,
-        shared.broker.as_ref(),
-        &shared.inspector,
-        &names,
-    )
-    .await;
+    let details = queues::details(shared.broker.as_ref(), &shared.inspector, &names).await;
     for d in &details {
         for (state, n) in [
             ("ready", d.ready),

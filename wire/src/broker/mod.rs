@@ -134,6 +134,30 @@ impl OutgoingMessage {
             ..Default::default()
         }
     }
+
+    /// `message` published again for another consumer (a worker handing back a task it could not
+    /// finish): the same body, headers and properties, with `redelivered` set in the headers as kombu's
+    /// restore marks it, so the next worker knows the task may have started before.
+    pub fn republished(message: &RawMessage) -> Self {
+        let mut headers = message.headers.clone();
+        headers.insert("redelivered".into(), Value::Bool(true));
+        Self {
+            body: message.body.clone(),
+            content_type: message.content_type.clone(),
+            content_encoding: message.content_encoding.clone(),
+            headers,
+            properties: message.properties.clone(),
+        }
+    }
+}
+
+/// Messages ready in a queue, and on Redis how they split over kombu's priority lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub total: u64,
+    /// Ready messages per priority step (`0`, `3`, `6`, `9` by default); `None` where the broker does not
+    /// tell (RabbitMQ keeps priorities inside one queue).
+    pub by_priority: Option<std::collections::BTreeMap<u8, u64>>,
 }
 
 /// Errors of any broker.
@@ -255,6 +279,13 @@ pub trait Broker: Send + Sync {
         Err(BrokerError::Refused {
             operation: "queue_length".into(),
             reason: format!("not supported by the {} transport", self.transport()),
+        })
+    }
+    /// [`Broker::queue_length`] with the per-priority split where the broker has one.
+    async fn queue_depths(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        Ok(QueueDepth {
+            total: self.queue_length(queue).await?,
+            by_priority: None,
         })
     }
     /// How often [`Acker::keep_alive`] must be called while a message is held, if at all.
