@@ -5,6 +5,10 @@
 //! replies `{<nodename>: <reply>}` to `reply_to` with headers `ticket` and `clock` — only when the
 //! request carries `reply_to`.
 
+pub mod command;
+
+pub use command::ControlCommand;
+
 use serde_json::{json, Map, Value};
 
 use crate::broker::OutgoingMessage;
@@ -78,6 +82,11 @@ impl ControlRequest {
             ticket: obj.get("ticket").and_then(Value::as_str).map(str::to_owned),
             reply_to,
         })
+    }
+
+    /// The typed command; the error is the text of the `{"error": …}` reply.
+    pub fn command(&self) -> Result<ControlCommand, String> {
+        ControlCommand::parse(&self.method, &self.arguments)
     }
 
     /// Whether the node `hostname` must handle this request.
