@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use celeriac_dagster::config::{DagsterConfig, DagsterSettings, JobRetention, LauncherKind};
-use celeriac_worker::config::{AckPolicy, RedisPriorityOrder, Settings, WorkerConfig};
+use celeriac_wire::broker::redis::PriorityOrder;
+use celeriac_worker::config::{AckPolicy, Settings, WorkerConfig};
 use celeriac_worker::runtime::Worker;
 use clap::Args;
 
@@ -43,7 +44,7 @@ pub struct WorkerArgs {
     pub(crate) hostname: Option<String>,
     /// Redis only: which priority bucket is served first, `kombu` (0 first) or `dagster` (9 first).
     #[arg(long = "redis-priority-order", value_parser = parse_order)]
-    pub(crate) redis_priority_order: Option<RedisPriorityOrder>,
+    pub(crate) redis_priority_order: Option<PriorityOrder>,
     /// Redis only: seconds before an unacknowledged message of a dead worker is restored.
     #[arg(long = "visibility-timeout")]
     pub(crate) visibility_timeout: Option<f64>,
@@ -115,14 +116,8 @@ fn parse_ack(s: &str) -> Result<AckPolicy, String> {
     }
 }
 
-fn parse_order(s: &str) -> Result<RedisPriorityOrder, String> {
-    match s {
-        "kombu" => Ok(RedisPriorityOrder::Kombu),
-        "dagster" => Ok(RedisPriorityOrder::Dagster),
-        other => Err(format!(
-            "priority order must be kombu or dagster, got {other:?}"
-        )),
-    }
+fn parse_order(s: &str) -> Result<PriorityOrder, String> {
+    s.parse()
 }
 
 impl WorkerArgs {
@@ -183,8 +178,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     // An unreachable broker or backend at start-up is retried (with a clear log line each time), like
     // Celery's `broker_connection_retry_on_startup`, so a worker started before its broker just waits.
     let (broker, backend) = {
-        let mut delay = std::time::Duration::from_secs(1);
+        let mut backoff = celeriac_wire::backoff::Backoff::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(30),
+        );
         loop {
+            let delay = backoff.next_delay();
             let attempt = async {
                 let broker = celeriac_worker::connect::broker(&config).await?;
                 let backend = celeriac_worker::connect::backend(&config, broker.clone()).await?;
@@ -198,7 +197,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 _ = tokio::time::sleep(delay) => {}
                 _ = &mut shutdown => return Ok(()),
             }
-            delay = (delay * 2).min(std::time::Duration::from_secs(30));
         }
     };
     let registry = celeriac_dagster::app::registry(&dagster).context("setting up tasks")?;

@@ -23,6 +23,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use celeriac_wire::broker::redis::PriorityOrder;
+
 /// Everything the worker needs, resolved and validated.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -69,17 +71,7 @@ pub enum AckPolicy {
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     pub visibility_timeout: Duration,
-    pub priority_order: RedisPriorityOrder,
-}
-
-/// Which Redis priority bucket is served first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RedisPriorityOrder {
-    /// kombu's order: lower number first (Dagster's priority is inverted, as with Python workers).
-    Kombu,
-    /// Higher Dagster priority first, matching RabbitMQ and Dagster's intent.
-    Dagster,
+    pub priority_order: PriorityOrder,
 }
 
 /// Errors in configuration: always say which setting and why.
@@ -129,7 +121,7 @@ pub struct Settings {
 pub struct TransportOptions {
     pub visibility_timeout: Option<f64>,
     /// celeriac extension: `kombu` (default) or `dagster`.
-    pub priority_order: Option<RedisPriorityOrder>,
+    pub priority_order: Option<PriorityOrder>,
 }
 
 impl Settings {
@@ -308,7 +300,7 @@ impl Settings {
                 priority_order: self
                     .broker_transport_options
                     .priority_order
-                    .unwrap_or(RedisPriorityOrder::Kombu),
+                    .unwrap_or(PriorityOrder::Kombu),
             },
         })
     }

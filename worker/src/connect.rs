@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use celeriac_wire::backend::ResultBackend;
-use celeriac_wire::broker::redis::{PriorityOrder, RedisTransportOptions};
+use celeriac_wire::broker::redis::RedisTransportOptions;
 use celeriac_wire::broker::Broker;
 
-use crate::config::{RedisPriorityOrder, WorkerConfig};
+use crate::config::WorkerConfig;
 
 /// Connects to the broker (retrying is the caller's business: the consumers reconnect on their own).
 pub async fn broker(config: &WorkerConfig) -> anyhow::Result<Arc<dyn Broker>> {
@@ -19,10 +19,7 @@ pub async fn broker(config: &WorkerConfig) -> anyhow::Result<Arc<dyn Broker>> {
             std::time::Duration::from_secs(1),
             std::time::Duration::from_secs(60),
         ),
-        priority_order: match config.redis.priority_order {
-            RedisPriorityOrder::Kombu => PriorityOrder::Kombu,
-            RedisPriorityOrder::Dagster => PriorityOrder::Dagster,
-        },
+        priority_order: config.redis.priority_order,
         ..Default::default()
     };
     Ok(

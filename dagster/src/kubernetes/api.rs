@@ -111,7 +111,8 @@ where
 {
     let m = KubeMetrics::get();
     let first = Instant::now();
-    let mut delay = Duration::from_millis(200);
+    let mut backoff =
+        celeriac_wire::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let started = Instant::now();
         let result = call().await;
@@ -124,6 +125,7 @@ where
                 m.errors
                     .with_label_values(&[verb, &status_code(&e).to_string()])
                     .inc();
+                let delay = backoff.next_delay();
                 if !transient(&e) || first.elapsed() + delay > window {
                     return Err(e);
                 }
@@ -132,7 +134,6 @@ where
                     "Kubernetes API request failed, retrying in {delay:?}: {e}"
                 );
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }

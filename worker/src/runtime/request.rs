@@ -426,7 +426,10 @@ async fn store_now(shared: &Shared, request: &TaskRequest, meta: &ResultMeta) ->
 }
 
 async fn store_to(shared: &Shared, target: &ReplyTarget, meta: &ResultMeta) -> bool {
-    let mut delay = std::time::Duration::from_millis(250);
+    let mut backoff = celeriac_wire::backoff::Backoff::new(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(10),
+    );
     let began = Instant::now();
     for attempt in 1..=STORE_ATTEMPTS {
         match shared.backend.store(target, meta).await {
@@ -443,8 +446,7 @@ async fn store_to(shared: &Shared, target: &ReplyTarget, meta: &ResultMeta) -> b
             Err(e) => {
                 warn!(task_id = %target.task_id, attempt, "cannot store {} result via {}://: {e}", meta.state.as_str(), shared.backend.scheme());
                 if attempt < STORE_ATTEMPTS {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
@@ -472,15 +474,7 @@ async fn finish_late(queue: &QueueConfig, acker: &dyn Acker, id: &str, result_st
 
 /// Early-ack messages are already gone from the broker; publish the original again so it is not lost.
 async fn republish(shared: &Shared, queue: &QueueConfig, message: &RawMessage, id: &str) {
-    let mut headers = message.headers.clone();
-    headers.insert("redelivered".into(), serde_json::Value::Bool(true));
-    let out = OutgoingMessage {
-        body: message.body.clone(),
-        content_type: message.content_type.clone(),
-        content_encoding: message.content_encoding.clone(),
-        headers,
-        properties: message.properties.clone(),
-    };
+    let out = OutgoingMessage::republished(message);
     match shared.broker.publish("", &queue.name, out).await {
         Ok(()) => info!(task_id = %id, queue = %queue.name, "task re-published for another worker"),
         Err(e) => {
