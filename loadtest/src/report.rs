@@ -332,3 +332,27 @@ pub fn write(loadtest_dir: &Path) -> Result<()> {
     std::fs::write(loadtest_dir.join("REPORT.md"), body)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed report holds each scenario's section as rendered from its committed figures: the
+    /// renderer still writes the same rows from the same keys.
+    #[test]
+    fn committed_report_renders_from_committed_results() {
+        let dir = crate::env::repo_root().join("loadtest");
+        let report = std::fs::read_to_string(dir.join("REPORT.md")).expect("REPORT.md");
+        for scenario in ["coordinator", "worker"] {
+            let path = dir.join("results").join(format!("{scenario}.json"));
+            let f: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("results"))
+                .expect("JSON");
+            let rendered = section(scenario, &f);
+            assert!(
+                report.contains(&rendered),
+                "REPORT.md lacks the {scenario} section as rendered now:\n{rendered}"
+            );
+            assert!(check(scenario, &f).is_empty(), "{:?}", check(scenario, &f));
+        }
+    }
+}
