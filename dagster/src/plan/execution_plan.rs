@@ -9,9 +9,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use indexmap::{IndexMap, IndexSet};
 
+use super::error::PlanError;
 use super::snapshot::{InputSnap, PlanSnapshot, Source, StepHandle, StepKind, StepSnap};
 use super::state::{DynamicMappings, KnownState, OutputHandle};
-use super::PlanError;
 
 /// A step of the plan (resolved steps are [`StepKind::Compute`]).
 pub type Step = StepSnap;

@@ -8,43 +8,22 @@
 //! * [`execution_plan`]: the plan rebuilt from it, growing as dynamic outputs resolve;
 //! * [`active`]: the state machine (`ActiveExecution`);
 //! * [`state`]: output handles, `KnownExecutionState`, retry mode;
-//! * [`step_event`]: what the engine reads of a reported `DagsterEvent`.
+//! * [`step_event`]: what the engine reads of a reported `DagsterEvent`;
+//! * [`error`]: [`PlanError`], why a plan cannot be built or an event cannot be applied.
 //!
 //! `tests/tests/plan_differential.rs` feeds Dagster's own `ActiveExecution` and this port the same
 //! randomized event traces and compares them after every call.
 
 pub mod active;
+pub mod error;
 pub mod execution_plan;
 pub mod snapshot;
 pub mod state;
 pub mod step_event;
 
 pub use active::{ActiveExecution, PlanEvents, SortKey};
+pub use error::PlanError;
 pub use execution_plan::ExecutionPlan;
 pub use snapshot::PlanSnapshot;
 pub use state::{KnownState, OutputHandle, RetryMode};
 pub use step_event::StepEvent;
-
-use crate::serdes::SerdesError;
-
-/// Why a plan cannot be built or an event cannot be applied. Python raises (and fails the run) in
-/// each of these cases; the coordinator fails the run with the message.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PlanError {
-    #[error(transparent)]
-    Serdes(#[from] SerdesError),
-    #[error("invalid execution plan: {0}")]
-    Invalid(String),
-    #[error("Attempted to mark step {0} as complete that was not known to be in flight")]
-    NotInFlight(String),
-    #[error("Attempted to mark {0} as up for retry but retries are disabled")]
-    RetriesDisabled(String),
-    #[error("event {0} has no step key")]
-    NoStepKey(String),
-    #[error("step {step_key}: tag {tag}={value:?} is not an integer")]
-    Priority {
-        step_key: String,
-        tag: String,
-        value: String,
-    },
-}
