@@ -162,7 +162,7 @@ impl DagsterSettings {
             "kubernetes.unschedulable_timeout",
         )?;
         let process_state_dir = match self.process.state_dir.as_deref().map(str::trim) {
-            None => Some(crate::launcher::step_state::default_dir()),
+            None => Some(default_process_state_dir()),
             Some("" | "none") => None,
             Some(dir) => Some(PathBuf::from(dir)),
         };
@@ -184,6 +184,15 @@ impl DagsterSettings {
                 )?,
             },
         })
+    }
+}
+
+/// The process launcher's default state directory: `$XDG_STATE_HOME/celeriac/steps`, else `.celeriac/steps` under the worker's
+/// working directory.
+fn default_process_state_dir() -> PathBuf {
+    match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d).join("celeriac").join("steps"),
+        None => PathBuf::from(".celeriac").join("steps"),
     }
 }
 

@@ -60,15 +60,6 @@ pub struct StateDir {
     dir: PathBuf,
 }
 
-/// The default location: `$XDG_STATE_HOME/celeriac/steps`, else `.celeriac/steps` under the worker's
-/// working directory.
-pub fn default_dir() -> PathBuf {
-    match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
-        Some(d) => PathBuf::from(d).join("celeriac").join("steps"),
-        None => PathBuf::from(".celeriac").join("steps"),
-    }
-}
-
 /// This machine's boot id (empty when unreadable).
 pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
