@@ -104,12 +104,44 @@ pub enum JobError {
     MissingEnv(String),
 }
 
-/// Builds the Job.
+/// Builds the Job: the container, inside the pod template, inside the Job spec, each level merging
+/// the user's config for it (`container_config`, `pod_spec_config`, `job_spec_config`, `job_config`)
+/// with what the step's `DagsterK8sJobConfig` says, in Python's order.
 pub fn construct_job(input: &JobInputs) -> Result<Value, JobError> {
     let jc = input.job_config;
-    let jc_str = |k: &str| jc.get(k).and_then(Value::as_str).map(str::to_owned);
     let udk = input.user_config;
+    let dagster_labels = dagster_labels(input);
+    let jc_labels = str_map(jc.get("labels"));
+    let env = job_config_env(input, jc)?;
+    let container = container(input, jc, udk, env, env_from_sources(jc));
+    let template = pod_template(input, jc, udk, container, &dagster_labels, &jc_labels);
+    let job_spec = job_spec(udk, template);
 
+    let mut job_meta = obj(udk.get("job_metadata"), "V1ObjectMeta");
+    let user_job_labels = pop(&mut job_meta, "labels")
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    let mut job_meta_fields = Map::new();
+    job_meta_fields.insert("name".into(), json!(input.job_name));
+    job_meta_fields.insert(
+        "labels".into(),
+        Value::Object(merge(&[dagster_labels, user_job_labels, jc_labels])),
+    );
+    let mut head = Map::new();
+    head.insert("apiVersion".into(), json!("batch/v1"));
+    head.insert("kind".into(), json!("Job"));
+    head.insert(
+        "metadata".into(),
+        Value::Object(merge(&[job_meta, job_meta_fields])),
+    );
+    head.insert("spec".into(), Value::Object(job_spec));
+    let job = merge(&[obj(udk.get("job_config"), "V1Job"), head]);
+    // A final pass drops nulls the way the Kubernetes client's serializer does.
+    Ok(to_api(&Value::Object(job), "V1Job"))
+}
+
+/// The labels Dagster puts on the Job and its pod: `app.kubernetes.io/*` and the step's own.
+fn dagster_labels(input: &JobInputs) -> Map<String, Value> {
     let mut dagster_labels = Map::new();
     dagster_labels.insert("app.kubernetes.io/name".into(), json!("dagster"));
     dagster_labels.insert("app.kubernetes.io/instance".into(), json!("dagster"));
@@ -124,8 +156,14 @@ pub fn construct_job(input: &JobInputs) -> Result<Value, JobError> {
     for (k, v) in &input.labels {
         dagster_labels.insert(k.clone(), json!(sanitize_label(v)));
     }
-    let jc_labels = str_map(jc.get("labels"));
+    dagster_labels
+}
 
+/// The container's `env` from the job config, before the user's: the given env vars,
+/// `DAGSTER_HOME`, the Postgres password secret, then `env_vars` (`NAME=value` or a name read from
+/// the worker's environment).
+fn job_config_env(input: &JobInputs, jc: &Map<String, Value>) -> Result<Vec<Value>, JobError> {
+    let jc_str = |k: &str| jc.get(k).and_then(Value::as_str).map(str::to_owned);
     let mut env: Vec<Value> = input
         .env_vars
         .iter()
@@ -150,8 +188,14 @@ pub fn construct_job(input: &JobInputs) -> Result<Value, JobError> {
             None => json!({"name": v, "value": std::env::var(v).map_err(|_| JobError::MissingEnv(v.to_string()))?}),
         });
     }
-    let env_from_sources: Vec<Value> = jc
-        .get("env_config_maps")
+    let mut all_env = env;
+    all_env.extend(job_config_env);
+    Ok(all_env)
+}
+
+/// The container's `envFrom` from the job config: config maps, then secrets.
+fn env_from_sources(jc: &Map<String, Value>) -> Vec<Value> {
+    jc.get("env_config_maps")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
@@ -165,8 +209,18 @@ pub fn construct_job(input: &JobInputs) -> Result<Value, JobError> {
                 .filter_map(Value::as_str)
                 .map(|s| json!({"secretRef": {"name": s}})),
         )
-        .collect();
+        .collect()
+}
 
+/// The step's container: the user's `container_config` with image, pull policy, env, mounts,
+/// resources and security context filled from the job config where the user gave none.
+fn container(
+    input: &JobInputs,
+    jc: &Map<String, Value>,
+    udk: &Map<String, Value>,
+    env: Vec<Value>,
+    env_from_sources: Vec<Value>,
+) -> Map<String, Value> {
     let mut container_config = obj(udk.get("container_config"), "V1Container");
     if let Some(args) = &input.args {
         container_config.insert("args".into(), json!(args));
@@ -200,7 +254,6 @@ pub fn construct_job(input: &JobInputs) -> Result<Value, JobError> {
     });
 
     let mut all_env = env;
-    all_env.extend(job_config_env);
     all_env.extend(user_env);
     let mut all_env_from = env_from_sources;
     all_env_from.extend(user_env_from);
@@ -216,8 +269,19 @@ pub fn construct_job(input: &JobInputs) -> Result<Value, JobError> {
     if truthy(&security_context) {
         sc.insert("securityContext".into(), security_context);
     }
-    let container = merge(&[container_config, container_fields, sc]);
+    merge(&[container_config, container_fields, sc])
+}
 
+/// The pod template: the user's `pod_spec_config` and `pod_template_spec_metadata` around the
+/// container, with volumes, pull secrets, service account and scheduler from the job config.
+fn pod_template(
+    input: &JobInputs,
+    jc: &Map<String, Value>,
+    udk: &Map<String, Value>,
+    container: Map<String, Value>,
+    dagster_labels: &Map<String, Value>,
+    jc_labels: &Map<String, Value>,
+) -> Value {
     let mut pod_spec_config = obj(udk.get("pod_spec_config"), "V1PodSpec");
     let user_volumes = pop(&mut pod_spec_config, "volumes")
         .and_then(|v| v.as_array().cloned())
@@ -274,43 +338,24 @@ pub fn construct_job(input: &JobInputs) -> Result<Value, JobError> {
     if truthy(&scheduler) {
         sched.insert("schedulerName".into(), scheduler);
     }
-    let template = json!({
+    json!({
         "metadata": merge(&[template_meta, meta_fields]),
         "spec": merge(&[spec_head, pod_spec_config, spec_tail, sched]),
-    });
+    })
+}
 
+/// The Job spec: Dagster's TTL and `backoffLimit: 0` under the user's `job_spec_config`.
+fn job_spec(udk: &Map<String, Value>, template: Value) -> Map<String, Value> {
     let mut defaults = Map::new();
     defaults.insert("ttlSecondsAfterFinished".into(), json!(DEFAULT_TTL_SECONDS));
     defaults.insert("backoffLimit".into(), json!(0));
     let mut template_part = Map::new();
     template_part.insert("template".into(), template);
-    let job_spec = merge(&[
+    merge(&[
         defaults,
         obj(udk.get("job_spec_config"), "V1JobSpec"),
         template_part,
-    ]);
-
-    let mut job_meta = obj(udk.get("job_metadata"), "V1ObjectMeta");
-    let user_job_labels = pop(&mut job_meta, "labels")
-        .and_then(|v| v.as_object().cloned())
-        .unwrap_or_default();
-    let mut job_meta_fields = Map::new();
-    job_meta_fields.insert("name".into(), json!(input.job_name));
-    job_meta_fields.insert(
-        "labels".into(),
-        Value::Object(merge(&[dagster_labels, user_job_labels, jc_labels])),
-    );
-    let mut head = Map::new();
-    head.insert("apiVersion".into(), json!("batch/v1"));
-    head.insert("kind".into(), json!("Job"));
-    head.insert(
-        "metadata".into(),
-        Value::Object(merge(&[job_meta, job_meta_fields])),
-    );
-    head.insert("spec".into(), Value::Object(job_spec));
-    let job = merge(&[obj(udk.get("job_config"), "V1Job"), head]);
-    // A final pass drops nulls the way the Kubernetes client's serializer does.
-    Ok(to_api(&Value::Object(job), "V1Job"))
+    ])
 }
 
 #[cfg(test)]
