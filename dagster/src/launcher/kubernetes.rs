@@ -213,6 +213,83 @@ enum Waited {
 }
 
 impl KubernetesLauncher {
+    /// Creates the step's Job, or adopts the one a previous delivery of this task created (after
+    /// checking it is this run's and step's, and seeding the watch with its pods). Returns the Job
+    /// and whether it was adopted.
+    async fn create_or_adopt(
+        &self,
+        spec: &StepSpec,
+        job: &Job,
+        jobs: &Api<Job>,
+        pods_api: &Api<Pod>,
+        sub: &StepWatch,
+    ) -> Result<(Job, bool), LaunchError> {
+        let create_err = |reason: String| LaunchError::Create {
+            job_name: spec.job_name.clone(),
+            reason,
+        };
+        let window = self.settings.api_retry_window;
+        let metrics = KubeMetrics::get();
+        let post = PostParams::default();
+        let created = match self
+            .limited(
+                Lane::Starting,
+                call("create", window, || jobs.create(&post, job)),
+            )
+            .await
+        {
+            Ok(j) => {
+                metrics
+                    .jobs
+                    .with_label_values(&[&spec.namespace, "created"])
+                    .inc();
+                (j, false)
+            }
+            Err(kube::Error::Api(s)) if s.is_already_exists() || s.code == 409 => {
+                let existing = self
+                    .limited(
+                        Lane::Starting,
+                        call("get", window, || jobs.get(&spec.job_name)),
+                    )
+                    .await
+                    .map_err(|e| {
+                        create_err(format!(
+                            "job {} already exists but cannot be read: {e}",
+                            spec.job_name
+                        ))
+                    })?;
+                if !belongs_to(&existing, spec) {
+                    return Err(create_err(format!(
+                        "job {} already exists in namespace {} but belongs to another run or step (labels {:?})",
+                        spec.job_name,
+                        spec.namespace,
+                        existing.metadata.labels.unwrap_or_default()
+                    )));
+                }
+                let by_job = ListParams::default().labels(&format!("job-name={}", spec.job_name));
+                let listed = self
+                    .limited(
+                        Lane::Starting,
+                        call("list", window, || pods_api.list(&by_job)),
+                    )
+                    .await
+                    .map_err(|e| LaunchError::Pods {
+                        job_name: spec.job_name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                sub.seed_pods(listed.items);
+                metrics
+                    .jobs
+                    .with_label_values(&[&spec.namespace, "adopted"])
+                    .inc();
+                info!(job = %spec.job_name, namespace = %spec.namespace, "step Job already exists: adopting it");
+                (existing, true)
+            }
+            Err(e) => return Err(create_err(e.to_string())),
+        };
+        Ok(created)
+    }
+
     async fn delete_job(
         &self,
         jobs: &Api<Job>,
@@ -430,67 +507,11 @@ impl StepLauncher for KubernetesLauncher {
         let jobs: Api<Job> = Api::namespaced(cluster.client.clone(), &spec.namespace);
         let pods_api: Api<Pod> = Api::namespaced(cluster.client.clone(), &spec.namespace);
         let sub = cluster.tracker.subscribe(&spec.namespace, &spec.job_name);
-        let window = self.settings.api_retry_window;
         let metrics = KubeMetrics::get();
 
-        // Create, or adopt what a previous delivery of this task created.
-        let post = PostParams::default();
-        let (created, adopted) = match self
-            .limited(
-                Lane::Starting,
-                call("create", window, || jobs.create(&post, job)),
-            )
-            .await
-        {
-            Ok(j) => {
-                metrics
-                    .jobs
-                    .with_label_values(&[&spec.namespace, "created"])
-                    .inc();
-                (j, false)
-            }
-            Err(kube::Error::Api(s)) if s.is_already_exists() || s.code == 409 => {
-                let existing = self
-                    .limited(
-                        Lane::Starting,
-                        call("get", window, || jobs.get(&spec.job_name)),
-                    )
-                    .await
-                    .map_err(|e| {
-                        create_err(format!(
-                            "job {} already exists but cannot be read: {e}",
-                            spec.job_name
-                        ))
-                    })?;
-                if !belongs_to(&existing, spec) {
-                    return Err(create_err(format!(
-                        "job {} already exists in namespace {} but belongs to another run or step (labels {:?})",
-                        spec.job_name,
-                        spec.namespace,
-                        existing.metadata.labels.unwrap_or_default()
-                    )));
-                }
-                let by_job = ListParams::default().labels(&format!("job-name={}", spec.job_name));
-                let listed = self
-                    .limited(
-                        Lane::Starting,
-                        call("list", window, || pods_api.list(&by_job)),
-                    )
-                    .await
-                    .map_err(|e| LaunchError::Pods {
-                        job_name: spec.job_name.clone(),
-                        reason: e.to_string(),
-                    })?;
-                sub.seed_pods(listed.items);
-                metrics
-                    .jobs
-                    .with_label_values(&[&spec.namespace, "adopted"])
-                    .inc();
-                info!(job = %spec.job_name, namespace = %spec.namespace, "step Job already exists: adopting it");
-                (existing, true)
-            }
-            Err(e) => return Err(create_err(e.to_string())),
-        };
+        let (created, adopted) = self
+            .create_or_adopt(spec, job, &jobs, &pods_api, &sub)
+            .await?;
         let uid = created.metadata.uid.clone();
         sub.seed_job(created);
         metrics

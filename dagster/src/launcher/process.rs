@@ -228,52 +228,9 @@ impl ProcessLauncher {
         cmd.args(args)
             .envs(process.env.iter().cloned())
             .stdin(Stdio::null());
-        let files = match &self.state {
-            Some(state) => {
-                state.remove(&spec.job_name);
-                let out = state.stdout_path(&spec.job_name);
-                let err = state.stderr_path(&spec.job_name);
-                let open = |p: &PathBuf| {
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .write(true)
-                        .truncate(true)
-                        .open(p)
-                };
-                match (open(&out), open(&err)) {
-                    (Ok(o), Ok(e)) => {
-                        cmd.stdout(o).stderr(e);
-                        Some((out, err))
-                    }
-                    (Err(e), _) | (_, Err(e)) => {
-                        return Ok(failed(
-                            pod_names,
-                            format!(
-                                "Cannot create the output files of job {} in {}: {e}",
-                                spec.job_name,
-                                state.path().display()
-                            ),
-                        ))
-                    }
-                }
-            }
-            None => {
-                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-                // No state directory to adopt it from: the step dies with its worker.
-                let parent = nix::unistd::getpid();
-                // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                            .map_err(std::io::Error::from)?;
-                        if nix::unistd::getppid() != parent {
-                            return Err(std::io::Error::other("the worker exited"));
-                        }
-                        Ok(())
-                    });
-                }
-                None
-            }
+        let files = match self.output_destination(spec, &mut cmd) {
+            Ok(files) => files,
+            Err(message) => return Ok(failed(pod_names, message)),
         };
         cmd.process_group(0).kill_on_drop(true);
         if let Some(dir) = &self.working_dir {
@@ -305,32 +262,16 @@ impl ProcessLauncher {
             }
             None => Output::Pipes(drain(child.stdout.take()), drain(child.stderr.take())),
         };
-        let deadline = async {
-            match spec.wait_timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
-            }
-        };
-
-        enum End {
-            Exited(std::io::Result<std::process::ExitStatus>),
-            Cancelled,
-            TimedOut,
-        }
-        let end = tokio::select! {
-            s = child.wait() => End::Exited(s),
-            _ = cancel.cancelled() => End::Cancelled,
-            _ = deadline => End::TimedOut,
-        };
+        let end = wait_child(&mut child, spec, &cancel).await;
         match end {
-            End::Cancelled => {
+            ChildEnd::Cancelled => {
                 info!(job = %spec.job_name, pid, "stopping the step process");
                 stop(&mut child, &guard).await;
                 let _ = collect(output, &guard).await;
                 self.forget(spec);
                 Err(LaunchError::Cancelled(spec.job_name.clone()))
             }
-            End::TimedOut => {
+            ChildEnd::TimedOut => {
                 warn!(job = %spec.job_name, pid, "step exceeded job_wait_timeout; stopping it");
                 stop(&mut child, &guard).await;
                 let logs = collect(output, &guard).await;
@@ -339,38 +280,104 @@ impl ProcessLauncher {
                 run.logs = logs;
                 Ok(run)
             }
-            End::Exited(status) => {
-                if let (Some(state), Ok(s)) = (&self.state, &status) {
-                    use std::os::unix::process::ExitStatusExt;
-                    let code = s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
-                    if let Err(e) = state.record_exit(&spec.job_name, code) {
-                        warn!(job = %spec.job_name, "cannot record the step's exit in the state directory: {e}");
-                    }
-                }
-                let logs = collect(output, &guard).await;
-                let failure_message = match status {
-                    Ok(s) if s.success() => None,
-                    Ok(s) => Some(match s.code() {
-                        Some(code) => exit_message(spec, code),
-                        None => format!(
-                            "Step process of job {} was killed by a signal ({s})",
-                            spec.job_name
-                        ),
-                    }),
-                    Err(e) => Some(format!(
-                        "Cannot wait for the step process of job {}: {e}",
-                        spec.job_name
-                    )),
+            ChildEnd::Exited(status) => Ok(self
+                .exited_child(spec, status, output, &guard, pod_names, pid)
+                .await),
+        }
+    }
+
+    /// Where the step's stdout and stderr go: files in the state directory (so a worker adopting the
+    /// step later can read them), else pipes, with the step bound to die with its worker. `Err`: the
+    /// message of a step that cannot start because its output files cannot be created.
+    fn output_destination(
+        &self,
+        spec: &StepSpec,
+        cmd: &mut Command,
+    ) -> Result<Option<(PathBuf, PathBuf)>, String> {
+        match &self.state {
+            Some(state) => {
+                state.remove(&spec.job_name);
+                let out = state.stdout_path(&spec.job_name);
+                let err = state.stderr_path(&spec.job_name);
+                let open = |p: &PathBuf| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .write(true)
+                        .truncate(true)
+                        .open(p)
                 };
-                info!(job = %spec.job_name, pid, succeeded = failure_message.is_none(), "step process ended");
-                Ok(StepRun {
-                    succeeded: failure_message.is_none(),
-                    failure_message,
-                    logs,
-                    pod_names,
-                    ..StepRun::default()
-                })
+                match (open(&out), open(&err)) {
+                    (Ok(o), Ok(e)) => {
+                        cmd.stdout(o).stderr(e);
+                        Ok(Some((out, err)))
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(format!(
+                        "Cannot create the output files of job {} in {}: {e}",
+                        spec.job_name,
+                        state.path().display()
+                    )),
+                }
             }
+            None => {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+                // No state directory to adopt it from: the step dies with its worker.
+                let parent = nix::unistd::getpid();
+                // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                            .map_err(std::io::Error::from)?;
+                        if nix::unistd::getppid() != parent {
+                            return Err(std::io::Error::other("the worker exited"));
+                        }
+                        Ok(())
+                    });
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The outcome of a step process that exited: its exit recorded in the state directory, its
+    /// output collected, success or the reason it failed.
+    async fn exited_child(
+        &self,
+        spec: &StepSpec,
+        status: std::io::Result<std::process::ExitStatus>,
+        output: Output,
+        guard: &GroupGuard,
+        pod_names: Vec<String>,
+        pid: Option<i32>,
+    ) -> StepRun {
+        if let (Some(state), Ok(s)) = (&self.state, &status) {
+            use std::os::unix::process::ExitStatusExt;
+            let code = s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+            if let Err(e) = state.record_exit(&spec.job_name, code) {
+                warn!(job = %spec.job_name, "cannot record the step's exit in the state directory: {e}");
+            }
+        }
+        let logs = collect(output, guard).await;
+        let failure_message = match status {
+            Ok(s) if s.success() => None,
+            Ok(s) => Some(match s.code() {
+                Some(code) => exit_message(spec, code),
+                None => format!(
+                    "Step process of job {} was killed by a signal ({s})",
+                    spec.job_name
+                ),
+            }),
+            Err(e) => Some(format!(
+                "Cannot wait for the step process of job {}: {e}",
+                spec.job_name
+            )),
+        };
+        info!(job = %spec.job_name, pid, succeeded = failure_message.is_none(), "step process ended");
+        StepRun {
+            succeeded: failure_message.is_none(),
+            failure_message,
+            logs,
+            pod_names,
+            ..StepRun::default()
         }
     }
 
@@ -449,6 +456,29 @@ impl ProcessLauncher {
         if let Some(state) = &self.state {
             state.remove(&spec.job_name);
         }
+    }
+}
+
+/// How the wait for a child step process ended.
+enum ChildEnd {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Cancelled,
+    TimedOut,
+}
+
+/// Waits for the child to exit, the task to be cancelled or `job_wait_timeout` to pass, whichever
+/// comes first.
+async fn wait_child(child: &mut Child, spec: &StepSpec, cancel: &CancellationToken) -> ChildEnd {
+    let deadline = async {
+        match spec.wait_timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        s = child.wait() => ChildEnd::Exited(s),
+        _ = cancel.cancelled() => ChildEnd::Cancelled,
+        _ = deadline => ChildEnd::TimedOut,
     }
 }
 
