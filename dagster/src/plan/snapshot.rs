@@ -365,98 +365,11 @@ impl StepSnap {
     fn decode(v: &Value, path: &str) -> Result<Self, SerdesError> {
         let o = Obj::expect(v, &["ExecutionStepSnap"], path)?;
         let key = o.str("key")?.to_string();
-        let kind_path = o.path_of("kind");
-        let kind =
-            match serdes::enum_member(o.field("kind")?, "StepKind", &kind_path)? {
-                "COMPUTE" => StepKind::Compute,
-                // "UNRESOLVED" is the old name of UNRESOLVED_MAPPED (StepKindSerializer).
-                "UNRESOLVED_MAPPED" | "UNRESOLVED" => StepKind::UnresolvedMapped,
-                "UNRESOLVED_COLLECT" => StepKind::UnresolvedCollect,
-                other => return Err(SerdesError::UnknownClass {
-                    class: format!("StepKind.{other}"),
-                    path: kind_path,
-                    known:
-                        "StepKind.COMPUTE, StepKind.UNRESOLVED_MAPPED, StepKind.UNRESOLVED_COLLECT"
-                            .into(),
-                }),
-            };
-        let handle = match o.get("step_handle") {
-            None | Some(Value::Null) => {
-                return Err(SerdesError::Shape {
-                    path: o.path_of("step_handle"),
-                    expected: "a step handle (snapshots older than Dagster 0.12 cannot be rebuilt)"
-                        .into(),
-                    found: "None".into(),
-                })
-            }
-            Some(h) => StepHandle::decode(h, &o.path_of("step_handle"))?,
-        };
-        let handle_fits = matches!(
-            (kind, &handle),
-            (
-                StepKind::Compute,
-                StepHandle::Plain { .. } | StepHandle::Resolved { .. }
-            ) | (StepKind::UnresolvedMapped, StepHandle::Unresolved { .. })
-                | (StepKind::UnresolvedCollect, StepHandle::Plain { .. })
-        );
-        if !handle_fits {
-            return Err(SerdesError::Shape {
-                path: o.path_of("step_handle"),
-                expected: format!("a handle for a {kind:?} step"),
-                found: format!("{handle:?}"),
-            });
-        }
-        let inputs = o
-            .list("inputs")?
-            .iter()
-            .enumerate()
-            .map(|(i, input)| {
-                let ipath = format!("{}[{i}]", o.path_of("inputs"));
-                let io = Obj::expect(input, &["ExecutionStepInputSnap"], &ipath)?;
-                let source = match io.get("source") {
-                    None | Some(Value::Null) => {
-                        return Err(SerdesError::Shape {
-                            path: io.path_of("source"),
-                            expected: "a step input source".into(),
-                            found: "None".into(),
-                        })
-                    }
-                    Some(s) => Source::decode(s, &io.path_of("source"))?,
-                };
-                Ok(InputSnap {
-                    name: io.str("name")?.to_string(),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, SerdesError>>()?;
-        let outputs = o
-            .list("outputs")?
-            .iter()
-            .enumerate()
-            .map(|(i, output)| {
-                let opath = format!("{}[{i}]", o.path_of("outputs"));
-                let oo = Obj::expect(output, &["ExecutionStepOutputSnap"], &opath)?;
-                let props = oo.field("properties")?;
-                let p = Obj::expect(props, &["StepOutputProperties"], &oo.path_of("properties"))?;
-                Ok(OutputSnap {
-                    name: oo.str("name")?.to_string(),
-                    is_required: p.bool_or("is_required", true)?,
-                    is_dynamic: p.bool_or("is_dynamic", false)?,
-                    is_asset_check: !matches!(p.get("asset_check_key"), None | Some(Value::Null)),
-                })
-            })
-            .collect::<Result<Vec<_>, SerdesError>>()?;
-        let mut tags = BTreeMap::new();
-        if let Some(m) = o.dict("tags")? {
-            for (k, v) in m {
-                let v = v.as_str().ok_or_else(|| SerdesError::Shape {
-                    path: format!("{}[{k:?}]", o.path_of("tags")),
-                    expected: "str".into(),
-                    found: serdes::kind(v).into(),
-                })?;
-                tags.insert(k.clone(), v.to_string());
-            }
-        }
+        let kind = decode_kind(&o)?;
+        let handle = decode_handle(&o, kind)?;
+        let inputs = decode_inputs(&o)?;
+        let outputs = decode_outputs(&o)?;
+        let tags = decode_tags(&o)?;
         Ok(StepSnap {
             key,
             kind,
@@ -471,6 +384,119 @@ impl StepSnap {
     pub fn output(&self, name: &str) -> Option<&OutputSnap> {
         self.outputs.iter().find(|o| o.name == name)
     }
+}
+
+/// `kind`: the step's `StepKind` (Dagster's old name `UNRESOLVED` accepted).
+fn decode_kind(o: &Obj) -> Result<StepKind, SerdesError> {
+    let kind_path = o.path_of("kind");
+    let kind = match serdes::enum_member(o.field("kind")?, "StepKind", &kind_path)? {
+        "COMPUTE" => StepKind::Compute,
+        // "UNRESOLVED" is the old name of UNRESOLVED_MAPPED (StepKindSerializer).
+        "UNRESOLVED_MAPPED" | "UNRESOLVED" => StepKind::UnresolvedMapped,
+        "UNRESOLVED_COLLECT" => StepKind::UnresolvedCollect,
+        other => {
+            return Err(SerdesError::UnknownClass {
+                class: format!("StepKind.{other}"),
+                path: kind_path,
+                known: "StepKind.COMPUTE, StepKind.UNRESOLVED_MAPPED, StepKind.UNRESOLVED_COLLECT"
+                    .into(),
+            })
+        }
+    };
+    Ok(kind)
+}
+
+/// `step_handle`, which must exist (Dagster 0.12 on) and fit the step's kind.
+fn decode_handle(o: &Obj, kind: StepKind) -> Result<StepHandle, SerdesError> {
+    let handle = match o.get("step_handle") {
+        None | Some(Value::Null) => {
+            return Err(SerdesError::Shape {
+                path: o.path_of("step_handle"),
+                expected: "a step handle (snapshots older than Dagster 0.12 cannot be rebuilt)"
+                    .into(),
+                found: "None".into(),
+            })
+        }
+        Some(h) => StepHandle::decode(h, &o.path_of("step_handle"))?,
+    };
+    let handle_fits = matches!(
+        (kind, &handle),
+        (
+            StepKind::Compute,
+            StepHandle::Plain { .. } | StepHandle::Resolved { .. }
+        ) | (StepKind::UnresolvedMapped, StepHandle::Unresolved { .. })
+            | (StepKind::UnresolvedCollect, StepHandle::Plain { .. })
+    );
+    if !handle_fits {
+        return Err(SerdesError::Shape {
+            path: o.path_of("step_handle"),
+            expected: format!("a handle for a {kind:?} step"),
+            found: format!("{handle:?}"),
+        });
+    }
+    Ok(handle)
+}
+
+/// `inputs`, each with its source.
+fn decode_inputs(o: &Obj) -> Result<Vec<InputSnap>, SerdesError> {
+    o.list("inputs")?
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let ipath = format!("{}[{i}]", o.path_of("inputs"));
+            let io = Obj::expect(input, &["ExecutionStepInputSnap"], &ipath)?;
+            let source = match io.get("source") {
+                None | Some(Value::Null) => {
+                    return Err(SerdesError::Shape {
+                        path: io.path_of("source"),
+                        expected: "a step input source".into(),
+                        found: "None".into(),
+                    })
+                }
+                Some(s) => Source::decode(s, &io.path_of("source"))?,
+            };
+            Ok(InputSnap {
+                name: io.str("name")?.to_string(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, SerdesError>>()
+}
+
+/// `outputs`, with the properties scheduling reads.
+fn decode_outputs(o: &Obj) -> Result<Vec<OutputSnap>, SerdesError> {
+    o.list("outputs")?
+        .iter()
+        .enumerate()
+        .map(|(i, output)| {
+            let opath = format!("{}[{i}]", o.path_of("outputs"));
+            let oo = Obj::expect(output, &["ExecutionStepOutputSnap"], &opath)?;
+            let props = oo.field("properties")?;
+            let p = Obj::expect(props, &["StepOutputProperties"], &oo.path_of("properties"))?;
+            Ok(OutputSnap {
+                name: oo.str("name")?.to_string(),
+                is_required: p.bool_or("is_required", true)?,
+                is_dynamic: p.bool_or("is_dynamic", false)?,
+                is_asset_check: !matches!(p.get("asset_check_key"), None | Some(Value::Null)),
+            })
+        })
+        .collect::<Result<Vec<_>, SerdesError>>()
+}
+
+/// `tags`, whose values must be strings.
+fn decode_tags(o: &Obj) -> Result<BTreeMap<String, String>, SerdesError> {
+    let mut tags = BTreeMap::new();
+    if let Some(m) = o.dict("tags")? {
+        for (k, v) in m {
+            let v = v.as_str().ok_or_else(|| SerdesError::Shape {
+                path: format!("{}[{k:?}]", o.path_of("tags")),
+                expected: "str".into(),
+                found: serdes::kind(v).into(),
+            })?;
+            tags.insert(k.clone(), v.to_string());
+        }
+    }
+    Ok(tags)
 }
 
 /// The stored plan of a run.

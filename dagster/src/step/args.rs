@@ -88,6 +88,65 @@ fn storage_yaml(instance_ref: &Value, field: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Which step of which run the packed `ExecuteStepArgs` name, and the attempt (from the known
+/// state's retry counts). Python runs exactly one step per task.
+fn step_identity(packed: &Value) -> Result<(String, String, u64), StepArgsError> {
+    let invalid = |reason: &str| StepArgsError::Invalid {
+        name: "execute_step_args_packed",
+        reason: reason.to_string(),
+    };
+    let run_id = packed
+        .get("pipeline_run_id")
+        .or_else(|| packed.get("run_id"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("no pipeline_run_id"))?
+        .to_string();
+    let steps = packed
+        .get("step_keys_to_execute")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid("no step_keys_to_execute"))?;
+    if steps.len() != 1 {
+        return Err(StepArgsError::NotOneStep);
+    }
+    let step_key = steps[0]
+        .as_str()
+        .ok_or_else(|| invalid("step key is not a string"))?
+        .to_string();
+    let attempt = packed
+        .get("known_state")
+        .and_then(|k| k.get("previous_retry_attempts"))
+        .and_then(|a| a.get(&step_key))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok((run_id, step_key, attempt))
+}
+
+/// The command that runs `dagster api execute_step` in the step's code location: the repository
+/// origin's `entry_point`, else `<executable_path> -m dagster`.
+fn entry_point(packed: &Value) -> Vec<String> {
+    let origin = packed
+        .get("pipeline_origin")
+        .or_else(|| packed.get("job_origin"))
+        .and_then(|o| o.get("repository_origin"));
+    match origin
+        .and_then(|o| o.get("entry_point"))
+        .and_then(Value::as_array)
+    {
+        Some(ep) if !ep.is_empty() => ep
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => {
+            let exe = origin
+                .and_then(|o| o.get("executable_path"))
+                .and_then(Value::as_str)
+                .unwrap_or("python");
+            vec![exe.to_string(), "-m".into(), "dagster".into()]
+        }
+    }
+}
+
 impl StepTaskArgs {
     pub fn from_kwargs(kwargs: &Map<String, Value>) -> Result<StepTaskArgs, StepArgsError> {
         let packed = match kwargs.get("execute_step_args_packed") {
@@ -139,56 +198,9 @@ impl StepTaskArgs {
             .get("kubeconfig_file")
             .and_then(Value::as_str)
             .map(str::to_owned);
-
-        let invalid = |reason: &str| StepArgsError::Invalid {
-            name: "execute_step_args_packed",
-            reason: reason.to_string(),
-        };
-        let run_id = packed
-            .get("pipeline_run_id")
-            .or_else(|| packed.get("run_id"))
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("no pipeline_run_id"))?
-            .to_string();
-        let steps = packed
-            .get("step_keys_to_execute")
-            .and_then(Value::as_array)
-            .ok_or_else(|| invalid("no step_keys_to_execute"))?;
-        if steps.len() != 1 {
-            return Err(StepArgsError::NotOneStep);
-        }
-        let step_key = steps[0]
-            .as_str()
-            .ok_or_else(|| invalid("step key is not a string"))?
-            .to_string();
-        let attempt = packed
-            .get("known_state")
-            .and_then(|k| k.get("previous_retry_attempts"))
-            .and_then(|a| a.get(&step_key))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let (run_id, step_key, attempt) = step_identity(&packed)?;
         let instance_ref = packed.get("instance_ref").cloned().unwrap_or(Value::Null);
-        let origin = packed
-            .get("pipeline_origin")
-            .or_else(|| packed.get("job_origin"))
-            .and_then(|o| o.get("repository_origin"));
-        let entry_point = match origin
-            .and_then(|o| o.get("entry_point"))
-            .and_then(Value::as_array)
-        {
-            Some(ep) if !ep.is_empty() => ep
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect(),
-            _ => {
-                let exe = origin
-                    .and_then(|o| o.get("executable_path"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("python");
-                vec![exe.to_string(), "-m".into(), "dagster".into()]
-            }
-        };
+        let entry_point = entry_point(&packed);
         Ok(StepTaskArgs {
             run_storage_yaml: storage_yaml(&instance_ref, "run_storage_data"),
             event_storage_yaml: storage_yaml(&instance_ref, "event_storage_data"),
