@@ -8,6 +8,7 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::k8s_config::CONFIG_KEYS;
 use crate::kubernetes::schema::{to_snake, SnakeCaseError};
 use crate::plan::active::{python_int, CELERY_STEP_PRIORITY_TAG};
 use crate::plan::execution_plan::Step;
@@ -51,19 +52,6 @@ const TAG_SECTIONS: &[(&str, &str)] = &[
     ("job_config", "V1Job"),
     ("job_metadata", "V1ObjectMeta"),
     ("job_spec_config", "V1JobSpec"),
-];
-
-/// Sections of `UserDefinedDagsterK8sConfig.to_dict()`, in order (the last three never come from a tag).
-const TO_DICT_SECTIONS: &[&str] = &[
-    "container_config",
-    "pod_template_spec_metadata",
-    "pod_spec_config",
-    "job_config",
-    "job_metadata",
-    "job_spec_config",
-    "deployment_metadata",
-    "service_metadata",
-    "service_spec_config",
 ];
 
 /// What a celery-k8s run's executor knows, as `CeleriacRunLauncher` handed it over (format version 1).
@@ -341,7 +329,8 @@ pub fn user_defined_k8s_config(
         }
     }
     let mut out = Map::new();
-    for name in TO_DICT_SECTIONS {
+    // `to_dict()`'s sections, in order (the last three never come from a tag).
+    for name in &CONFIG_KEYS {
         let value = match sections.get(*name) {
             Some(Value::Object(m)) if !m.is_empty() => {
                 let model = TAG_SECTIONS
