@@ -161,17 +161,20 @@ pub fn section(scenario: &str, f: &Value) -> String {
     }
 }
 
+/// The worker scenario's section: what ran, the table of figures per side, the table per level and
+/// the ratio of the memory slopes.
 fn worker_section(f: &Value) -> String {
+    let mut s = worker_intro(f);
+    worker_rows(f, &mut s);
+    worker_levels(f, &mut s);
+    worker_closing(f, &mut s);
+    s
+}
+
+/// What ran, and the head of the table of figures.
+fn worker_intro(f: &Value) -> String {
     let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
-    let row = |figure: &str, key: &str, fmt: &dyn Fn(f64) -> String| {
-        format!(
-            "| {figure} | {} | {} |\n",
-            fmt(g(&format!("/celeriac/{key}"))),
-            fmt(g(&format!("/python/{key}")))
-        )
-    };
-    let ratio = g("/python/pss_slope_bytes_per_step") / g("/celeriac/pss_slope_bytes_per_step");
-    let mut s = format!(
+    format!(
         "## Worker: `execute_step_k8s_job` through celeriac and Python's dagster-celery-k8s worker\n\n\
          One `celeriac worker` ({build} build, Kubernetes launcher, `-c {cc}`) and Python's `celery -A \
          dagster_celery_k8s.app worker` (prefork, `-c` per level, `--prefetch-multiplier=1` as \
@@ -191,7 +194,19 @@ fn worker_section(f: &Value) -> String {
         cc = g("/params/celeriac_concurrency"),
         load0 = g("/params/load_average_1m/start"),
         load1 = g("/params/load_average_1m/end"),
-    );
+    )
+}
+
+/// The rows of the table of figures, celeriac's column then Python's.
+fn worker_rows(f: &Value, s: &mut String) {
+    let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
+    let row = |figure: &str, key: &str, fmt: &dyn Fn(f64) -> String| {
+        format!(
+            "| {figure} | {} | {} |\n",
+            fmt(g(&format!("/celeriac/{key}"))),
+            fmt(g(&format!("/python/{key}")))
+        )
+    };
     s.push_str(&row(
         "memory per in-flight step (PSS slope)",
         "pss_slope_bytes_per_step",
@@ -262,6 +277,10 @@ fn worker_section(f: &Value) -> String {
         tally("celeriac"),
         tally("python")
     ));
+}
+
+/// The table of figures per level (batch), celeriac's levels first.
+fn worker_levels(f: &Value, s: &mut String) {
     s.push_str(
         "\nPer level (one batch each; latencies of that batch; publish rate = as fast as RabbitMQ \
          confirmed them; drain = release → every result stored):\n\n\
@@ -292,13 +311,18 @@ fn worker_section(f: &Value) -> String {
             ));
         }
     }
+}
+
+/// How much more memory per step Python takes, and where the plots are.
+fn worker_closing(f: &Value, s: &mut String) {
+    let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
+    let ratio = g("/python/pss_slope_bytes_per_step") / g("/celeriac/pss_slope_bytes_per_step");
     s.push_str(&format!(
         "\nPython's memory per in-flight step is {ratio:.0}× celeriac's. Plots: [`results/worker-memory.png`](results/worker-memory.png), \
          [`results/worker-latency.png`](results/worker-latency.png). Step exit → result stored starts when the step program exits (before the \
          kubelet reports the pod and the Job controller marks the Job complete), so both sides' figures \
          include the cluster's own reaction time.\n"
     ));
-    s
 }
 
 /// Renders `REPORT.md` from `results/*.json`.
