@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -103,19 +104,21 @@ pub fn load_step_path() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// `PATH` with the venv's `bin` first: its `python`, `celery` and `dagster` are the ones found.
+pub fn venv_first_path(venv: &Path) -> String {
+    format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 /// Runs the venv's python with `args` (environment `envs`), returning its stdout; fails with stderr.
 pub fn python(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Result<String> {
     let venv = venv()?;
     let mut cmd = Command::new(venv.join("bin").join("python"));
     cmd.args(args)
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                venv.join("bin").display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
+        .env("PATH", venv_first_path(&venv))
         .env("DAGSTER_PG_PASSWORD", "unused-with-trust-auth");
     for (k, v) in envs {
         cmd.env(k, v);
@@ -171,28 +174,61 @@ pub struct Home {
 }
 
 impl Home {
-    pub fn create(broker: &str, backend: &str) -> Result<Home> {
+    /// A new home and database; `extra` goes to `make_coordinator_home.py` after the broker and
+    /// backend (each scenario's own options: heartbeat timeout, step image).
+    pub fn create(broker: &str, backend: &str, extra: &[&str]) -> Result<Home> {
         let db = unique("celeriac_load").to_lowercase();
         let dir = work_dir().join(&db);
         std::fs::create_dir_all(&dir)?;
         let script = repo_root().join("tests/peers/make_coordinator_home.py");
-        python(
-            &[
-                script.to_str().unwrap_or_default(),
-                dir.to_str().unwrap_or_default(),
-                "--db",
-                &db,
-                "--broker",
-                broker,
-                "--backend",
-                backend,
-                "--heartbeat-timeout",
-                "120",
-            ],
-            &[],
-            Duration::from_secs(120),
-        )?;
+        let mut args = vec![
+            script.to_str().unwrap_or_default(),
+            dir.to_str().unwrap_or_default(),
+            "--db",
+            &db,
+            "--broker",
+            broker,
+            "--backend",
+            backend,
+        ];
+        args.extend_from_slice(extra);
+        python(&args, &[], Duration::from_secs(120))?;
         Ok(Home { dir, db })
+    }
+
+    /// `count` runs of `job` made in this home by `loadtest/peers/make_runs.py` (environment
+    /// `envs`): their ids and the hand-off `CeleriacRunLauncher` computed for them.
+    pub fn make_runs(
+        &self,
+        job: &str,
+        count: usize,
+        envs: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<(Vec<String>, Value)> {
+        let made = python(
+            &[
+                repo_root()
+                    .join("loadtest/peers/make_runs.py")
+                    .to_str()
+                    .unwrap_or_default(),
+                "--home",
+                self.dir.to_str().unwrap_or_default(),
+                "--job",
+                job,
+                "--count",
+                &count.to_string(),
+            ],
+            envs,
+            timeout,
+        )?;
+        let made: Value = serde_json::from_str(made.lines().last().unwrap_or_default())?;
+        let runs: Vec<String> = made["run_ids"]
+            .as_array()
+            .context("run ids")?
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        Ok((runs, made["handoff"].clone()))
     }
 
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {

@@ -8,23 +8,17 @@
 //! Results: `loadtest/results/<scenario>.json` (full runs) or `loadtest/work/quick/` (`--quick`), and
 //! the report rendered from the full runs' results.
 
+mod clock;
 mod coordinator;
 mod env;
 mod plots;
+mod probe;
 mod procs;
 mod report;
 mod worker;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-
-/// Seconds since the epoch.
-pub fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
-}
 
 #[derive(Parser)]
 #[command(

@@ -1,0 +1,46 @@
+//! What the worker scenario is run with: the knobs a run may change (`Params`, full and `--quick`)
+//! and the fixed places both sides share (broker, result backend, the test cluster's directory and
+//! the two Kubernetes identities), in one place so that every phase reads the same ones.
+
+/// The broker both sides consume from.
+pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672//";
+/// Results go to Redis on both sides: `date_done` of every result can be read back afterwards.
+pub const BACKEND: &str = "redis://127.0.0.1:6379/11";
+/// The Kubernetes test cluster's directory (kubeconfigs, logs, the audit log).
+pub const RUN_DIR: &str = "/tmp/celeriac-k8s";
+/// Kubernetes identities of the two sides (`celeriac-worker-<n>` of the test cluster).
+pub const CELERIAC_USER: u8 = 8;
+pub const PYTHON_USER: u8 = 9;
+
+/// Knobs of the scenario.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Steps in flight at which celeriac's memory is measured (one batch each).
+    pub celeriac_levels: Vec<usize>,
+    /// Python worker concurrencies (`-c`), each run with that many steps in flight.
+    pub python_levels: Vec<usize>,
+    /// Longest a step is held (each batch's steps run until the scenario has measured the batch in
+    /// flight and releases them; this only bounds a step the scenario forgot).
+    pub step_seconds: f64,
+    /// celeriac's `-c`.
+    pub celeriac_concurrency: usize,
+}
+
+impl Params {
+    pub fn full() -> Params {
+        Params {
+            celeriac_levels: vec![10, 100, 1000, 3000],
+            python_levels: vec![2, 8, 32],
+            step_seconds: 1800.0,
+            celeriac_concurrency: 12000,
+        }
+    }
+    pub fn quick() -> Params {
+        Params {
+            celeriac_levels: vec![10, 100],
+            python_levels: vec![1, 2],
+            step_seconds: 300.0,
+            celeriac_concurrency: 200,
+        }
+    }
+}
