@@ -13,15 +13,17 @@ use celeriac_wire::message::TaskRequest;
 use celeriac_wire::result::ExceptionInfo;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use celeriac_worker::tasks::{Task, TaskContext, TaskOutcome};
 
 use super::args::StepTaskArgs;
 use super::command::{command_args, job_name};
+use super::event_writer::EventWriter;
+pub use super::event_writer::EVENT_FLUSH_BUDGET;
+use super::report::{optional, python_str, text, Reporter};
 use crate::events::{
-    engine_event, filter_events, step_failure, terminal_event, ErrorInfo, Event, Meta, StepRef,
-    DELEGATE_MARKER,
+    filter_events, step_failure, terminal_event, ErrorInfo, Meta, StepRef, DELEGATE_MARKER,
 };
 use crate::instance::{Instance, InstanceError, Instances};
 use crate::k8s_config::merge_user_config;
@@ -100,176 +102,8 @@ fn instance_failure(e: &InstanceError) -> TaskOutcome {
     }
 }
 
-/// How long the end of a step task waits for its events to reach a database that is not answering.
-pub const EVENT_FLUSH_BUDGET: Duration = Duration::from_secs(120);
 /// How long the start of a step task retries a database that is not answering before it fails.
 pub const START_RETRY_WINDOW: Duration = Duration::from_secs(60);
-
-/// Writes a step task's events to the run's event log in the background, in order. A database that
-/// is down, reset or silent does not fail the step or hold it up: each event is retried with backoff
-/// until it is stored (a retry first looks for the row an unanswered INSERT may have committed, so
-/// nothing is stored twice); the task's end waits up to [`EVENT_FLUSH_BUDGET`] for the rest.
-struct EventWriter {
-    tx: tokio::sync::mpsc::UnboundedSender<Event>,
-    finish_by: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl EventWriter {
-    fn start(instance: Instance, run_id: String) -> EventWriter {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-        let finish_by = Arc::new(std::sync::Mutex::new(None));
-        let deadline = finish_by.clone();
-        let task = tokio::spawn(async move {
-            let mut lost = 0usize;
-            while let Some(event) = rx.recv().await {
-                if !deliver(&instance, &run_id, &event, &deadline).await {
-                    lost += 1;
-                }
-            }
-            if lost > 0 {
-                error!(run_id = %run_id, lost, "Dagster events could not be written to the event log");
-            }
-        });
-        EventWriter {
-            tx,
-            finish_by,
-            task,
-        }
-    }
-
-    fn send(&self, event: Event) {
-        // The writer task lives until `finish`: a send cannot fail before.
-        let _ = self.tx.send(event);
-    }
-
-    /// Waits (up to `budget`) until every event is written.
-    async fn finish(self, budget: Duration) {
-        *self.finish_by.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(std::time::Instant::now() + budget);
-        drop(self.tx);
-        let mut task = self.task;
-        // Slack for the attempt in flight at the deadline (query + connect timeouts).
-        if tokio::time::timeout(budget + Duration::from_secs(25), &mut task)
-            .await
-            .is_err()
-        {
-            task.abort();
-            error!("Dagster events were still unwritten when the step task ended");
-        }
-    }
-}
-
-/// Stores one event, retrying transient failures until it is stored or the writer's deadline passed.
-async fn deliver(
-    instance: &Instance,
-    run_id: &str,
-    event: &Event,
-    deadline: &std::sync::Mutex<Option<std::time::Instant>>,
-) -> bool {
-    let mut backoff =
-        celeriac_wire::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let mut maybe_stored = false;
-    let mut attempts = 0u32;
-    loop {
-        match instance.report_checked(run_id, event, maybe_stored).await {
-            Ok(_) => {
-                if attempts > 0 {
-                    info!(
-                        run_id,
-                        event = event.event_type,
-                        attempts = attempts + 1,
-                        "Dagster event written once the database answered again"
-                    );
-                }
-                return true;
-            }
-            Err(e) if !e.is_transient() => {
-                warn!(
-                    run_id,
-                    event = event.event_type,
-                    "cannot write a Dagster event: {e}"
-                );
-                return false;
-            }
-            Err(e) => {
-                if attempts == 0 {
-                    warn!(
-                        run_id,
-                        event = event.event_type,
-                        "cannot write a Dagster event ({e}); retrying until the database answers"
-                    );
-                }
-                attempts += 1;
-                maybe_stored = true;
-                let delay = backoff.next_delay();
-                let give_up = deadline
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_some_and(|d| std::time::Instant::now() + delay > d);
-                if give_up {
-                    error!(
-                        run_id,
-                        event = event.event_type,
-                        attempts,
-                        "giving up writing a Dagster event: {e}"
-                    );
-                    return false;
-                }
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
-}
-
-/// Stores events in the run's event log (through the [`EventWriter`]): a database fault never fails
-/// the step, and the events still reach the run worker in the task's result.
-struct Reporter<'a> {
-    writer: &'a EventWriter,
-    step: StepRef<'a>,
-}
-
-impl Reporter<'_> {
-    async fn store(&self, event: Event) -> Event {
-        self.writer.send(event.clone());
-        event
-    }
-
-    async fn engine(
-        &self,
-        message: &str,
-        metadata: &[(&str, Meta)],
-        marker_end: Option<&str>,
-        error: Option<&ErrorInfo>,
-    ) -> Event {
-        self.store(engine_event(
-            &self.step, message, metadata, marker_end, error,
-        ))
-        .await
-    }
-}
-
-fn text(s: &str) -> Meta {
-    Meta::Text(s.to_string())
-}
-
-/// A metadata value Python passes through as-is: a string, or `None` (→ `NullMetadataEntryData`).
-fn optional(v: Option<&Value>) -> Meta {
-    match v {
-        Some(Value::String(s)) => Meta::Text(s.clone()),
-        Some(Value::Null) | None => Meta::Null,
-        Some(other) => Meta::Text(celeriac_wire::json::python_repr(other)),
-    }
-}
-
-/// Python's `str(x)`: `"None"` for a missing value.
-fn python_str(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "None".into(),
-        Some(other) => celeriac_wire::json::python_repr(other),
-    }
-}
 
 #[async_trait]
 impl Task for ExecuteStepK8sJob {
@@ -323,79 +157,39 @@ impl ExecuteStepK8sJob {
         }
     }
 
+    /// The task in the order of spec §3.1: arguments, run, engine events, launch and watch the step,
+    /// then its events for the result.
     async fn execute(
         &self,
         ctx: TaskContext,
         request: &mut TaskRequest,
         writer: &mut Option<EventWriter>,
     ) -> TaskOutcome {
-        // 1. Arguments.
-        let mut args = match StepTaskArgs::from_kwargs(&request.kwargs) {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(task_id = %request.id, "invalid execute_step_k8s_job arguments: {e}");
-                let (t, m) = e.python_type();
-                return failure(t, m, e.to_string());
-            }
+        let (mut args, instance, run) = match self.begin(request).await {
+            Ok(opened) => opened,
+            Err(outcome) => return outcome,
         };
-        // Parsed: the kwargs tree (the packed step arguments, ~KB of JSON) is not held while the step
-        // runs, which may be hours, in thousands of concurrent steps.
-        drop(std::mem::take(&mut request.kwargs));
-        drop(std::mem::take(&mut request.args));
-        // 3. Instance and run.
-        let (instance, run) = match self.open_run(&args, &request.id).await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(task_id = %request.id, run_id = %args.run_id, "cannot open the run's Dagster instance: {e}");
-                return instance_failure(&e);
-            }
-        };
-        let run = match run {
-            Some(r) => r,
-            None => {
-                return failure(
-                    "CheckError",
-                    "dagster._check",
-                    format!("Could not load run {}", args.run_id),
-                )
-            }
-        };
-        let step_key = args.step_key.as_str();
+        // Owned copies: the reporter names the step while `args` gives up its large fields.
+        let (run_id, step_key) = (args.run_id.clone(), args.step_key.clone());
         let writer: &EventWriter =
-            writer.insert(EventWriter::start(instance.clone(), args.run_id.clone()));
+            writer.insert(EventWriter::start(instance.clone(), run_id.clone()));
         let reporter = Reporter {
             writer,
             step: StepRef {
-                run_id: &args.run_id,
+                run_id: &run_id,
                 job_name: &run.job_name,
-                step_key,
+                step_key: &step_key,
             },
         };
-
-        // 4. E1, stored only.
-        let pod_name = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty());
-        reporter
-            .engine(
-                &format!("Task for step {step_key} picked up by Celery"),
-                &[
-                    ("Celery worker name", text(&ctx.hostname)),
-                    (
-                        "Celery worker Kubernetes Pod name",
-                        pod_name.map_or(Meta::Null, Meta::Text),
-                    ),
-                ],
-                None,
-                None,
-            )
-            .await;
+        picked_up(&reporter, &ctx).await;
 
         // 5. Only STARTED runs get their steps executed.
         if run.status != "STARTED" {
-            info!(run_id = %args.run_id, step = step_key, status = %run.status, "run is not STARTED; not scheduling the step");
+            info!(run_id = %run_id, step = %step_key, status = %run.status, "run is not STARTED; not scheduling the step");
             reporter
                 .engine(
                     "Not scheduling step because dagster run status is not STARTED",
-                    &[("Step key", text(step_key))],
+                    &[("Step key", text(&step_key))],
                     None,
                     None,
                 )
@@ -404,6 +198,75 @@ impl ExecuteStepK8sJob {
             return TaskOutcome::Success(json!([]));
         }
 
+        let (spec, executing) = self
+            .prepare(&ctx, request, &mut args, &run, &reporter)
+            .await;
+        let job = spec.job_name.clone();
+        info!(run_id = %args.run_id, step = %step_key, job = %job, attempt = args.attempt, launcher = self.launcher.kind(), "launching step");
+        let finished = Finished {
+            job_name: &run.job_name,
+            launched: std::time::Instant::now(),
+        };
+        let step_run = match self
+            .supervise(&ctx, &spec, &instance, &reporter, &finished)
+            .await
+        {
+            Ok(step_run) => step_run,
+            Err(outcome) => return outcome,
+        };
+        self.collect(
+            &ctx, request, &args, &reporter, &job, step_run, executing, &finished,
+        )
+        .await
+    }
+
+    /// 1–3. The arguments (then the kwargs tree is let go) and the run, from its instance.
+    async fn begin(
+        &self,
+        request: &mut TaskRequest,
+    ) -> Result<(StepTaskArgs, Instance, crate::instance::RunInfo), TaskOutcome> {
+        let args = match StepTaskArgs::from_kwargs(&request.kwargs) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(task_id = %request.id, "invalid execute_step_k8s_job arguments: {e}");
+                let (t, m) = e.python_type();
+                return Err(failure(t, m, e.to_string()));
+            }
+        };
+        // Parsed: the kwargs tree (the packed step arguments, ~KB of JSON) is not held while the step
+        // runs, which may be hours, in thousands of concurrent steps.
+        drop(std::mem::take(&mut request.kwargs));
+        drop(std::mem::take(&mut request.args));
+        let (instance, run) = match self.open_run(&args, &request.id).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(task_id = %request.id, run_id = %args.run_id, "cannot open the run's Dagster instance: {e}");
+                return Err(instance_failure(&e));
+            }
+        };
+        match run {
+            Some(run) => Ok((args, instance, run)),
+            None => Err(failure(
+                "CheckError",
+                "dagster._check",
+                format!("Could not load run {}", args.run_id),
+            )),
+        }
+    }
+
+    /// 6–11. Names, command, labels and Kubernetes config resolved into the launcher's [`StepSpec`];
+    /// the "Executing step" engine event (stored, and the first element of the result). The large
+    /// fields of `args` are let go once the step is resolved.
+    async fn prepare(
+        &self,
+        ctx: &TaskContext,
+        request: &TaskRequest,
+        args: &mut StepTaskArgs,
+        run: &crate::instance::RunInfo,
+        reporter: &Reporter<'_>,
+    ) -> (StepSpec, Vec<String>) {
+        let step_key = args.step_key.clone();
+        let step_key = step_key.as_str();
         // 6–10. Names, command, labels, k8s config.
         let job = job_name(&args.run_id, step_key, args.attempt);
         let mut labels = vec![
@@ -423,7 +286,7 @@ impl ExecuteStepK8sJob {
             .unwrap_or_else(|| json!({}));
         let step = Step {
             job_name: &job,
-            command: command_args(&args),
+            command: command_args(args),
             env: vec![
                 ("DAGSTER_RUN_JOB_NAME".into(), run.job_name.clone()),
                 ("DAGSTER_RUN_STEP_KEY".into(), step_key.to_string()),
@@ -459,7 +322,7 @@ impl ExecuteStepK8sJob {
                 None,
             )
             .await;
-        let mut events = vec![executing.dagster_event_json()];
+        let events = vec![executing.dagster_event_json()];
         drop(executing);
 
         // 12–13. Resolve the step for the launcher (the Job body, or the local command and
@@ -476,7 +339,7 @@ impl ExecuteStepK8sJob {
                 .job_wait_timeout
                 .filter(|t| *t > 0.0 && t.is_finite())
                 .map(Duration::from_secs_f64),
-            workload: step.resolve(self.launcher.runs(), &args),
+            workload: step.resolve(self.launcher.runs(), args),
         };
         // The step is resolved: its packed arguments and Kubernetes config (~KB each as JSON trees)
         // are not needed while it runs, which may be hours, in thousands of concurrent steps.
@@ -487,12 +350,22 @@ impl ExecuteStepK8sJob {
         args.user_defined_k8s_config = Map::new();
         args.per_step_k8s_config = Map::new();
         args.entry_point = Vec::new();
-        info!(run_id = %args.run_id, step = step_key, job = %job, attempt = args.attempt, launcher = self.launcher.kind(), "launching step");
+        (spec, events)
+    }
+
+    /// 12–13. Runs the step, watching for revocation (`terminate`) and for the run leaving STARTED.
+    /// `Err` is the task's outcome when the step did not run to an end.
+    async fn supervise(
+        &self,
+        ctx: &TaskContext,
+        spec: &StepSpec,
+        instance: &Instance,
+        reporter: &Reporter<'_>,
+        finished: &Finished<'_>,
+    ) -> Result<StepRun, TaskOutcome> {
+        let (run_id, step_key, job) = (&spec.run_id, spec.step_key.as_str(), &spec.job_name);
         let stop = CancellationToken::new();
-        let launched = std::time::Instant::now();
-        let finished =
-            |outcome| StepMetrics::get().finished(&run.job_name, outcome, Some(launched.elapsed()));
-        let launch = self.launcher.launch(&spec, stop.clone());
+        let launch = self.launcher.launch(spec, stop.clone());
         tokio::pin!(launch);
         let mut run_check = tokio::time::interval(self.run_status_interval);
         run_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -501,22 +374,22 @@ impl ExecuteStepK8sJob {
             tokio::select! {
                 r = &mut launch => break r,
                 _ = ctx.terminate.cancelled() => {
-                    info!(run_id = %args.run_id, step = step_key, job = %job, "task revoked with terminate; stopping the step");
+                    info!(run_id = %run_id, step = step_key, job = %job, "task revoked with terminate; stopping the step");
                     stop.cancel();
                     let _ = (&mut launch).await;
-                    finished(StepOutcome::Cancelled);
-                    return TaskOutcome::Terminated;
+                    finished.record(StepOutcome::Cancelled);
+                    return Err(TaskOutcome::Terminated);
                 }
                 _ = run_check.tick() => {
-                    if !run_still_started(&instance, &args.run_id).await {
-                        warn!(run_id = %args.run_id, step = step_key, job = %job, "run left STARTED; terminating its step");
+                    if !run_still_started(instance, run_id).await {
+                        warn!(run_id = %run_id, step = step_key, job = %job, "run left STARTED; terminating its step");
                         reporter
                             .engine(
                                 "Terminating Kubernetes Job because dagster run status is not STARTED",
                                 &[
                                     ("Step key", text(step_key)),
-                                    ("Kubernetes Job name", text(&job)),
-                                    ("Kubernetes Job namespace", text(&args.job_namespace)),
+                                    ("Kubernetes Job name", text(job)),
+                                    ("Kubernetes Job namespace", text(&spec.namespace)),
                                 ],
                                 None,
                                 None,
@@ -524,18 +397,18 @@ impl ExecuteStepK8sJob {
                             .await;
                         stop.cancel();
                         let _ = (&mut launch).await;
-                        finished(StepOutcome::Cancelled);
-                        return TaskOutcome::Success(json!([]));
+                        finished.record(StepOutcome::Cancelled);
+                        return Err(TaskOutcome::Success(json!([])));
                     }
                 }
             }
         };
         let class = self.launcher.failure_class();
-        let step_run: StepRun = match outcome {
-            Ok(r) => r,
+        match outcome {
+            Ok(r) => Ok(r),
             Err(LaunchError::Cancelled(_)) => {
-                finished(StepOutcome::Cancelled);
-                return TaskOutcome::Terminated;
+                finished.record(StepOutcome::Cancelled);
+                Err(TaskOutcome::Terminated)
             }
             Err(e) => {
                 let (message, what) = match &e {
@@ -543,20 +416,38 @@ impl ExecuteStepK8sJob {
                     LaunchError::Wait { .. } => (format!("Encountered unexpected error while waiting on Kubernetes job {job} for step {step_key}, exiting."), "wait for"),
                     _ => (format!("Encountered unexpected error retreiving Pods for Kubernetes job {job} for step {step_key}, exiting."), "list the pods of"),
                 };
-                warn!(run_id = %args.run_id, step = step_key, job = %job, "cannot {what} the step: {e}");
+                warn!(run_id = %run_id, step = step_key, job = %job, "cannot {what} the step: {e}");
                 let err = ErrorInfo::new(class.module, class.name, &e.to_string());
                 reporter
                     .engine(&message, &[("Step key", text(step_key))], None, Some(&err))
                     .await;
-                finished(StepOutcome::Error);
-                return TaskOutcome::Success(json!([]));
+                finished.record(StepOutcome::Error);
+                Err(TaskOutcome::Success(json!([])))
             }
-        };
+        }
+    }
+
+    /// 14–17. The step's outcome into the result: the failure event, "Retrieving logs", log errors,
+    /// the step's own events, and a failure naming the cause when the step process reported none.
+    #[allow(clippy::too_many_arguments)]
+    async fn collect(
+        &self,
+        ctx: &TaskContext,
+        request: &TaskRequest,
+        args: &StepTaskArgs,
+        reporter: &Reporter<'_>,
+        job: &str,
+        step_run: StepRun,
+        mut events: Vec<String>,
+        finished: &Finished<'_>,
+    ) -> TaskOutcome {
+        let step_key = args.step_key.as_str();
+        let class = self.launcher.failure_class();
         if step_run.adopted_existing {
             reporter
                 .engine(
                     &format!("Did not create Kubernetes job {job} for step {step_key} since job name already exists, proceeding with existing job."),
-                    &[("Step key", text(step_key)), ("Kubernetes Job name", text(&job))],
+                    &[("Step key", text(step_key)), ("Kubernetes Job name", text(job))],
                     Some(DELEGATE_MARKER),
                     None,
                 )
@@ -614,7 +505,7 @@ impl ExecuteStepK8sJob {
         let unfinished = step_run.succeeded
             && step_run.log_errors.is_empty()
             && terminal_event(&step_events).is_none();
-        let lost_previous = self.launcher.take_lost_previous(&job);
+        let lost_previous = self.launcher.take_lost_previous(job);
         events.extend(step_events);
         // The step process ended well but reported no outcome: Dagster refused to run a step that
         // had already started ("Attempted to run … again"), which happens when the worker that
@@ -641,7 +532,7 @@ impl ExecuteStepK8sJob {
             );
             op_failed = true;
         }
-        finished(if step_run.succeeded && !op_failed {
+        finished.record(if step_run.succeeded && !op_failed {
             StepOutcome::Success
         } else {
             StepOutcome::Failure
@@ -650,6 +541,40 @@ impl ExecuteStepK8sJob {
             events.into_iter().map(Value::String).collect(),
         ))
     }
+}
+
+/// Records a launched step's end in the per-job step metrics.
+struct Finished<'a> {
+    job_name: &'a str,
+    launched: std::time::Instant,
+}
+
+impl Finished<'_> {
+    fn record(&self, outcome: StepOutcome) {
+        StepMetrics::get().finished(self.job_name, outcome, Some(self.launched.elapsed()));
+    }
+}
+
+/// 4. E1, stored only.
+async fn picked_up(reporter: &Reporter<'_>, ctx: &TaskContext) {
+    let pod_name = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty());
+    reporter
+        .engine(
+            &format!(
+                "Task for step {} picked up by Celery",
+                reporter.step.step_key
+            ),
+            &[
+                ("Celery worker name", text(&ctx.hostname)),
+                (
+                    "Celery worker Kubernetes Pod name",
+                    pod_name.map_or(Meta::Null, Meta::Text),
+                ),
+            ],
+            None,
+            None,
+        )
+        .await;
 }
 
 async fn run_still_started(instance: &Instance, run_id: &str) -> bool {
@@ -662,21 +587,5 @@ async fn run_still_started(instance: &Instance, run_id: &str) -> bool {
             warn!(run_id, "cannot check the run status: {e}");
             true
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn python_str_and_optional_metadata() {
-        assert_eq!(python_str(None), "None");
-        assert_eq!(python_str(Some(&json!([]))), "[]");
-        assert_eq!(python_str(Some(&json!([{"name": "s"}]))), "[{'name': 's'}]");
-        assert!(matches!(optional(Some(&Value::Null)), Meta::Null));
-        assert!(
-            matches!(optional(Some(&json!("IfNotPresent"))), Meta::Text(t) if t == "IfNotPresent")
-        );
     }
 }
