@@ -193,24 +193,9 @@ impl Settings {
         self
     }
 
-    /// Validates and fills defaults.
-    pub fn resolve(self) -> Result<WorkerConfig, ConfigError> {
-        let broker_url = self.broker_url.unwrap_or_else(|| {
-            // dagster_celery.defaults.broker_url
-            let host =
-                std::env::var("DAGSTER_CELERY_BROKER_HOST").unwrap_or_else(|_| "localhost".into());
-            format!("pyamqp://guest@{host}:5672//")
-        });
-        celeriac_wire::url::parse_broker(&broker_url).map_err(|e| ConfigError::Invalid {
-            key: "broker_url".into(),
-            reason: e.to_string(),
-        })?;
-        let result_backend = self.result_backend.unwrap_or_else(|| "rpc://".into());
-        celeriac_wire::url::parse_backend(&result_backend).map_err(|e| ConfigError::Invalid {
-            key: "result_backend".into(),
-            reason: e.to_string(),
-        })?;
-
+    /// The consumed queues (`-Q`, else `task_default_queue`) with their concurrency and ack policy;
+    /// per-queue settings must name a consumed queue.
+    fn queue_configs(&self) -> Result<Vec<QueueConfig>, ConfigError> {
         let default_concurrency = self.worker_concurrency.unwrap_or(1);
         if default_concurrency == 0 {
             return Err(ConfigError::Invalid {
@@ -265,6 +250,28 @@ impl Settings {
                 ack,
             });
         }
+        Ok(queues)
+    }
+
+    /// Validates and fills defaults.
+    pub fn resolve(self) -> Result<WorkerConfig, ConfigError> {
+        let broker_url = self.broker_url.clone().unwrap_or_else(|| {
+            // dagster_celery.defaults.broker_url
+            let host =
+                std::env::var("DAGSTER_CELERY_BROKER_HOST").unwrap_or_else(|_| "localhost".into());
+            format!("pyamqp://guest@{host}:5672//")
+        });
+        celeriac_wire::url::parse_broker(&broker_url).map_err(|e| ConfigError::Invalid {
+            key: "broker_url".into(),
+            reason: e.to_string(),
+        })?;
+        let result_backend = self.result_backend.clone().unwrap_or_else(|| "rpc://".into());
+        celeriac_wire::url::parse_backend(&result_backend).map_err(|e| ConfigError::Invalid {
+            key: "result_backend".into(),
+            reason: e.to_string(),
+        })?;
+
+        let queues = self.queue_configs()?;
 
         let tls = |v: &Option<Value>, key: &str| {
             v.as_ref()

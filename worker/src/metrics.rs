@@ -37,36 +37,34 @@ const RUNTIME_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
 ];
 
+/// Registers `metric`, a static definition: an error is a programming error, caught by any test.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("static metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric name");
+    metric
+}
+
 impl Metrics {
     pub fn new(hostname: &str) -> Metrics {
         let registry = Registry::new();
         let task_labels = &["name", "hostname", "queue_name"];
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("static metric definition");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric name");
-            c
+            registered(&registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g =
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric name");
-            g
+            registered(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(RUNTIME_BUCKETS.to_vec()),
-                labels,
-            )
-            .expect("static metric definition");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric name");
-            h
+            let opts = HistogramOpts::new(name, help).buckets(RUNTIME_BUCKETS.to_vec());
+            registered(&registry, HistogramVec::new(opts, labels))
+        };
+        let float_gauge = |name: &str, help: &str, labels: &[&str]| {
+            registered(&registry, GaugeVec::new(Opts::new(name, help), labels))
         };
         let m = Metrics {
             task_received: counter(
@@ -130,50 +128,31 @@ impl Metrics {
                 "Connections re-opened after their peer was found dead (closed, reset, or silent past its heartbeat or response timeout), per peer: rabbitmq, redis, postgres.",
                 &["peer", "hostname"],
             ),
-            broker_reconnects: {
-                let c = CounterVec::new(
+            broker_reconnects: registered(
+                &registry,
+                CounterVec::new(
                     Opts::new(
                         "celeriac_broker_reconnects_total",
                         "Broker consumer reconnections.",
                     ),
                     &["queue_name", "hostname"],
-                )
-                .expect("static metric definition");
-                registry
-                    .register(Box::new(c.clone()))
-                    .expect("unique metric name");
-                c
-            },
+                ),
+            ),
             result_store_seconds: histogram(
                 "celeriac_result_store_seconds",
                 "Time from task completion to its result being stored.",
                 &["backend", "hostname"],
             ),
-            queue_length: {
-                let g = GaugeVec::new(
-                    Opts::new("celery_queue_length", "Messages ready in the queue."),
-                    &["queue_name"],
-                )
-                .expect("static metric definition");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric name");
-                g
-            },
-            backlog: {
-                let g = GaugeVec::new(
-                    Opts::new(
-                        "celeriac_queue_backlog",
-                        "Steps waiting in the queue plus steps this worker runs: the autoscaling signal (early-acked running steps are invisible to broker metrics).",
-                    ),
-                    &["queue_name", "hostname"],
-                )
-                .expect("static metric definition");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric name");
-                g
-            },
+            queue_length: float_gauge(
+                "celery_queue_length",
+                "Messages ready in the queue.",
+                &["queue_name"],
+            ),
+            backlog: float_gauge(
+                "celeriac_queue_backlog",
+                "Steps waiting in the queue plus steps this worker runs: the autoscaling signal (early-acked running steps are invisible to broker metrics).",
+                &["queue_name", "hostname"],
+            ),
             registry,
             hostname: hostname.to_string(),
         };
