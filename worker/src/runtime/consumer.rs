@@ -12,8 +12,24 @@ use celeriac_wire::broker::QueueSpec;
 use tracing::{error, info, warn};
 
 use super::queues::QueueHandle;
-use super::{request, Shared};
+use super::request;
+use super::shared::Shared;
+use crate::config::QueueConfig;
 
+/// Starts consuming `queue`; false if it is consumed already.
+pub(crate) fn start(shared: &Arc<Shared>, queue: QueueConfig) -> bool {
+    let Some(handle) = shared.queues.insert(queue, &shared.stop_consuming) else {
+        return false;
+    };
+    for task in shared.registry.names() {
+        shared
+            .metrics
+            .init_series(task, &handle.config.name, handle.limit());
+    }
+    shared.state.set_expected(&handle.config.name, true);
+    shared.queues.consumers.spawn(run(shared.clone(), handle));
+    true
+}
 /// Consumes the queue until the worker stops or the queue is cancelled, spawning a handler per delivery.
 pub(crate) async fn run(shared: Arc<Shared>, handle: Arc<QueueHandle>) {
     let queue = handle.config.clone();

@@ -1,7 +1,8 @@
 //! The worker runtime: consumers per queue, request handlers, warm shutdown.
 //!
 //! Layout follows Celery's own split: [`consumer`] (fetch under a concurrency limit), [`request`]
-//! (one delivery from decode to ack), [`state`] (what runs now). Shutdown is two-phase: stop consuming
+//! (one delivery from decode to ack), `control` (remote control), [`state`] (what runs now), `shared`
+//! (what they all hold). Shutdown is two-phase: stop consuming
 //! and let running steps finish within `shutdown_grace`; past it, terminate them and hand their
 //! messages back to the broker so no task is lost.
 
@@ -9,6 +10,7 @@ mod consumer;
 mod control;
 pub mod queues;
 mod request;
+mod shared;
 pub mod state;
 
 use std::future::Future;
@@ -21,56 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{QueueConfig, WorkerConfig};
+use crate::config::WorkerConfig;
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::tasks::Registry;
 use queues::QueueSet;
+use shared::Shared;
 use state::WorkerState;
-
-/// Everything the consumers and handlers share.
-pub(crate) struct Shared {
-    pub config: WorkerConfig,
-    pub broker: Arc<dyn Broker>,
-    pub backend: Arc<dyn ResultBackend>,
-    pub registry: Registry,
-    pub state: Arc<WorkerState>,
-    pub metrics: Arc<Metrics>,
-    /// Fired when the worker starts shutting down: no new messages are taken.
-    pub stop_consuming: CancellationToken,
-    /// Fired when the grace period is over: running tasks are terminated and handed back.
-    pub force_stop: CancellationToken,
-    pub tracker: TaskTracker,
-    pub queues: QueueSet,
-    /// Fired by remote control `shutdown`: the worker shuts down warmly, as on SIGTERM.
-    pub shutdown_requested: CancellationToken,
-    pub events: Arc<Events>,
-    pub started: std::time::Instant,
-}
-
-impl Shared {
-    /// Starts consuming `queue`; false if it is consumed already.
-    pub fn add_queue(self: &Arc<Self>, queue: QueueConfig) -> bool {
-        let Some(handle) = self.queues.insert(queue, &self.stop_consuming) else {
-            return false;
-        };
-        for task in self.registry.names() {
-            self.metrics
-                .init_series(task, &handle.config.name, handle.limit());
-        }
-        self.state.set_expected(&handle.config.name, true);
-        self.queues
-            .consumers
-            .spawn(consumer::run(self.clone(), handle));
-        true
-    }
-
-    /// Stops consuming `queue`; false if it was not consumed.
-    pub fn cancel_queue(&self, queue: &str) -> bool {
-        self.state.set_expected(queue, false);
-        self.queues.remove(queue).is_some()
-    }
-}
 
 /// Exports `celery_queue_length` (ready messages; Redis: all priority lists) every 10 s.
 async fn poll_queue_lengths(shared: Arc<Shared>, stop: CancellationToken) {
@@ -136,7 +95,7 @@ impl Worker {
         let control_task = tokio::spawn(control::run(shared.clone(), events_stop.clone()));
         tokio::spawn(poll_queue_lengths(shared.clone(), events_stop.clone()));
         for queue in shared.config.queues.clone() {
-            shared.add_queue(queue);
+            consumer::start(&shared, queue);
         }
         info!(
             hostname = %shared.config.hostname,

@@ -9,7 +9,7 @@ use tracing::info;
 
 use super::replies::{conf, queue_info, report, request_info, stats};
 use crate::config::{AckPolicy, QueueConfig};
-use crate::runtime::Shared;
+use crate::runtime::shared::Shared;
 
 /// Runs `command` (every command but `shutdown`, which ends the worker without a reply).
 pub(super) fn handle(shared: &Arc<Shared>, command: ControlCommand) -> Result<Value, String> {
@@ -163,11 +163,14 @@ fn add_consumer(shared: &Arc<Shared>, queue: String) -> Value {
     let first = shared.config.queues.first();
     let concurrency = first.map(|q| q.concurrency).unwrap_or(1);
     let ack = first.map(|q| q.ack).unwrap_or(AckPolicy::Late);
-    if shared.add_queue(QueueConfig {
-        name: queue.clone(),
-        concurrency,
-        ack,
-    }) {
+    if crate::runtime::consumer::start(
+        shared,
+        QueueConfig {
+            name: queue.clone(),
+            concurrency,
+            ack,
+        },
+    ) {
         info!(%queue, "remote control: add consumer");
         json!({"ok": format!("add consumer {queue}")})
     } else {

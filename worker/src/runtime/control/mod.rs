@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Shared;
+use super::shared::Shared;
 
 /// Serves remote-control requests until `stop` fires, resubscribing after broker failures.
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {

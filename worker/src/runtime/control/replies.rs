@@ -7,8 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Map, Value};
 
 use crate::config::AckPolicy;
+use crate::runtime::shared::Shared;
 use crate::runtime::state::ActiveRequest;
-use crate::runtime::Shared;
 
 fn epoch(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)

@@ -20,8 +20,8 @@ use tracing::{error, info, warn};
 
 use super::settle::{republish, settle, store, store_to, Settle};
 use crate::config::{AckPolicy, QueueConfig};
+use crate::runtime::shared::Shared;
 use crate::runtime::state::ActiveRequest;
-use crate::runtime::Shared;
 use crate::tasks::TaskOutcome;
 
 /// Label of refused messages whose task name is not registered.

@@ -27,7 +27,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, info};
 
 use super::queues::QueueHandle;
-use super::Shared;
+use super::shared::Shared;
 use crate::config::{AckPolicy, QueueConfig};
 use crate::tasks::{Task, TaskContext, TaskOutcome};
 use lifecycle::Lifecycle;

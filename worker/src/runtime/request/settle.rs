@@ -12,7 +12,7 @@ use celeriac_wire::result::ResultMeta;
 use tracing::{error, info, warn};
 
 use crate::config::{AckPolicy, QueueConfig};
-use crate::runtime::Shared;
+use crate::runtime::shared::Shared;
 
 /// How many times a result store is attempted before giving up (with back-off up to 10 s: ~1 min).
 const STORE_ATTEMPTS: u32 = 8;

@@ -23,8 +23,8 @@ use crate::config::{AckPolicy, QueueConfig, Settings};
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::runtime::queues::QueueSet;
+use crate::runtime::shared::Shared;
 use crate::runtime::state::WorkerState;
-use crate::runtime::Shared;
 use crate::tasks::{Registry, Task, TaskContext, TaskOutcome};
 
 const TASK: &str = "test.step";
