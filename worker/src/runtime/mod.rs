@@ -20,14 +20,11 @@ use std::time::Duration;
 use celeriac_wire::backend::ResultBackend;
 use celeriac_wire::broker::Broker;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::WorkerConfig;
-use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::tasks::Registry;
-use queues::QueueSet;
 use shared::Shared;
 use state::WorkerState;
 
@@ -68,30 +65,10 @@ impl Worker {
         broker: Arc<dyn Broker>,
         backend: Arc<dyn ResultBackend>,
     ) -> Worker {
-        let state = Arc::new(WorkerState::default());
         let events_stop = CancellationToken::new();
-        let (events, events_task) = Events::start(
-            broker.clone(),
-            &config.hostname,
-            config.task_events,
-            state.clone(),
-            events_stop.clone(),
-        );
-        let shared = Arc::new(Shared {
-            config: config.clone(),
-            broker,
-            backend,
-            registry,
-            state,
-            metrics: Arc::new(Metrics::new(&config.hostname)),
-            stop_consuming: CancellationToken::new(),
-            force_stop: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            queues: QueueSet::default(),
-            shutdown_requested: CancellationToken::new(),
-            events,
-            started: std::time::Instant::now(),
-        });
+        let (shared, events_task) =
+            Shared::start(config, registry, broker, backend, events_stop.clone());
+        let shared = Arc::new(shared);
         let control_task = tokio::spawn(control::run(shared.clone(), events_stop.clone()));
         tokio::spawn(poll_queue_lengths(shared.clone(), events_stop.clone()));
         for queue in shared.config.queues.clone() {

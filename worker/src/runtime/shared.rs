@@ -42,4 +42,38 @@ impl Shared {
         self.state.set_expected(queue, false);
         self.queues.remove(queue).is_some()
     }
+
+    /// Everything a worker shares, with its event publisher started (it runs until `events_stop`).
+    pub fn start(
+        config: WorkerConfig,
+        registry: Registry,
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+        events_stop: CancellationToken,
+    ) -> (Shared, tokio::task::JoinHandle<()>) {
+        let state = Arc::new(WorkerState::default());
+        let (events, events_task) = Events::start(
+            broker.clone(),
+            &config.hostname,
+            config.task_events,
+            state.clone(),
+            events_stop,
+        );
+        let shared = Shared {
+            metrics: Arc::new(Metrics::new(&config.hostname)),
+            config,
+            broker,
+            backend,
+            registry,
+            state,
+            stop_consuming: CancellationToken::new(),
+            force_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            queues: QueueSet::default(),
+            shutdown_requested: CancellationToken::new(),
+            events,
+            started: std::time::Instant::now(),
+        };
+        (shared, events_task)
+    }
 }

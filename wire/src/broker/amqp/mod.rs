@@ -284,20 +284,10 @@ impl AmqpBroker {
         let props = outgoing_properties(&message)?;
         // A publish that died with the connection is retried once on a fresh one: a result published
         // twice is harmless (the client keeps the latest state), a lost one leaves it waiting forever.
-        match self
-            .publish_once(
-                exchange,
-                &exchange_short,
-                &routing_key,
-                &message.body,
-                &props,
-            )
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err((true, e)) => {
-                tracing::warn!(error = %e, "publish failed on a dead connection; retrying once");
-                self.publish_once(
+        let mut retried = false;
+        loop {
+            match self
+                .publish_once(
                     exchange,
                     &exchange_short,
                     &routing_key,
@@ -305,9 +295,14 @@ impl AmqpBroker {
                     &props,
                 )
                 .await
-                .map_err(|(_, e)| e)
+            {
+                Ok(()) => return Ok(()),
+                Err((true, e)) if !retried => {
+                    tracing::warn!(error = %e, "publish failed on a dead connection; retrying once");
+                    retried = true;
+                }
+                Err((_, e)) => return Err(e),
             }
-            Err((false, e)) => Err(e),
         }
     }
 

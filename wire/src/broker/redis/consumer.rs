@@ -34,12 +34,7 @@ impl Consumer for RedisConsumer {
             tokio::time::sleep(Duration::from_secs(BRPOP_TIMEOUT_S)).await;
             return Ok(None);
         }
-        let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
-            .arg(&self.keys)
-            .arg(BRPOP_TIMEOUT_S)
-            .query_async(&mut self.con)
-            .await
-            .map_err(|e| lost(format!("BRPOP {:?}", self.keys), e))?;
+        let popped = brpop(&mut self.con, &self.keys).await?;
         let Some((list, raw)) = popped else {
             return Ok(None);
         };
@@ -116,12 +111,7 @@ pub(super) struct ListSubscriber {
 #[async_trait]
 impl Consumer for ListSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>, BrokerError> {
-        let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
-            .arg(&self.keys)
-            .arg(BRPOP_TIMEOUT_S)
-            .query_async(&mut self.con)
-            .await
-            .map_err(|e| lost(format!("BRPOP {:?}", self.keys), e))?;
+        let popped = brpop(&mut self.con, &self.keys).await?;
         Ok(popped.map(|(_, raw)| Delivery {
             message: decode_envelope(&raw, &self.queue).0,
             acker: Box::new(NoAck),
@@ -160,4 +150,17 @@ impl Consumer for PubSubSubscriber {
     async fn cancel(&mut self) -> Result<(), BrokerError> {
         Ok(())
     }
+}
+
+/// One `BRPOP` over `keys` (the first list with a message wins), waiting up to a second.
+async fn brpop(
+    con: &mut MultiplexedConnection,
+    keys: &[String],
+) -> Result<Option<(String, Vec<u8>)>, BrokerError> {
+    redis::cmd("BRPOP")
+        .arg(keys)
+        .arg(BRPOP_TIMEOUT_S)
+        .query_async(con)
+        .await
+        .map_err(|e| lost(format!("BRPOP {keys:?}"), e))
 }

@@ -16,15 +16,10 @@ use celeriac_wire::message::{DeliveryInfo, Properties, RawMessage, TaskRequest};
 use celeriac_wire::result::{ExceptionInfo, ResultMeta};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::handle_inner;
 use crate::config::{AckPolicy, QueueConfig, Settings};
-use crate::events::Events;
-use crate::metrics::Metrics;
-use crate::runtime::queues::QueueSet;
 use crate::runtime::shared::Shared;
-use crate::runtime::state::WorkerState;
 use crate::tasks::{Registry, Task, TaskContext, TaskOutcome};
 
 const TASK: &str = "test.step";
@@ -170,32 +165,12 @@ fn fixture(ack: AckPolicy, behaviour: Behaviour, store_failures: u32) -> Fixture
         journal: journal.clone(),
         behaviour,
     }));
-    let state = Arc::new(WorkerState::default());
-    let (events, _) = Events::start(
-        broker.clone(),
-        &config.hostname,
-        true,
-        state.clone(),
-        CancellationToken::new(),
-    );
-    let shared = Arc::new(Shared {
-        metrics: Arc::new(Metrics::new(&config.hostname)),
-        config,
-        broker,
-        backend: Arc::new(MemoryBackend {
-            journal: journal.clone(),
-            failures: AtomicU32::new(store_failures),
-        }),
-        registry,
-        state,
-        stop_consuming: CancellationToken::new(),
-        force_stop: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        queues: QueueSet::default(),
-        shutdown_requested: CancellationToken::new(),
-        events,
-        started: std::time::Instant::now(),
+    let backend = Arc::new(MemoryBackend {
+        journal: journal.clone(),
+        failures: AtomicU32::new(store_failures),
     });
+    let (shared, _) = Shared::start(config, registry, broker, backend, CancellationToken::new());
+    let shared = Arc::new(shared);
     Fixture {
         shared,
         queue,
