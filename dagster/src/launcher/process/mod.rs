@@ -15,23 +15,20 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use group::{stop, GroupGuard, KILL_GRACE};
+use output::{collect, drain, read_files, Output};
 
 use super::step_state::{self, Liveness, StateDir, StepEntry};
 use super::{FailureClass, LaunchError, StepLauncher, StepRun, StepSpec, Workload, WorkloadKind};
 use crate::events::{filter_events, terminal_event};
 
-/// How long a cancelled step gets between SIGTERM and SIGKILL.
-const KILL_GRACE: Duration = Duration::from_secs(10);
-/// How long the output pipes may stay open after the step process exited (a background child that
-/// inherited them) before the rest of its process group is killed.
-const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
-/// At most this much of each stream is kept (the rest is read and dropped, so the step never blocks).
-const MAX_CAPTURE: usize = 512 * 1024 * 1024;
+mod group;
+mod output;
+
 /// How often an adopted step process (not our child: no exit notification) is checked.
 const ADOPT_POLL: Duration = Duration::from_millis(250);
 
@@ -65,49 +62,6 @@ impl ProcessLauncher {
     pub fn state_dir(&self) -> Option<&StateDir> {
         self.state.as_ref()
     }
-}
-
-/// Kills the step's whole process group if the launch is abandoned (the task future dropped).
-struct GroupGuard(Option<i32>);
-
-impl GroupGuard {
-    fn kill(&self, signal: nix::sys::signal::Signal) {
-        if let Some(pgid) = self.0 {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal);
-        }
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        self.kill(nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-fn drain<R: AsyncRead + Unpin + Send + 'static>(stream: Option<R>) -> JoinHandle<Vec<u8>> {
-    tokio::spawn(async move {
-        let mut kept = Vec::new();
-        let Some(mut s) = stream else { return kept };
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = MAX_CAPTURE.saturating_sub(kept.len());
-                    kept.extend_from_slice(&chunk[..n.min(room)]);
-                }
-            }
-        }
-        kept
-    })
-}
-
-/// Where the step's output goes.
-enum Output {
-    /// Pipes read by the worker (no state directory).
-    Pipes(JoinHandle<Vec<u8>>, JoinHandle<Vec<u8>>),
-    /// The state directory's files.
-    Files(PathBuf, PathBuf),
 }
 
 fn now_secs() -> f64 {
@@ -556,61 +510,6 @@ fn failed(pod_names: Vec<String>, message: String) -> StepRun {
         failure_message: Some(message),
         pod_names,
         ..StepRun::default()
-    }
-}
-
-/// Up to [`MAX_CAPTURE`] of a file.
-async fn read_capped(path: &std::path::Path) -> Vec<u8> {
-    let Ok(f) = tokio::fs::File::open(path).await else {
-        return Vec::new();
-    };
-    let mut kept = Vec::new();
-    let _ = f.take(MAX_CAPTURE as u64).read_to_end(&mut kept).await;
-    kept
-}
-
-async fn read_files(out: &std::path::Path, err: &std::path::Path) -> String {
-    join_streams(&read_capped(out).await, &read_capped(err).await)
-}
-
-fn join_streams(out: &[u8], err: &[u8]) -> String {
-    let mut logs = String::from_utf8_lossy(out).into_owned();
-    if !logs.ends_with('\n') && !logs.is_empty() {
-        logs.push('\n');
-    }
-    logs.push_str(&String::from_utf8_lossy(err));
-    logs
-}
-
-/// Stdout then stderr. If the pipes stay open after the process exited (a background grandchild holds
-/// them), the rest of the process group is killed.
-async fn collect(output: Output, guard: &GroupGuard) -> String {
-    let (mut out, mut err) = match output {
-        Output::Files(o, e) => return read_files(&o, &e).await,
-        Output::Pipes(o, e) => (o, e),
-    };
-    let both = async { (Some((&mut out).await), Some((&mut err).await)) };
-    let (o, e) = match tokio::time::timeout(PIPE_DRAIN_GRACE, both).await {
-        Ok(r) => r,
-        Err(_) => {
-            guard.kill(nix::sys::signal::Signal::SIGKILL);
-            (Some(out.await), Some(err.await))
-        }
-    };
-    let out = o.and_then(Result::ok).unwrap_or_default();
-    let err = e.and_then(Result::ok).unwrap_or_default();
-    join_streams(&out, &err)
-}
-
-/// SIGTERM the step's process group, SIGKILL it after [`KILL_GRACE`].
-async fn stop(child: &mut Child, guard: &GroupGuard) {
-    guard.kill(nix::sys::signal::Signal::SIGTERM);
-    if tokio::time::timeout(KILL_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        guard.kill(nix::sys::signal::Signal::SIGKILL);
-        let _ = child.wait().await;
     }
 }
 
