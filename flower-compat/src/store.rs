@@ -54,16 +54,7 @@ pub async fn open(url: &str, prefix: &str) -> Result<Box<dyn HistoryStore>, Stor
             url: redacted.clone(),
             reason: e.to_string(),
         })?;
-        let con = tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
-            .await
-            .map_err(|_| StoreError::Connect {
-                url: redacted.clone(),
-                reason: "timed out after 10 s".into(),
-            })?
-            .map_err(|e| StoreError::Connect {
-                url: redacted.clone(),
-                reason: e.to_string(),
-            })?;
+        let con = within_10s(&redacted, ConnectionManager::new(client)).await?;
         return Ok(Box::new(RedisStore {
             con,
             tasks_key: format!("{prefix}:tasks"),
@@ -269,19 +260,11 @@ pub struct PgStore {
 impl PgStore {
     async fn connect(url: &str, prefix: &str) -> Result<PgStore, StoreError> {
         let redacted = celeriac_wire::url::redact(url);
-        let (client, connection) = tokio::time::timeout(
-            Duration::from_secs(10),
+        let (client, connection) = within_10s(
+            &redacted,
             tokio_postgres::connect(url, tokio_postgres::NoTls),
         )
-        .await
-        .map_err(|_| StoreError::Connect {
-            url: redacted.clone(),
-            reason: "timed out after 10 s".into(),
-        })?
-        .map_err(|e| StoreError::Connect {
-            url: redacted.clone(),
-            reason: e.to_string(),
-        })?;
+        .await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::error!("history PostgreSQL connection ended: {e}");
@@ -450,4 +433,18 @@ impl HistoryStore for PgStore {
     fn describe(&self) -> String {
         format!("{} (table {})", self.url, self.table)
     }
+}
+/// Awaits a connection attempt for up to 10 s; a timeout or an error names the (redacted) URL.
+async fn within_10s<T, E: std::fmt::Display>(
+    redacted: &str,
+    attempt: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, StoreError> {
+    let failed = |reason: String| StoreError::Connect {
+        url: redacted.to_string(),
+        reason,
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .map_err(|_| failed("timed out after 10 s".into()))?
+        .map_err(|e| failed(e.to_string()))
 }

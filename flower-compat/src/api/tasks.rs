@@ -239,13 +239,7 @@ pub(super) async fn task_async_apply(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    guard_read_only(&shared)?;
-    let (args, kwargs, options) = task_args(&body)?;
-    if !known_task(&shared, &name) {
-        return Err(err(StatusCode::NOT_FOUND, format!("Unknown task '{name}'")));
-    }
-    let id = publish(&shared, &name, args, kwargs, &options).await?;
-    sent_reply(&shared, id).await
+    send_task(&shared, &name, &body, true).await
 }
 
 pub(super) async fn task_send(
@@ -253,10 +247,18 @@ pub(super) async fn task_send(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    guard_read_only(&shared)?;
-    let (args, kwargs, options) = task_args(&body)?;
-    let id = publish(&shared, &name, args, kwargs, &options).await?;
-    sent_reply(&shared, id).await
+    send_task(&shared, &name, &body, false).await
+}
+
+/// `async-apply` (a task some worker registered: `known_only`) and `send-task` (any name).
+async fn send_task(shared: &Shared, name: &str, body: &Bytes, known_only: bool) -> ApiResult {
+    guard_read_only(shared)?;
+    let (args, kwargs, options) = task_args(body)?;
+    if known_only && !known_task(shared, name) {
+        return Err(err(StatusCode::NOT_FOUND, format!("Unknown task '{name}'")));
+    }
+    let id = publish(shared, name, args, kwargs, &options).await?;
+    sent_reply(shared, id).await
 }
 
 pub(super) async fn task_result(
