@@ -203,6 +203,70 @@ impl StepWatch {
     }
 }
 
+/// A kind of object the tracker watches, and what its events change in the steps' views.
+trait Watched:
+    Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + 'static
+{
+    /// For logs: `step Job`, `step pod`.
+    const WHAT: &'static str;
+    fn applied(self, tracker: &NamespaceWatch);
+    fn deleted(self, tracker: &NamespaceWatch);
+    /// The first LIST is complete.
+    fn listed(_tracker: &NamespaceWatch) {}
+}
+
+impl Watched for Job {
+    const WHAT: &'static str = "step Job";
+    fn applied(self, tracker: &NamespaceWatch) {
+        let Some(name) = self.meta().name.clone() else {
+            return;
+        };
+        tracker.update(&name, |v| {
+            if newer(v.job.as_deref(), &self) {
+                v.job = Some(Arc::new(slim_job(self)));
+                v.job_deleted = false;
+            }
+        });
+    }
+    fn deleted(self, tracker: &NamespaceWatch) {
+        let Some(name) = self.meta().name.clone() else {
+            return;
+        };
+        tracker.update(&name, |v| {
+            v.job_deleted = true;
+            v.job = Some(Arc::new(slim_job(self)));
+        });
+    }
+    fn listed(tracker: &NamespaceWatch) {
+        tracker.synced.send_replace(true);
+    }
+}
+
+impl Watched for Pod {
+    const WHAT: &'static str = "step pod";
+    fn applied(self, tracker: &NamespaceWatch) {
+        let (Some(job), Some(name)) = (pod_job_name(&self), self.metadata.name.clone()) else {
+            return;
+        };
+        tracker.update(&job, |v| {
+            v.pods.insert(name, Arc::new(slim_pod(self)));
+        });
+    }
+    fn deleted(self, tracker: &NamespaceWatch) {
+        let (Some(job), Some(name)) = (pod_job_name(&self), self.metadata.name.clone()) else {
+            return;
+        };
+        tracker.update(&job, |v| {
+            v.pods.remove(&name);
+        });
+    }
+}
+
 impl NamespaceWatch {
     fn update(&self, name: &str, f: impl FnOnce(&mut StepView)) {
         if let Ok(steps) = self.steps.lock() {
@@ -227,8 +291,10 @@ impl NamespaceWatch {
         }
     }
 
-    async fn watch_jobs(self: Arc<Self>, client: kube::Client) {
-        let api: Api<Job> = Api::namespaced(client, &self.namespace);
+    /// One LIST+WATCH of step `K`s in the namespace (kube's watcher re-lists and backs off on its
+    /// own), each event applied to the subscribed steps' views until the tracker stops.
+    async fn watch<K: Watched>(self: Arc<Self>, client: kube::Client) {
+        let api: Api<K> = Api::namespaced(client, &self.namespace);
         let config = watcher::Config::default().labels(STEP_SELECTOR);
         let mut events = watcher::watcher(api, config).default_backoff().boxed();
         loop {
@@ -238,66 +304,11 @@ impl NamespaceWatch {
             };
             let Some(event) = event else { return };
             match event {
-                Ok(Event::Apply(job)) | Ok(Event::InitApply(job)) => {
-                    let Some(name) = job.meta().name.clone() else {
-                        continue;
-                    };
-                    self.update(&name, |v| {
-                        if newer(v.job.as_deref(), &job) {
-                            v.job = Some(Arc::new(slim_job(job)));
-                            v.job_deleted = false;
-                        }
-                    });
-                }
-                Ok(Event::Delete(job)) => {
-                    let Some(name) = job.meta().name.clone() else {
-                        continue;
-                    };
-                    self.update(&name, |v| {
-                        v.job_deleted = true;
-                        v.job = Some(Arc::new(slim_job(job)));
-                    });
-                }
-                Ok(Event::InitDone) => {
-                    self.synced.send_replace(true);
-                }
+                Ok(Event::Apply(object)) | Ok(Event::InitApply(object)) => object.applied(&self),
+                Ok(Event::Delete(object)) => object.deleted(&self),
+                Ok(Event::InitDone) => K::listed(&self),
                 Ok(Event::Init) => {}
-                Err(e) => tracing::warn!(namespace = %self.namespace, "step Job watch: {e}"),
-            }
-        }
-    }
-
-    async fn watch_pods(self: Arc<Self>, client: kube::Client) {
-        let api: Api<Pod> = Api::namespaced(client, &self.namespace);
-        let config = watcher::Config::default().labels(STEP_SELECTOR);
-        let mut events = watcher::watcher(api, config).default_backoff().boxed();
-        loop {
-            let event = tokio::select! {
-                e = events.next() => e,
-                _ = self.stop.cancelled() => return,
-            };
-            let Some(event) = event else { return };
-            match event {
-                Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => {
-                    let (Some(job), Some(name)) = (pod_job_name(&pod), pod.metadata.name.clone())
-                    else {
-                        continue;
-                    };
-                    self.update(&job, |v| {
-                        v.pods.insert(name, Arc::new(slim_pod(pod)));
-                    });
-                }
-                Ok(Event::Delete(pod)) => {
-                    let (Some(job), Some(name)) = (pod_job_name(&pod), pod.metadata.name.clone())
-                    else {
-                        continue;
-                    };
-                    self.update(&job, |v| {
-                        v.pods.remove(&name);
-                    });
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(namespace = %self.namespace, "step pod watch: {e}"),
+                Err(e) => tracing::warn!(namespace = %self.namespace, "{} watch: {e}", K::WHAT),
             }
         }
     }
@@ -337,8 +348,8 @@ impl Tracker {
                         selector = STEP_SELECTOR,
                         "starting the shared step Job and pod watches"
                     );
-                    tokio::spawn(ns.clone().watch_jobs(self.client.clone()));
-                    tokio::spawn(ns.clone().watch_pods(self.client.clone()));
+                    tokio::spawn(ns.clone().watch::<Job>(self.client.clone()));
+                    tokio::spawn(ns.clone().watch::<Pod>(self.client.clone()));
                     ns
                 })
                 .clone()

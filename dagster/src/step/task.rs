@@ -469,29 +469,7 @@ impl ExecuteStepK8sJob {
         }
 
         // 15. E3, stored and returned.
-        let retrieving = reporter
-            .engine(
-                "Retrieving logs from Kubernetes Job pods",
-                &[("Pod names", Meta::Text(step_run.pod_names.join("\n")))],
-                None,
-                None,
-            )
-            .await;
-        events.push(retrieving.dagster_event_json());
-        for log_error in &step_run.log_errors {
-            let err = ErrorInfo::new(class.module, class.name, &log_error.message);
-            reporter
-                .engine(
-                    &format!(
-                        "Encountered unexpected error while fetching pod logs for Kubernetes job {job}, Pod name {} for step {step_key}. Will attempt to continue with other pods.",
-                        log_error.pod_name
-                    ),
-                    &[("Step key", text(step_key))],
-                    None,
-                    Some(&err),
-                )
-                .await;
-        }
+        events.push(retrieving_logs(reporter, &class, job, step_key, &step_run).await);
 
         // 16–17. The step's own events.
         let step_events = filter_events(&step_run.logs);
@@ -541,6 +519,40 @@ impl ExecuteStepK8sJob {
             events.into_iter().map(Value::String).collect(),
         ))
     }
+}
+
+/// Step 15: "Retrieving logs" (stored, and returned: its serialized event) and one engine event per
+/// pod whose logs could not be read.
+async fn retrieving_logs(
+    reporter: &Reporter<'_>,
+    class: &crate::launcher::FailureClass,
+    job: &str,
+    step_key: &str,
+    step_run: &StepRun,
+) -> String {
+    let retrieving = reporter
+        .engine(
+            "Retrieving logs from Kubernetes Job pods",
+            &[("Pod names", Meta::Text(step_run.pod_names.join("\n")))],
+            None,
+            None,
+        )
+        .await;
+    for log_error in &step_run.log_errors {
+        let err = ErrorInfo::new(class.module, class.name, &log_error.message);
+        reporter
+            .engine(
+                &format!(
+                    "Encountered unexpected error while fetching pod logs for Kubernetes job {job}, Pod name {} for step {step_key}. Will attempt to continue with other pods.",
+                    log_error.pod_name
+                ),
+                &[("Step key", text(step_key))],
+                None,
+                Some(&err),
+            )
+            .await;
+    }
+    retrieving.dagster_event_json()
 }
 
 /// Records a launched step's end in the per-job step metrics.
