@@ -157,8 +157,51 @@ pub fn section(scenario: &str, f: &Value) -> String {
             el = g("/celeriac/elapsed_s"),
         ),
         "worker" => worker_section(f),
+        "soak" => soak_section(f),
         other => format!("## {other}\n\n(no renderer)\n"),
     }
+}
+
+/// The soak's section (`tests/tests/soak.rs` writes `soak.json`): runs, faults by kind, memory flatness.
+fn soak_section(f: &Value) -> String {
+    let mut faults: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for fault in f["faults"].as_array().into_iter().flatten() {
+        *faults
+            .entry(fault["fault"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    let faults = faults
+        .iter()
+        .map(|(kind, n)| format!("{n} × {kind}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let memory = f["memory"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!(
+                "{} {:.1} → {:.1} MB ({})",
+                m["process"].as_str().unwrap_or("?"),
+                m["early_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+                m["late_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+                if m["flat"].as_bool() == Some(true) {
+                    "flat"
+                } else {
+                    "growing"
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!(
+        "## Soak: {minutes} minutes of faults\n\n| figure | value |\n|---|---|\n| runs succeeded | {ok} / {runs} |\n\
+         | faults | {faults} |\n| RSS per process, early → late | {memory} |\n| problems | {problems} |\n",
+        minutes = f["minutes"].as_f64().unwrap_or(0.0),
+        ok = f["succeeded"],
+        runs = f["runs"],
+        problems = f["problems"].as_array().map_or(0, Vec::len),
+    )
 }
 
 /// The worker scenario's section: what ran, the table of figures per side, the table per level and
