@@ -265,7 +265,10 @@ impl Settings {
             key: "broker_url".into(),
             reason: e.to_string(),
         })?;
-        let result_backend = self.result_backend.clone().unwrap_or_else(|| "rpc://".into());
+        let result_backend = self
+            .result_backend
+            .clone()
+            .unwrap_or_else(|| "rpc://".into());
         celeriac_wire::url::parse_backend(&result_backend).map_err(|e| ConfigError::Invalid {
             key: "result_backend".into(),
             reason: e.to_string(),
