@@ -5,7 +5,10 @@
 use serde_json::Value;
 
 use super::event_writer::EventWriter;
+use celeriac_worker::tasks::TaskContext;
+
 use crate::events::{engine_event, ErrorInfo, Event, Meta, StepRef};
+use crate::launcher::{FailureClass, StepRun};
 
 /// Stores events in the run's event log (through the [`EventWriter`]): a database fault never fails
 /// the step, and the events still reach the run worker in the task's result.
@@ -54,6 +57,62 @@ pub(super) fn python_str(v: Option<&Value>) -> String {
         Some(Value::Null) | None => "None".into(),
         Some(other) => celeriac_wire::json::python_repr(other),
     }
+}
+
+/// 4. E1, stored only.
+pub(super) async fn picked_up(reporter: &Reporter<'_>, ctx: &TaskContext) {
+    let pod_name = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty());
+    reporter
+        .engine(
+            &format!(
+                "Task for step {} picked up by Celery",
+                reporter.step.step_key
+            ),
+            &[
+                ("Celery worker name", text(&ctx.hostname)),
+                (
+                    "Celery worker Kubernetes Pod name",
+                    pod_name.map_or(Meta::Null, Meta::Text),
+                ),
+            ],
+            None,
+            None,
+        )
+        .await;
+}
+
+/// Step 15: "Retrieving logs" (stored, and returned: its serialized event) and one engine event per
+/// pod whose logs could not be read.
+pub(super) async fn retrieving_logs(
+    reporter: &Reporter<'_>,
+    class: &FailureClass,
+    job: &str,
+    step_key: &str,
+    step_run: &StepRun,
+) -> String {
+    let retrieving = reporter
+        .engine(
+            "Retrieving logs from Kubernetes Job pods",
+            &[("Pod names", Meta::Text(step_run.pod_names.join("\n")))],
+            None,
+            None,
+        )
+        .await;
+    for log_error in &step_run.log_errors {
+        let err = ErrorInfo::new(class.module, class.name, &log_error.message);
+        reporter
+            .engine(
+                &format!(
+                    "Encountered unexpected error while fetching pod logs for Kubernetes job {job}, Pod name {} for step {step_key}. Will attempt to continue with other pods.",
+                    log_error.pod_name
+                ),
+                &[("Step key", text(step_key))],
+                None,
+                Some(&err),
+            )
+            .await;
+    }
+    retrieving.dagster_event_json()
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::args::StepTaskArgs;
 use super::command::{command_args, job_name};
 use super::event_writer::EventWriter;
 pub use super::event_writer::EVENT_FLUSH_BUDGET;
-use super::report::{optional, python_str, text, Reporter};
+use super::report::{optional, picked_up, python_str, retrieving_logs, text, Reporter};
 use crate::events::{
     filter_events, step_failure, terminal_event, ErrorInfo, Meta, StepRef, DELEGATE_MARKER,
 };
@@ -521,40 +521,6 @@ impl ExecuteStepK8sJob {
     }
 }
 
-/// Step 15: "Retrieving logs" (stored, and returned: its serialized event) and one engine event per
-/// pod whose logs could not be read.
-async fn retrieving_logs(
-    reporter: &Reporter<'_>,
-    class: &crate::launcher::FailureClass,
-    job: &str,
-    step_key: &str,
-    step_run: &StepRun,
-) -> String {
-    let retrieving = reporter
-        .engine(
-            "Retrieving logs from Kubernetes Job pods",
-            &[("Pod names", Meta::Text(step_run.pod_names.join("\n")))],
-            None,
-            None,
-        )
-        .await;
-    for log_error in &step_run.log_errors {
-        let err = ErrorInfo::new(class.module, class.name, &log_error.message);
-        reporter
-            .engine(
-                &format!(
-                    "Encountered unexpected error while fetching pod logs for Kubernetes job {job}, Pod name {} for step {step_key}. Will attempt to continue with other pods.",
-                    log_error.pod_name
-                ),
-                &[("Step key", text(step_key))],
-                None,
-                Some(&err),
-            )
-            .await;
-    }
-    retrieving.dagster_event_json()
-}
-
 /// Records a launched step's end in the per-job step metrics.
 struct Finished<'a> {
     job_name: &'a str,
@@ -565,28 +531,6 @@ impl Finished<'_> {
     fn record(&self, outcome: StepOutcome) {
         StepMetrics::get().finished(self.job_name, outcome, Some(self.launched.elapsed()));
     }
-}
-
-/// 4. E1, stored only.
-async fn picked_up(reporter: &Reporter<'_>, ctx: &TaskContext) {
-    let pod_name = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty());
-    reporter
-        .engine(
-            &format!(
-                "Task for step {} picked up by Celery",
-                reporter.step.step_key
-            ),
-            &[
-                ("Celery worker name", text(&ctx.hostname)),
-                (
-                    "Celery worker Kubernetes Pod name",
-                    pod_name.map_or(Meta::Null, Meta::Text),
-                ),
-            ],
-            None,
-            None,
-        )
-        .await;
 }
 
 async fn run_still_started(instance: &Instance, run_id: &str) -> bool {
