@@ -27,10 +27,12 @@ pub struct Params {
 }
 
 impl Params {
+    /// The full run; `LOAD_CELERIAC_LEVELS` / `LOAD_PYTHON_LEVELS` (comma-separated) replace the levels,
+    /// e.g. for a shorter memory-only run of one side.
     pub fn full() -> Params {
         Params {
-            celeriac_levels: vec![10, 100, 1000, 3000],
-            python_levels: vec![2, 8, 32],
+            celeriac_levels: levels("LOAD_CELERIAC_LEVELS").unwrap_or(vec![10, 100, 1000, 3000]),
+            python_levels: levels("LOAD_PYTHON_LEVELS").unwrap_or(vec![2, 8, 32]),
             step_seconds: 1800.0,
             celeriac_concurrency: 12000,
         }
@@ -41,6 +43,19 @@ impl Params {
             python_levels: vec![1, 2],
             step_seconds: 300.0,
             celeriac_concurrency: 200,
+        }
+    }
+}
+
+/// Levels from a comma-separated environment variable; `None` when unset or unreadable.
+fn levels(var: &str) -> Option<Vec<usize>> {
+    let text = std::env::var(var).ok()?;
+    let levels: Result<Vec<usize>, _> = text.split(',').map(|l| l.trim().parse()).collect();
+    match levels {
+        Ok(l) if !l.is_empty() => Some(l),
+        _ => {
+            eprintln!("loadtest: ignoring {var}={text:?} (want e.g. 10,100,1000)");
+            None
         }
     }
 }
