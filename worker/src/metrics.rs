@@ -66,38 +66,20 @@ impl Metrics {
         let float_gauge = |name: &str, help: &str, labels: &[&str]| {
             registered(&registry, GaugeVec::new(Opts::new(name, help), labels))
         };
+        // The celery-exporter task counters: `name, hostname, queue_name`.
+        let task_counter = |name: &str, help: &str| counter(name, help, task_labels);
         let m = Metrics {
-            task_received: counter(
-                "celery_task_received_total",
-                "Tasks received by the worker.",
-                task_labels,
-            ),
-            task_started: counter("celery_task_started_total", "Tasks started.", task_labels),
-            task_succeeded: counter(
-                "celery_task_succeeded_total",
-                "Tasks that succeeded.",
-                task_labels,
-            ),
+            task_received: task_counter("celery_task_received_total", "Tasks received by the worker."),
+            task_started: task_counter("celery_task_started_total", "Tasks started."),
+            task_succeeded: task_counter("celery_task_succeeded_total", "Tasks that succeeded."),
             task_failed: counter(
                 "celery_task_failed_total",
                 "Tasks that failed.",
                 &["name", "hostname", "exception", "queue_name"],
             ),
-            task_rejected: counter(
-                "celery_task_rejected_total",
-                "Messages rejected (bad input, unknown task).",
-                task_labels,
-            ),
-            task_revoked: counter(
-                "celery_task_revoked_total",
-                "Tasks revoked or expired.",
-                task_labels,
-            ),
-            task_retried: counter(
-                "celery_task_retried_total",
-                "Tasks handed back for another attempt.",
-                task_labels,
-            ),
+            task_rejected: task_counter("celery_task_rejected_total", "Messages rejected (bad input, unknown task)."),
+            task_revoked: task_counter("celery_task_revoked_total", "Tasks revoked or expired."),
+            task_retried: task_counter("celery_task_retried_total", "Tasks handed back for another attempt."),
             task_runtime: histogram(
                 "celery_task_runtime",
                 "Task runtime in seconds.",
