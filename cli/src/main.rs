@@ -43,7 +43,14 @@ enum Command {
 /// redelivery). Only the pages a thread touches are resident.
 const THREAD_STACK: &str = "67108864";
 
+/// With the `dhat-heap` feature every allocation is recorded (see cli/Cargo.toml).
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 fn main() -> std::process::ExitCode {
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::new_heap();
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         // Before any thread exists: the value is read once, at the first spawn.
         std::env::set_var("RUST_MIN_STACK", THREAD_STACK);
