@@ -5,6 +5,8 @@
 //! `metadata_entries` / `EventMetadataEntry` form), serialized like `serialize_value`: sorted keys.
 
 use celeriac_wire::json::to_python_string;
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 /// The `CeleryK8sJobExecutor` prefix every engine event message of the step task carries.
@@ -59,29 +61,110 @@ pub struct StepRef<'a> {
 }
 
 /// A Dagster event ready to store (`EventLogEntry`) and to return to the run worker (`DagsterEvent`).
+///
+/// Kept rendered, once, and shared: a step task holds its events for the result and queues them for
+/// the event log, in thousands of concurrent steps per worker, and a `serde_json::Value` tree of an
+/// engine event costs several times its ~1 KB of text (issue 13's heap profile: 22 KB per step at a
+/// burst of starting steps). Cloning an `Event` copies a pointer.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub event_type: &'static str,
-    pub dagster_event: Value,
-    pub entry: Value,
+    rendered: Arc<Rendered>,
+}
+
+/// Where the `DagsterEvent` text is.
+#[derive(Debug)]
+enum Span {
+    /// Inside the entry's text (always, with the entries this module builds).
+    Within(std::ops::Range<usize>),
+    /// Apart (an entry rendered in an unexpected shape: both texts are kept).
+    Apart(Box<str>),
+}
+
+#[derive(Debug)]
+struct Rendered {
+    /// The `EventLogEntry` as serdes JSON, with the `DagsterEvent` inside it at `dagster_event`.
+    entry: Box<str>,
+    dagster_event: Span,
+    timestamp: f64,
+    step_key: Box<str>,
 }
 
 impl Event {
+    /// Renders the entry of `dagster_event` (see [`entry`]) once: the `DagsterEvent` text is written
+    /// into the entry's text (serdes JSON is context-free: the same value renders the same anywhere).
+    fn new(event_type: &'static str, dagster_event: &Value, entry: &Value) -> Event {
+        const KEY: &str = "\"dagster_event\": ";
+        let event_text = to_python_string(dagster_event, true);
+        let mut shell = entry.clone();
+        shell["dagster_event"] = Value::Null;
+        let shell_text = to_python_string(&shell, true);
+        // Sorted keys: `__class__` ("EventLogEntry") then `dagster_event`, so the first match is the key.
+        let at = shell_text
+            .find(&format!("{KEY}null"))
+            .map(|i| i + KEY.len());
+        let (text, span) = match at {
+            Some(at) => {
+                let mut text = String::with_capacity(shell_text.len() + event_text.len());
+                text.push_str(&shell_text[..at]);
+                text.push_str(&event_text);
+                text.push_str(&shell_text[at + "null".len()..]);
+                let span = Span::Within(at..at + event_text.len());
+                (text, span)
+            }
+            None => (
+                to_python_string(entry, true),
+                Span::Apart(event_text.into_boxed_str()),
+            ),
+        };
+        Event {
+            event_type,
+            rendered: Arc::new(Rendered {
+                entry: text.into_boxed_str(),
+                dagster_event: span,
+                timestamp: entry
+                    .get("timestamp")
+                    .and_then(Value::as_f64)
+                    .unwrap_or_default(),
+                step_key: entry
+                    .get("step_key")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .into(),
+            }),
+        }
+    }
+
     /// The `DagsterEvent` as serdes JSON: an element of the Celery result list.
     pub fn dagster_event_json(&self) -> String {
-        to_python_string(&self.dagster_event, true)
+        match &self.rendered.dagster_event {
+            Span::Within(range) => self.rendered.entry[range.clone()].to_string(),
+            Span::Apart(text) => text.to_string(),
+        }
     }
 
     /// The `EventLogEntry` as serdes JSON: the `event` column of `event_logs`.
-    pub fn entry_json(&self) -> String {
-        to_python_string(&self.entry, true)
+    pub fn entry_json(&self) -> &str {
+        &self.rendered.entry
     }
 
     pub fn timestamp(&self) -> f64 {
-        self.entry
-            .get("timestamp")
-            .and_then(Value::as_f64)
-            .unwrap_or_default()
+        self.rendered.timestamp
+    }
+
+    /// The `EventLogEntry` as a JSON value (parsed again: for inspection, not for the hot path).
+    pub fn entry_value(&self) -> Value {
+        serde_json::from_str(self.entry_json()).unwrap_or(Value::Null)
+    }
+
+    /// The `DagsterEvent` as a JSON value (parsed again: for inspection, not for the hot path).
+    pub fn dagster_event_value(&self) -> Value {
+        serde_json::from_str(&self.dagster_event_json()).unwrap_or(Value::Null)
+    }
+
+    /// The step the event is about (`step_key` column of `event_logs`).
+    pub fn step_key(&self) -> &str {
+        &self.rendered.step_key
     }
 }
 
@@ -130,11 +213,7 @@ pub fn engine_event(
         json!(format!("{PREFIX}{message}")),
     );
     let level = if error.is_some() { 40 } else { 20 };
-    Event {
-        event_type: "ENGINE_EVENT",
-        entry: entry(step, &ev, level, ""),
-        dagster_event: ev,
-    }
+    Event::new("ENGINE_EVENT", &ev, &entry(step, &ev, level, ""))
 }
 
 /// The STEP_FAILURE the Python worker synthesises when the step's Job fails (label `K8sError`);
@@ -146,11 +225,7 @@ pub fn step_failure(step: &StepRef, error: &ErrorInfo, user_message: &str) -> Ev
         "user_failure_data": {"__class__": "UserFailureData", "description": null, "label": "K8sError", "metadata_entries": []},
     });
     let ev = dagster_event(step, "STEP_FAILURE", data, Value::Null);
-    Event {
-        event_type: "STEP_FAILURE",
-        entry: entry(step, &ev, 40, user_message),
-        dagster_event: ev,
-    }
+    Event::new("STEP_FAILURE", &ev, &entry(step, &ev, 40, user_message))
 }
 
 /// The step's outcome event among serialized `DagsterEvent`s: STEP_SUCCESS, STEP_FAILURE or
@@ -223,7 +298,7 @@ mod tests {
             None,
             None,
         );
-        let mut got = e.entry.clone();
+        let mut got: Value = serde_json::from_str(e.entry_json()).expect("entry JSON");
         got["timestamp"] = json!(1795393521.2771187);
         let want: Value = serde_json::from_str(r#"{"__class__": "EventLogEntry", "dagster_event": {"__class__": "DagsterEvent", "event_specific_data": {"__class__": "EngineEventData", "error": null, "marker_end": null, "marker_start": null, "metadata_entries": [{"__class__": "EventMetadataEntry", "description": null, "entry_data": {"__class__": "TextMetadataEntryData", "text": "research-worker@vm"}, "label": "Celery worker name"}, {"__class__": "EventMetadataEntry", "description": null, "entry_data": {"__class__": "NullMetadataEntryData"}, "label": "Celery worker Kubernetes Pod name"}]}, "event_type_value": "ENGINE_EVENT", "logging_tags": {}, "message": "[CeleryK8sJobExecutor] Task for step say_hello picked up by Celery", "pid": null, "pipeline_name": "ck8s_job", "solid_handle": null, "step_handle": null, "step_key": "say_hello", "step_kind_value": null}, "error_info": null, "level": 20, "message": "", "pipeline_name": "ck8s_job", "run_id": "ba924453-6cab-4ef7-9f6b-ee3c7a9eef4a", "step_key": "say_hello", "timestamp": 1795393521.2771187, "user_message": ""}"#).expect("capture JSON");
         assert_eq!(got, want);

@@ -508,11 +508,7 @@ impl Instance {
         let ts = chrono::DateTime::from_timestamp_micros((event.timestamp() * 1e6).round() as i64)
             .map(|d| d.naive_utc())
             .unwrap_or_default();
-        let step_key = event
-            .entry
-            .get("step_key")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let step_key = Some(event.step_key()).filter(|k| !k.is_empty());
         let body = event.entry_json();
         let event_type = event.event_type;
         let existing = if maybe_stored {
@@ -535,10 +531,7 @@ impl Instance {
                 debug!(run_id, "event already stored by an earlier attempt");
                 row
             }
-            None => {
-                self.insert(run_id, &body, event_type, &ts, &step_key)
-                    .await?
-            }
+            None => self.insert(run_id, body, event_type, &ts, step_key).await?,
         };
         let id: i64 = row
             .try_get::<_, i64>(0)
@@ -571,13 +564,13 @@ impl Instance {
         body: &str,
         event_type: &'static str,
         ts: &chrono::NaiveDateTime,
-        step_key: &Option<String>,
+        step_key: Option<&str>,
     ) -> Result<tokio_postgres::Row, InstanceError> {
         with_client(&self.instances, &self.events, "insert event", false, |c| async move {
             c.query_one(
                 "INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key, asset_key, partition) \
                  VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id",
-                &[&run_id, &body, &event_type, ts, step_key],
+                &[&run_id, &body, &event_type, ts, &step_key],
             )
             .await
         })

@@ -160,7 +160,7 @@ fn step_failure_matches_the_captured_crash() {
         "Step process of job dagster-step-90b2acc34b0e9a9d9a413cf6e7d0ce26 exited with code 3";
     let err = ErrorInfo::new("celeriac.launcher", "StepProcessError", reason);
     let ev = step_failure(&step, &err, reason);
-    let ours = ev.dagster_event.clone();
+    let ours = ev.dagster_event_value();
     assert_eq!(keys(&ours), keys(&captured));
     for k in [
         "__class__",
@@ -201,13 +201,13 @@ fn step_failure_matches_the_captured_crash() {
         Value::String(s) => serde_json::from_str(s).expect("event json"),
         v => v.clone(),
     };
-    assert_eq!(keys(&ev.entry), keys(&stored));
-    assert_eq!(ev.entry["level"], stored["level"]);
-    assert_eq!(ev.entry["user_message"], json!(reason));
+    assert_eq!(keys(&ev.entry_value()), keys(&stored));
+    assert_eq!(ev.entry_value()["level"], stored["level"]);
+    assert_eq!(ev.entry_value()["user_message"], json!(reason));
     assert!(stored["user_message"]
         .as_str()
         .is_some_and(|m| m.starts_with("Encountered failed job pods")));
-    assert_eq!(ev.entry["error_info"], Value::Null);
+    assert_eq!(ev.entry_value()["error_info"], Value::Null);
     assert_eq!(ev.event_type, "STEP_FAILURE");
 }
 
@@ -259,12 +259,12 @@ fn engine_event_rows_match_the_captured_rows() {
             .unwrap_or_default()
             .trim_start_matches("[CeleryK8sJobExecutor] ");
         let ev = engine_event(&step, message, &metadata, data["marker_end"].as_str(), None);
-        let mut ours = ev.entry.clone();
+        let mut ours = ev.entry_value();
         ours["timestamp"] = stored["timestamp"].clone();
         assert_eq!(ours, stored, "row {}", row["id"]);
         // Byte-identical serialization (sorted keys, Python separators).
-        let mut bytes = ev.entry_json();
-        let ts_ours = celeriac_wire::json::to_python_string(&ev.entry["timestamp"], true);
+        let mut bytes = ev.entry_json().to_string();
+        let ts_ours = celeriac_wire::json::to_python_string(&ev.entry_value()["timestamp"], true);
         let ts_theirs = celeriac_wire::json::to_python_string(&stored["timestamp"], true);
         bytes = bytes.replace(
             &format!("\"timestamp\": {ts_ours}"),
