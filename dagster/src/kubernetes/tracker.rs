@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::batch::v1::{Job, JobStatus};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -27,25 +27,61 @@ pub const STEP_SELECTOR: &str = "app.kubernetes.io/component=step_worker";
 /// What is known about one step's Job.
 #[derive(Debug, Clone, Default)]
 pub struct StepView {
-    pub job: Option<Arc<Job>>,
+    pub job: Option<Arc<Kept<JobStatus>>>,
     /// The Job was deleted after being seen.
     pub job_deleted: bool,
     /// Pods of the Job, by name.
-    pub pods: BTreeMap<String, Arc<Pod>>,
+    pub pods: BTreeMap<String, Arc<Kept<PodStatus>>>,
+}
+
+/// A Job or pod as the tracker keeps it: what the step's decisions read of it, its identity and
+/// `status` (see [`crate::kubernetes::outcome`]). Not a `Job`/`Pod`: those carry their pod spec inline
+/// (≈ 2.5 KB each even when it is `None`), kept for every running step.
+#[derive(Debug, Clone, Default)]
+pub struct Kept<S> {
+    pub metadata: ObjectMeta,
+    pub status: Option<S>,
+}
+
+impl Kept<JobStatus> {
+    /// The Job as `outcome` reads it (no spec).
+    pub fn to_job(&self) -> Job {
+        Job {
+            metadata: self.metadata.clone(),
+            spec: None,
+            status: self.status.clone(),
+        }
+    }
+}
+
+impl Kept<PodStatus> {
+    /// The pod as `outcome` reads it (no spec).
+    pub fn to_pod(&self) -> Pod {
+        Pod {
+            metadata: self.metadata.clone(),
+            spec: None,
+            status: self.status.clone(),
+        }
+    }
 }
 
 impl StepView {
+    /// The Job, if seen.
+    pub fn job(&self) -> Option<Job> {
+        self.job.as_ref().map(|j| j.to_job())
+    }
+
     /// Pods owned by the current Job (a recreated Job of the same name has a new uid), oldest first.
-    pub fn current_pods(&self) -> Vec<&Pod> {
+    pub fn current_pods(&self) -> Vec<Pod> {
         let uid = self.job.as_ref().and_then(|j| j.metadata.uid.clone());
-        let mut pods: Vec<&Pod> = self
+        let mut pods: Vec<Pod> = self
             .pods
             .values()
-            .map(Arc::as_ref)
             .filter(|p| match (&uid, p.metadata.owner_references.as_ref()) {
                 (Some(uid), Some(owners)) => owners.iter().any(|o| &o.uid == uid),
                 _ => true,
             })
+            .map(|p| p.to_pod())
             .collect();
         pods.sort_by(|a, b| {
             let key = |p: &Pod| {
@@ -64,9 +100,9 @@ impl StepView {
 /// [`crate::kubernetes::outcome`]): the spec (whose pod template carries the step's ~KB arguments and
 /// environment), labels, annotations and `managedFields` are dropped before a Job is kept, so a
 /// tracked step costs a few hundred bytes, not a full copy of its Job.
-pub fn slim_job(job: Job) -> Job {
+pub fn slim_job(job: Job) -> Kept<JobStatus> {
     let m = job.metadata;
-    Job {
+    Kept {
         metadata: ObjectMeta {
             name: m.name,
             namespace: m.namespace,
@@ -76,15 +112,25 @@ pub fn slim_job(job: Job) -> Job {
             deletion_timestamp: m.deletion_timestamp,
             ..ObjectMeta::default()
         },
-        spec: None,
-        status: job.status,
+        status: job.status.map(|mut s| {
+            shrink(&mut s.conditions);
+            s
+        }),
+    }
+}
+
+/// Lists deserialized from JSON have room for at least four elements (`Vec`'s growth from one):
+/// for one ~1 KB container status that is 4 KB held for the whole step. Kept lists hold what they have.
+fn shrink<T>(list: &mut Option<Vec<T>>) {
+    if let Some(l) = list {
+        l.shrink_to_fit();
     }
 }
 
 /// What the step's decisions read of a pod: name, owner (the Job's uid), creation time and `status`.
-pub fn slim_pod(pod: Pod) -> Pod {
+pub fn slim_pod(pod: Pod) -> Kept<PodStatus> {
     let m = pod.metadata;
-    Pod {
+    Kept {
         metadata: ObjectMeta {
             name: m.name,
             namespace: m.namespace,
@@ -92,18 +138,28 @@ pub fn slim_pod(pod: Pod) -> Pod {
             resource_version: m.resource_version,
             creation_timestamp: m.creation_timestamp,
             deletion_timestamp: m.deletion_timestamp,
-            owner_references: m.owner_references,
+            owner_references: m.owner_references.map(|mut o| {
+                o.shrink_to_fit();
+                o
+            }),
             ..ObjectMeta::default()
         },
-        spec: None,
-        status: pod.status,
+        status: pod.status.map(|mut s| {
+            shrink(&mut s.conditions);
+            shrink(&mut s.container_statuses);
+            shrink(&mut s.init_container_statuses);
+            shrink(&mut s.ephemeral_container_statuses);
+            shrink(&mut s.pod_ips);
+            shrink(&mut s.host_ips);
+            s
+        }),
     }
 }
 
-fn newer(current: Option<&Job>, candidate: &Job) -> bool {
-    let rv = |j: &Job| {
-        j.metadata
-            .resource_version
+/// Whether `candidate` is at least as new as what is kept (resource versions compared as numbers).
+fn newer(current: Option<&ObjectMeta>, candidate: &ObjectMeta) -> bool {
+    let rv = |m: &ObjectMeta| {
+        m.resource_version
             .as_deref()
             .and_then(|v| v.parse::<u64>().ok())
     };
@@ -174,7 +230,7 @@ impl StepWatch {
     /// Puts `job` in the view unless a newer version is already there.
     pub fn seed_job(&self, job: Job) {
         self.owner.update(&self.name, |v| {
-            if newer(v.job.as_deref(), &job) {
+            if newer(v.job.as_deref().map(|j| &j.metadata), &job.metadata) {
                 v.job = Some(Arc::new(slim_job(job)));
                 v.job_deleted = false;
             }
@@ -227,7 +283,7 @@ impl Watched for Job {
             return;
         };
         tracker.update(&name, |v| {
-            if newer(v.job.as_deref(), &self) {
+            if newer(v.job.as_deref().map(|j| &j.metadata), &self.metadata) {
                 v.job = Some(Arc::new(slim_job(self)));
                 v.job_deleted = false;
             }
@@ -402,10 +458,11 @@ mod tests {
     #[test]
     fn slim_objects_keep_every_decision() {
         let (job, pod_pending, pod_failed) = (failed_job(), pod("Pending"), pod("Failed"));
+        let (kjob, kfailed) = (slim_job(job.clone()), slim_pod(pod_failed.clone()));
         let (sjob, spending, sfailed) = (
-            slim_job(job.clone()),
-            slim_pod(pod_pending.clone()),
-            slim_pod(pod_failed.clone()),
+            kjob.to_job(),
+            slim_pod(pod_pending.clone()).to_pod(),
+            kfailed.to_pod(),
         );
         assert_eq!(job_state(&sjob), job_state(&job));
         assert_eq!(stuck(&spending), stuck(&pod_pending));
@@ -414,11 +471,14 @@ mod tests {
             failure_message("dagster-step-x", "ns", &sjob, &[&sfailed], "dagster"),
             failure_message("dagster-step-x", "ns", &job, &[&pod_failed], "dagster")
         );
-        assert!(newer(Some(&sjob), &job) && newer(Some(&job), &sjob));
+        assert!(
+            newer(Some(&sjob.metadata), &job.metadata)
+                && newer(Some(&job.metadata), &sjob.metadata)
+        );
         let view = StepView {
-            job: Some(Arc::new(sjob.clone())),
+            job: Some(Arc::new(kjob)),
             job_deleted: false,
-            pods: [("p".to_string(), Arc::new(sfailed.clone()))].into(),
+            pods: [("p".to_string(), Arc::new(kfailed))].into(),
         };
         assert_eq!(
             view.current_pods().len(),
@@ -434,5 +494,57 @@ mod tests {
             json_len(&job)
         );
         assert!(json_len(&sfailed) < 1000 && json_len(&pod_failed) > 4000);
+    }
+
+    /// What a running step keeps of its Job and pod is far smaller than the API objects themselves.
+    #[test]
+    fn kept_objects_are_smaller_than_api_objects() {
+        use std::mem::size_of;
+        let (kept, api) = (size_of::<Kept<JobStatus>>(), size_of::<Job>());
+        assert!(kept * 2 < api, "Job: kept {kept} B vs {api} B");
+        let (kept, api) = (size_of::<Kept<PodStatus>>(), size_of::<Pod>());
+        assert!(kept * 2 < api, "pod: kept {kept} B vs {api} B");
+    }
+
+    /// A kept pod's and Job's lists hold what they have, not the room a deserializer grew them to.
+    #[test]
+    fn slim_objects_keep_no_spare_list_room() {
+        // As the watch parses them: from text, where a list's length is not known in advance.
+        fn from_text<T: serde::Serialize + serde::de::DeserializeOwned>(v: T) -> T {
+            serde_json::from_str(&serde_json::to_string(&v).expect("json")).expect("parse")
+        }
+        let (job, pod) = (from_text(failed_job()), from_text(pod("Failed")));
+        let parsed = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref());
+        assert!(
+            parsed.is_some_and(|l| l.capacity() > l.len()),
+            "the fixture has spare room to drop"
+        );
+        let (sjob, spod) = (slim_job(job), slim_pod(pod));
+        let status = spod.status.expect("pod status");
+        for (what, len, cap) in [
+            status
+                .container_statuses
+                .as_ref()
+                .map(|l| ("containerStatuses", l.len(), l.capacity())),
+            status
+                .conditions
+                .as_ref()
+                .map(|l| ("pod conditions", l.len(), l.capacity())),
+            sjob.status
+                .and_then(|s| s.conditions)
+                .map(|l| ("Job conditions", l.len(), l.capacity())),
+            spod.metadata
+                .owner_references
+                .as_ref()
+                .map(|l| ("ownerReferences", l.len(), l.capacity())),
+        ]
+        .into_iter()
+        .map(|x| x.expect("present in the fixture"))
+        {
+            assert_eq!((len, cap), (1, 1), "{what}");
+        }
     }
 }

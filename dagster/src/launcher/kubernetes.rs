@@ -342,7 +342,7 @@ impl KubernetesLauncher {
         let mut recheck = tokio::time::interval(Duration::from_secs(1));
         loop {
             let view: StepView = rx.borrow_and_update().clone();
-            if let Some(job) = &view.job {
+            if let Some(job) = &view.job() {
                 if view.job_deleted {
                     return Waited::GaveUp(format!(
                         "Kubernetes job {} in namespace {} was deleted before it finished",
@@ -358,6 +358,7 @@ impl KubernetesLauncher {
                     }
                     JobState::Failed { .. } => {
                         let pods = view.current_pods();
+                        let pods: Vec<&Pod> = pods.iter().collect();
                         return Waited::Terminal {
                             succeeded: false,
                             message: Some(failure_message(
@@ -374,7 +375,7 @@ impl KubernetesLauncher {
             }
             let mut now_stuck = HashMap::new();
             for pod in view.current_pods() {
-                if let Some(s) = stuck(pod) {
+                if let Some(s) = stuck(&pod) {
                     now_stuck.insert(s.key(), s);
                 }
             }
@@ -395,6 +396,8 @@ impl KubernetesLauncher {
                     }
                 }
             }
+            // Not held while waiting: the next version of the Job or pod replaces this one.
+            drop(view);
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
@@ -495,8 +498,8 @@ impl StepLauncher for KubernetesLauncher {
         Box::pin(self.check_access(&cluster, &spec.namespace))
             .await
             .map_err(create_err)?;
-        // Borrowed, not cloned: the step's Job body is only serialized once, for the create.
-        let JobBody { job, container } = step.body.as_ref().map_err(|e| create_err(e.clone()))?;
+        // Taken, not cloned: the step's Job body is serialized once, for the create, then let go.
+        let JobBody { job, container } = step.take_body().map_err(create_err)?;
         let container = container.as_str();
         let watched = job
             .metadata
@@ -509,9 +512,9 @@ impl StepLauncher for KubernetesLauncher {
         let sub = cluster.tracker.subscribe(&spec.namespace, &spec.job_name);
         let metrics = KubeMetrics::get();
 
-        let (created, adopted) = self
-            .create_or_adopt(spec, job, &jobs, &pods_api, &sub)
-            .await?;
+        let (created, adopted) =
+            Box::pin(self.create_or_adopt(spec, &job, &jobs, &pods_api, &sub)).await?;
+        drop(job);
         let uid = created.metadata.uid.clone();
         sub.seed_job(created);
         metrics

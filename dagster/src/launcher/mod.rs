@@ -11,6 +11,7 @@ pub mod kubernetes;
 pub mod process;
 pub mod step_state;
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -67,22 +68,59 @@ impl Workload {
 }
 
 /// A step as a Kubernetes Job.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StepJob {
     /// The Job, or why it could not be built (a bare `env_vars` name unset in the worker, a body that
     /// is not a Job). The launcher reports that as a create failure once its client is ready and the
     /// namespace's permissions are checked, so a worker lacking a cluster or a permission says so first.
-    pub body: Result<JobBody, String>,
+    /// Taken for the create request ([`StepJob::take_body`]): a step does not hold its Job (the pod
+    /// template carries the step's arguments and environment, several KB) while it runs, for hours
+    /// perhaps, in thousands of concurrent steps (issue 13's heap profile).
+    body: Mutex<Option<Result<JobBody, String>>>,
     /// The task's `load_incluster_config`: use the in-cluster service account when running in one.
     pub load_incluster_config: bool,
     /// The task's `kubeconfig_file`.
     pub kubeconfig_file: Option<String>,
 }
 
+impl StepJob {
+    pub fn new(
+        body: Result<JobBody, String>,
+        load_incluster_config: bool,
+        kubeconfig_file: Option<String>,
+    ) -> StepJob {
+        StepJob {
+            body: Mutex::new(Some(body)),
+            load_incluster_config,
+            kubeconfig_file,
+        }
+    }
+
+    /// The Job to create, handed over once.
+    pub fn take_body(&self) -> Result<JobBody, String> {
+        self.body
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(|| Err("the step's Job was handed to the API server already".into()))
+    }
+}
+
+impl Clone for StepJob {
+    fn clone(&self) -> StepJob {
+        StepJob {
+            body: Mutex::new(self.body.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            load_incluster_config: self.load_incluster_config,
+            kubeconfig_file: self.kubeconfig_file.clone(),
+        }
+    }
+}
+
 /// The step Job exactly as `construct_dagster_k8s_job` builds it.
 #[derive(Debug, Clone)]
 pub struct JobBody {
-    pub job: Job,
+    /// Boxed: a `Job` is ~2.6 KB inline (its pod spec), too large to carry in every future it passes.
+    pub job: Box<Job>,
     /// The step container's name (`dagster`, or the user's `container_config.name`): where the step's
     /// events are read from.
     pub container: String,

@@ -27,8 +27,10 @@ impl StepArgsError {
 /// Everything the worker needs from a step task.
 #[derive(Debug, Clone)]
 pub struct StepTaskArgs {
-    /// `pack_value(ExecuteStepArgs)`, verbatim: it goes into the step command untouched.
-    pub execute_step_args_packed: Value,
+    /// `pack_value(ExecuteStepArgs)`, verbatim, as the step command carries it
+    /// ([`super::command::compress_packed`]): compressed at once, because a parsed tree of it is
+    /// ~10 KB held by every step waiting for its run to be read, thousands at a burst.
+    pub compressed_input: String,
     /// `DagsterK8sJobConfig._asdict()`.
     pub job_config: Map<String, Value>,
     pub job_namespace: String,
@@ -204,7 +206,7 @@ impl StepTaskArgs {
         Ok(StepTaskArgs {
             run_storage_yaml: storage_yaml(&instance_ref, "run_storage_data"),
             event_storage_yaml: storage_yaml(&instance_ref, "event_storage_data"),
-            execute_step_args_packed: packed,
+            compressed_input: super::command::compress_packed(&packed),
             job_config,
             job_namespace,
             user_defined_k8s_config,

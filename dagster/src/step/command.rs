@@ -8,17 +8,23 @@ use celeriac_wire::json::to_python_string;
 use flate2::write::ZlibEncoder;
 use flate2::Compression;
 use md5::{Digest, Md5};
+use serde_json::Value;
 
 use super::args::StepTaskArgs;
 
-/// `base64(zlib(json.dumps(execute_step_args_packed, sort_keys=True)))`.
-pub fn compressed_input_json(args: &StepTaskArgs) -> String {
-    let json = to_python_string(&args.execute_step_args_packed, true);
+/// `base64(zlib(json.dumps(execute_step_args_packed, sort_keys=True)))`, the command's argument.
+pub fn compress_packed(packed: &Value) -> String {
+    let json = to_python_string(packed, true);
     let mut enc = ZlibEncoder::new(Vec::new(), Compression::new(6));
     // Writing into a Vec cannot fail.
     let _ = enc.write_all(json.as_bytes());
     let compressed = enc.finish().unwrap_or_default();
     base64::engine::general_purpose::STANDARD.encode(compressed)
+}
+
+/// The step's `--compressed-input-json` argument ([`compress_packed`] of its packed arguments).
+pub fn compressed_input_json(args: &StepTaskArgs) -> String {
+    args.compressed_input.clone()
 }
 
 /// `[*entry_point, "api", "execute_step", "--compressed-input-json", <compressed>]`.

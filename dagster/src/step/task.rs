@@ -115,7 +115,7 @@ impl Task for ExecuteStepK8sJob {
         let mut writer = None;
         let outcome = self.execute(ctx, request, &mut writer).await;
         if let Some(w) = writer {
-            w.finish(EVENT_FLUSH_BUDGET).await;
+            Box::pin(w.finish(EVENT_FLUSH_BUDGET)).await;
         }
         outcome
     }
@@ -165,7 +165,9 @@ impl ExecuteStepK8sJob {
         request: &mut TaskRequest,
         writer: &mut Option<EventWriter>,
     ) -> TaskOutcome {
-        let (mut args, instance, run) = match self.begin(request).await {
+        // Every phase but the long wait is boxed: a step task's future is as large as its largest
+        // phase, and it lives for the whole step (issue 13's heap profile).
+        let (mut args, instance, run) = match Box::pin(self.begin(request)).await {
             Ok(opened) => opened,
             Err(outcome) => return outcome,
         };
@@ -181,7 +183,7 @@ impl ExecuteStepK8sJob {
                 step_key: &step_key,
             },
         };
-        picked_up(&reporter, &ctx).await;
+        Box::pin(picked_up(&reporter, &ctx)).await;
 
         // 5. Only STARTED runs get their steps executed.
         if run.status != "STARTED" {
@@ -198,9 +200,8 @@ impl ExecuteStepK8sJob {
             return TaskOutcome::Success(json!([]));
         }
 
-        let (spec, executing) = self
-            .prepare(&ctx, request, &mut args, &run, &reporter)
-            .await;
+        let (spec, executing) =
+            Box::pin(self.prepare(&ctx, request, &mut args, &run, &reporter)).await;
         let job = spec.job_name.clone();
         info!(run_id = %args.run_id, step = %step_key, job = %job, attempt = args.attempt, launcher = self.launcher.kind(), "launching step");
         let finished = Finished {
@@ -214,9 +215,9 @@ impl ExecuteStepK8sJob {
             Ok(step_run) => step_run,
             Err(outcome) => return outcome,
         };
-        self.collect(
+        Box::pin(self.collect(
             &ctx, request, &args, &reporter, &job, step_run, executing, &finished,
-        )
+        ))
         .await
     }
 
@@ -345,7 +346,7 @@ impl ExecuteStepK8sJob {
         // are not needed while it runs, which may be hours, in thousands of concurrent steps.
         drop(step);
         drop((tag_config, per_step));
-        args.execute_step_args_packed = Value::Null;
+        args.compressed_input = String::new();
         args.job_config = Map::new();
         args.user_defined_k8s_config = Map::new();
         args.per_step_k8s_config = Map::new();

@@ -37,11 +37,11 @@ impl Step<'_> {
     /// arguments.
     pub fn resolve(&self, kind: WorkloadKind, args: &StepTaskArgs) -> Workload {
         match kind {
-            WorkloadKind::Job => Workload::Job(Box::new(StepJob {
-                body: self.job(),
-                load_incluster_config: args.load_incluster_config,
-                kubeconfig_file: args.kubeconfig_file.clone(),
-            })),
+            WorkloadKind::Job => Workload::Job(Box::new(StepJob::new(
+                self.job(),
+                args.load_incluster_config,
+                args.kubeconfig_file.clone(),
+            ))),
             WorkloadKind::Process => Workload::Process(self.process()),
         }
     }
@@ -73,7 +73,10 @@ impl Step<'_> {
             .to_string();
         let job: Job = serde_json::from_value(body)
             .map_err(|e| format!("the step Job does not parse as a Kubernetes Job: {e}"))?;
-        Ok(JobBody { job, container })
+        Ok(JobBody {
+            job: Box::new(job),
+            container,
+        })
     }
 
     /// The step as a local process: its command and [`Self::local_env`].
@@ -179,6 +182,21 @@ mod tests {
         let jc = map(json!({"env_vars": ["CELERIAC_SURELY_UNSET_VAR"]}));
         let err = step(&jc, json!({})).job().unwrap_err();
         assert!(err.contains("CELERIAC_SURELY_UNSET_VAR"), "{err}");
+    }
+
+    /// The launcher takes the Job for its create request; the step does not keep it.
+    #[test]
+    fn the_job_is_handed_over_once() {
+        let jc = map(json!({"job_image": "img:1"}));
+        let job = crate::launcher::StepJob::new(step(&jc, json!({})).job(), false, None);
+        let copy = job.clone();
+        assert_eq!(job.take_body().expect("the Job").container, "dagster");
+        let again = job.take_body().map(|_| ()).unwrap_err();
+        assert!(
+            again.contains("handed to the API server already"),
+            "{again}"
+        );
+        assert!(copy.take_body().is_ok(), "a clone made before has its own");
     }
 
     #[test]

@@ -545,11 +545,11 @@ mod tests {
     #[tokio::test]
     async fn a_job_is_not_run_as_a_process() {
         let mut s = spec("true");
-        s.workload = Workload::Job(Box::new(crate::launcher::StepJob {
-            body: Err("not built".into()),
-            load_incluster_config: false,
-            kubeconfig_file: None,
-        }));
+        s.workload = Workload::Job(Box::new(crate::launcher::StepJob::new(
+            Err("not built".into()),
+            false,
+            None,
+        )));
         let r = ProcessLauncher::default()
             .launch(&s, CancellationToken::new())
             .await;
