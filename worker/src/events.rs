@@ -80,7 +80,7 @@ impl Events {
         self.enqueue(self.factory.worker(
             "worker-heartbeat",
             freq,
-            state.active().len(),
+            state.active_count(),
             state.processed(),
         ));
     }
@@ -113,7 +113,7 @@ async fn publish_loop(
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = heartbeat.tick() => {
-                send(&*broker, &exchange, f.worker("worker-heartbeat", HEARTBEAT_FREQ, state.active().len(), state.processed())).await;
+                send(&*broker, &exchange, f.worker("worker-heartbeat", HEARTBEAT_FREQ, state.active_count(), state.processed())).await;
             }
             first = rx.recv() => {
                 let Some(first) = first else { break };

@@ -8,6 +8,7 @@
 
 mod consumer;
 mod control;
+mod memory;
 pub mod queues;
 mod request;
 mod shared;
@@ -71,6 +72,7 @@ impl Worker {
         let shared = Arc::new(shared);
         let control_task = tokio::spawn(control::run(shared.clone(), events_stop.clone()));
         tokio::spawn(poll_queue_lengths(shared.clone(), events_stop.clone()));
+        tokio::spawn(memory::hand_back(shared.clone(), events_stop.clone()));
         for queue in shared.config.queues.clone() {
             consumer::start(&shared, queue);
         }
@@ -111,7 +113,7 @@ impl Worker {
     /// Warm shutdown: stop consuming, wait up to the grace period, then hand running steps back.
     pub async fn shutdown(self) {
         let grace = self.shared.config.shutdown_grace;
-        let running = self.shared.state.active().len();
+        let running = self.shared.state.active_count();
         info!(
             running,
             ?grace,
@@ -124,7 +126,7 @@ impl Worker {
             .await
             .is_err()
         {
-            let left = self.shared.state.active().len();
+            let left = self.shared.state.active_count();
             warn!(left, "grace period over: terminating running tasks and returning their messages to the broker");
             self.shared.force_stop.cancel();
             if tokio::time::timeout(Duration::from_secs(60), self.shared.tracker.wait())

@@ -98,6 +98,11 @@ impl WorkerState {
         }
     }
 
+    /// How many requests run now.
+    pub fn active_count(&self) -> usize {
+        lock(&self.active).len()
+    }
+
     pub fn active(&self) -> Vec<ActiveRequest> {
         lock(&self.active).values().cloned().collect()
     }

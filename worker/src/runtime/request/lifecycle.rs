@@ -163,7 +163,8 @@ impl Lifecycle<'_> {
 
     /// The task is about to run: acknowledged now under early ack, listed as active, STARTED stored when
     /// tracked, `task-started` sent.
-    pub async fn started(&self, request: &TaskRequest, terminate: CancellationToken) {
+    /// The arguments' reprs move to the active-request list (`inspect active` reads them there).
+    pub async fn started(&self, request: &mut TaskRequest, terminate: CancellationToken) {
         let (shared, queue) = (self.shared, self.queue);
         if queue.ack == AckPolicy::Early {
             settle(self.acker, &request.id, Settle::Ack).await;
@@ -174,8 +175,8 @@ impl Lifecycle<'_> {
             name: request.name.clone(),
             queue: queue.name.clone(),
             started: SystemTime::now(),
-            argsrepr: request.argsrepr.clone(),
-            kwargsrepr: request.kwargsrepr.clone(),
+            argsrepr: std::mem::take(&mut request.argsrepr),
+            kwargsrepr: std::mem::take(&mut request.kwargsrepr),
             exchange: request.delivery_info.exchange.clone(),
             routing_key: request.delivery_info.routing_key.clone(),
             priority: request.priority,
