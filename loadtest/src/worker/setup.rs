@@ -81,10 +81,12 @@ impl Setup {
 fn binaries() -> Result<(PathBuf, &'static str)> {
     let celeriac = env::celeriac_bin()?;
     let bin_dir = celeriac.parent().context("binary directory")?.to_path_buf();
-    let build = if bin_dir.ends_with("release") {
-        "release"
-    } else {
+    // The binaries are built together (or copied out together, CELERIAC_LOADTEST_PREBUILT): this one's
+    // profile is theirs; a copied-out directory's name does not tell it.
+    let build = if cfg!(debug_assertions) {
         "debug"
+    } else {
+        "release"
     };
     // `celeriac_bin` built every workspace binary, the process kubelet with them.
     anyhow::ensure!(
