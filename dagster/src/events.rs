@@ -91,14 +91,22 @@ struct Rendered {
 }
 
 impl Event {
-    /// Renders the entry of `dagster_event` (see [`entry`]) once: the `DagsterEvent` text is written
-    /// into the entry's text (serdes JSON is context-free: the same value renders the same anywhere).
-    fn new(event_type: &'static str, dagster_event: &Value, entry: &Value) -> Event {
+    /// Renders `dagster_event` and its entry once: `shell` is the entry with `dagster_event: null`
+    /// (see [`entry_shell`]), and the event's text is written in place of that `null` (serdes JSON is
+    /// context-free: the same value renders the same anywhere), so neither tree is copied.
+    fn new(event_type: &'static str, dagster_event: Value, mut shell: Value) -> Event {
         const KEY: &str = "\"dagster_event\": ";
-        let event_text = to_python_string(dagster_event, true);
-        let mut shell = entry.clone();
-        shell["dagster_event"] = Value::Null;
+        let event_text = to_python_string(&dagster_event, true);
         let shell_text = to_python_string(&shell, true);
+        let timestamp = shell
+            .get("timestamp")
+            .and_then(Value::as_f64)
+            .unwrap_or_default();
+        let step_key = shell
+            .get("step_key")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .into();
         // Sorted keys: `__class__` ("EventLogEntry") then `dagster_event`, so the first match is the key.
         let at = shell_text
             .find(&format!("{KEY}null"))
@@ -112,25 +120,21 @@ impl Event {
                 let span = Span::Within(at..at + event_text.len());
                 (text, span)
             }
-            None => (
-                to_python_string(entry, true),
-                Span::Apart(event_text.into_boxed_str()),
-            ),
+            None => {
+                shell["dagster_event"] = dagster_event;
+                (
+                    to_python_string(&shell, true),
+                    Span::Apart(event_text.into_boxed_str()),
+                )
+            }
         };
         Event {
             event_type,
             rendered: Arc::new(Rendered {
                 entry: text.into_boxed_str(),
                 dagster_event: span,
-                timestamp: entry
-                    .get("timestamp")
-                    .and_then(Value::as_f64)
-                    .unwrap_or_default(),
-                step_key: entry
-                    .get("step_key")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .into(),
+                timestamp,
+                step_key,
             }),
         }
     }
@@ -176,9 +180,10 @@ fn dagster_event(step: &StepRef, event_type: &str, data: Value, message: Value) 
     })
 }
 
-fn entry(step: &StepRef, event: &Value, level: u8, user_message: &str) -> Value {
+/// The `EventLogEntry` of an event, its `dagster_event` left `null` for [`Event::new`] to fill.
+fn entry_shell(step: &StepRef, level: u8, user_message: &str) -> Value {
     json!({
-        "__class__": "EventLogEntry", "dagster_event": event, "error_info": null, "level": level, "message": "",
+        "__class__": "EventLogEntry", "dagster_event": null, "error_info": null, "level": level, "message": "",
         "pipeline_name": step.job_name, "run_id": step.run_id, "step_key": step.step_key,
         "timestamp": celeriac_wire::events::now_epoch(), "user_message": user_message,
     })
@@ -213,7 +218,7 @@ pub fn engine_event(
         json!(format!("{PREFIX}{message}")),
     );
     let level = if error.is_some() { 40 } else { 20 };
-    Event::new("ENGINE_EVENT", &ev, &entry(step, &ev, level, ""))
+    Event::new("ENGINE_EVENT", ev, entry_shell(step, level, ""))
 }
 
 /// The STEP_FAILURE the Python worker synthesises when the step's Job fails (label `K8sError`);
@@ -225,7 +230,7 @@ pub fn step_failure(step: &StepRef, error: &ErrorInfo, user_message: &str) -> Ev
         "user_failure_data": {"__class__": "UserFailureData", "description": null, "label": "K8sError", "metadata_entries": []},
     });
     let ev = dagster_event(step, "STEP_FAILURE", data, Value::Null);
-    Event::new("STEP_FAILURE", &ev, &entry(step, &ev, 40, user_message))
+    Event::new("STEP_FAILURE", ev, entry_shell(step, 40, user_message))
 }
 
 /// The step's outcome event among serialized `DagsterEvent`s: STEP_SUCCESS, STEP_FAILURE or
