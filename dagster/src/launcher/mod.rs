@@ -19,7 +19,7 @@ use k8s_openapi::api::batch::v1::Job;
 use tokio_util::sync::CancellationToken;
 
 /// One step to run, resolved for its launcher.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StepSpec {
     /// `dagster-step-<md5>[-attempt]`: the Job (and pod, or process) name, unique per run, step and
     /// attempt.
@@ -51,7 +51,7 @@ pub enum WorkloadKind {
 }
 
 /// A step resolved for one kind of launcher.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Workload {
     /// Boxed: a Job body is large.
     Job(Box<StepJob>),
@@ -103,16 +103,6 @@ impl StepJob {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .unwrap_or_else(|| Err("the step's Job was handed to the API server already".into()))
-    }
-}
-
-impl Clone for StepJob {
-    fn clone(&self) -> StepJob {
-        StepJob {
-            body: Mutex::new(self.body.lock().unwrap_or_else(|e| e.into_inner()).clone()),
-            load_incluster_config: self.load_incluster_config,
-            kubeconfig_file: self.kubeconfig_file.clone(),
-        }
     }
 }
 
