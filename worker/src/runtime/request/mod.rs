@@ -88,7 +88,7 @@ async fn admit(
     message: &mut RawMessage,
 ) -> Option<(TaskRequest, Arc<dyn Task>)> {
     let (shared, queue) = (life.shared, life.queue);
-    let request = match message::decode(
+    let mut request = match message::decode(
         message,
         &shared.config.accept_content,
         Some(shared.config.max_message_bytes),
@@ -107,7 +107,6 @@ async fn admit(
         message.headers = serde_json::Map::new();
     }
     // The request's copy of the raw headers serves nothing once decoded into its fields.
-    let mut request = request;
     request.headers = serde_json::Map::new();
     let Some(task) = shared.registry.get(&request.task) else {
         life.unregistered(&request).await;
