@@ -4,7 +4,7 @@
 mod common;
 
 use celeriac_dagster::step::args::{StepArgsError, StepTaskArgs};
-use celeriac_dagster::step::command::{command_args, compressed_input_json, job_name};
+use celeriac_dagster::step::command::{command_args, job_name};
 use common::{fixture_json, run_python};
 use serde_json::{json, Map, Value};
 
@@ -32,7 +32,12 @@ fn command_matches_the_jobs_python_posted() {
             "the Python worker posted no job named {name}"
         );
         let want: Vec<String> = serde_json::from_value(job["args"].clone()).expect("args");
-        assert_eq!(command_args(&args), want, "step {}", args.step_key);
+        assert_eq!(
+            command_args(&args.entry_point, &args.compressed_input),
+            want,
+            "step {}",
+            args.step_key
+        );
         assert_eq!(job["labels"]["dagster/op"], json!(args.step_key));
         assert_eq!(job["labels"]["dagster/run-id"], json!(args.run_id));
     }
@@ -86,11 +91,14 @@ fn command_and_job_name_match_dagster() {
     for (kw, py) in cases.iter().zip(python) {
         let args = StepTaskArgs::from_kwargs(kw).expect("decode");
         assert_eq!(
-            compressed_input_json(&args),
+            args.compressed_input,
             py["raw"].as_str().unwrap_or_default()
         );
         let want: Vec<String> = serde_json::from_value(py["command"].clone()).expect("command");
-        assert_eq!(command_args(&args), want);
+        assert_eq!(
+            command_args(&args.entry_point, &args.compressed_input),
+            want
+        );
         assert_eq!(
             job_name(&args.run_id, &args.step_key, args.attempt),
             py["job_name"].as_str().unwrap_or_default()

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use celeriac_dagster::events::filter_events;
 use celeriac_dagster::launcher::process::ProcessLauncher;
 use celeriac_dagster::step::args::StepTaskArgs;
-use celeriac_dagster::step::command::compressed_input_json;
 use celeriac_dagster::step::task::ExecuteStepK8sJob;
 use celeriac_wire::message::TaskRequest;
 use celeriac_worker::tasks::{Task, TaskContext, TaskOutcome};
@@ -190,7 +189,7 @@ async fn step_succeeds_fails_and_is_skipped_like_python() {
     assert!(events[1].contains(&format!("\"text\": \"{job}\"")));
     // The process got the exact command argument and the Job's env.
     let args = StepTaskArgs::from_kwargs(&kw).expect("args");
-    assert_eq!(s.out(&ok_run), compressed_input_json(&args));
+    assert_eq!(s.out(&ok_run), args.compressed_input);
     let env_line =
         std::fs::read_to_string(s.dir.join(format!("{ok_run}.out.env"))).unwrap_or_default();
     assert_eq!(env_line.trim(), "api celeriac_job my_op");

@@ -10,8 +10,6 @@ use flate2::Compression;
 use md5::{Digest, Md5};
 use serde_json::Value;
 
-use super::args::StepTaskArgs;
-
 /// `base64(zlib(json.dumps(execute_step_args_packed, sort_keys=True)))`, the command's argument.
 pub fn compress_packed(packed: &Value) -> String {
     let json = to_python_string(packed, true);
@@ -22,16 +20,12 @@ pub fn compress_packed(packed: &Value) -> String {
     base64::engine::general_purpose::STANDARD.encode(compressed)
 }
 
-/// The step's `--compressed-input-json` argument ([`compress_packed`] of its packed arguments).
-pub fn compressed_input_json(args: &StepTaskArgs) -> String {
-    args.compressed_input.clone()
-}
-
-/// `[*entry_point, "api", "execute_step", "--compressed-input-json", <compressed>]`.
-pub fn command_args(args: &StepTaskArgs) -> Vec<String> {
-    let mut cmd = args.entry_point.clone();
+/// `[*entry_point, "api", "execute_step", "--compressed-input-json", <compressed>]`, `compressed` being
+/// [`compress_packed`] of the packed arguments (kept so by `StepTaskArgs::compressed_input`).
+pub fn command_args(entry_point: &[String], compressed: &str) -> Vec<String> {
+    let mut cmd = entry_point.to_vec();
     cmd.extend(["api", "execute_step", "--compressed-input-json"].map(String::from));
-    cmd.push(compressed_input_json(args));
+    cmd.push(compressed.to_string());
     cmd
 }
 

@@ -287,7 +287,7 @@ impl ExecuteStepK8sJob {
             .unwrap_or_else(|| json!({}));
         let step = Step {
             job_name: &job,
-            command: command_args(args),
+            command: command_args(&args.entry_point, &args.compressed_input),
             env: vec![
                 ("DAGSTER_RUN_JOB_NAME".into(), run.job_name.clone()),
                 ("DAGSTER_RUN_STEP_KEY".into(), step_key.to_string()),
