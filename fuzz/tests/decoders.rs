@@ -663,7 +663,7 @@ fn use_request(req: &message::TaskRequest) {
     let _ = celeriac_wire::saferepr::kwargsrepr(&req.kwargs);
     let _ = celeriac_wire::json::to_python_string(&req.embed, false);
     if let Ok(a) = StepTaskArgs::from_kwargs(&req.kwargs) {
-        let _ = celeriac_dagster::step::command::command_args(&a);
+        let _ = celeriac_dagster::step::command::command_args(&a.entry_point, &a.compressed_input);
     }
 }
 
