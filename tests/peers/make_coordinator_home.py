@@ -16,6 +16,8 @@ import os
 import psycopg2
 import yaml
 
+from instance_schema import create_schema
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -83,6 +85,7 @@ def main():
     }
     with open(os.path.join(home, "dagster.yaml"), "w") as f:
         yaml.safe_dump(instance, f)
+    create_schema(home, {"DAGSTER_PG_PASSWORD": "unused-with-trust-auth"})
 
     workspace = {"load_from": [
         {"python_file": {"relative_path": os.path.join(HERE, "plan_shapes.py"), "location_name": "plan_shapes",

@@ -8,6 +8,8 @@ import os
 import psycopg2
 import yaml
 
+from instance_schema import create_schema
+
 
 def main():
     p = argparse.ArgumentParser()
@@ -70,6 +72,7 @@ def main():
     }
     with open(os.path.join(home, "dagster.yaml"), "w") as f:
         yaml.safe_dump(instance, f)
+    create_schema(home, {"DAGSTER_PG_PASSWORD": "unused-with-trust-auth", **({a.pg_port_env: "5432"} if a.pg_port_env else {})})
 
     run_config = {"execution": {"config": {
         "job_image": a.image,
