@@ -30,26 +30,44 @@ pub struct Params {
     pub worker_concurrency: usize,
     /// Runs driven by Python run workers for comparison.
     pub python_runs: usize,
+    /// The `nice` value of the worker and its step processes (`LOAD_FLEET_NICE`, default 0). In a
+    /// cluster the steps run in pods on other nodes and the coordinator has a CPU request of its own;
+    /// on this one machine they share its two cores, so a positive value gives the coordinator, the
+    /// broker and PostgreSQL the CPU first, as separate nodes would. Reported with the figures.
+    pub fleet_nice: i32,
+}
+
+/// `LOAD_FLEET_NICE`, when set to a number.
+fn fleet_nice() -> Result<i32> {
+    match std::env::var("LOAD_FLEET_NICE") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("LOAD_FLEET_NICE={v:?} is not a nice value")),
+        Err(_) => Ok(0),
+    }
 }
 
 impl Params {
-    pub fn full() -> Params {
-        Params {
+    pub fn full() -> Result<Params> {
+        Ok(Params {
             runs: 1000,
             rate: 50.0,
             step_seconds: 1.0,
             worker_concurrency: 400,
             python_runs: 4,
-        }
+            fleet_nice: fleet_nice()?,
+        })
     }
-    pub fn quick() -> Params {
-        Params {
+    pub fn quick() -> Result<Params> {
+        Ok(Params {
             runs: 40,
             rate: 20.0,
             step_seconds: 0.2,
             worker_concurrency: 50,
             python_runs: 1,
-        }
+            fleet_nice: fleet_nice()?,
+        })
     }
 }
 
@@ -175,8 +193,11 @@ fn start_worker(
         std::env::var("PATH").unwrap_or_default()
     );
     let worker_port = probe::free_port()?;
-    let mut worker_cmd = Command::new(celeriac);
+    // `nice` is in coreutils; the step processes inherit the worker's priority.
+    let mut worker_cmd = Command::new("nice");
     worker_cmd
+        .args(["-n", &p.fleet_nice.to_string()])
+        .arg(celeriac)
         .args([
             "worker",
             "-b",
@@ -441,7 +462,7 @@ fn figures(p: &Params, load_start: f64, c: &Coordinated, py: &PythonRuns) -> Val
     json!({
         "params": {"runs": p.runs, "rate": p.rate, "step_seconds": p.step_seconds,
                    "worker_concurrency": p.worker_concurrency, "python_runs": p.python_runs,
-                   "steps_per_run": 10,
+                   "steps_per_run": 10, "fleet_nice": p.fleet_nice,
                    "build": if cfg!(debug_assertions) { "debug" } else { "release" },
                    "load_average_1m": {"start": load_start, "end": procs::load_average()}},
         "celeriac": {

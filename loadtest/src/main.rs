@@ -53,12 +53,14 @@ fn main() -> Result<()> {
             other => vec![other],
         };
         for name in names {
+            // Each scenario's results file: `<stem>.json` (the worker's is named by its broker).
+            let mut stem = name.to_string();
             let figures = match name {
                 "coordinator" => {
                     let mut p = if args.quick {
-                        coordinator::Params::quick()
+                        coordinator::Params::quick()?
                     } else {
-                        coordinator::Params::full()
+                        coordinator::Params::full()?
                     };
                     if let Some(n) = args.runs {
                         p.runs = n;
@@ -68,12 +70,13 @@ fn main() -> Result<()> {
                 }
                 "worker" => {
                     let p = if args.quick {
-                        worker::Params::quick()
+                        worker::Params::quick()?
                     } else {
-                        worker::Params::full()
+                        worker::Params::full()?
                     };
+                    stem = p.broker.results_stem().to_string();
                     let figures = rt.block_on(worker::run(&p)).context("scenario worker")?;
-                    match plots::worker(&figures, &results_dir) {
+                    match plots::worker(&figures, &results_dir, &stem) {
                         Ok(files) => eprintln!("loadtest worker: plots {files:?}"),
                         Err(e) => failures.push(format!("worker: plots: {e}")),
                     }
@@ -88,15 +91,15 @@ fn main() -> Result<()> {
                     bail!("unknown scenario {other:?} (known: coordinator, worker, all, report)")
                 }
             };
-            let problems = report::check(name, &figures);
+            let problems = report::check(&stem, &figures);
             for p in &problems {
-                eprintln!("loadtest {name}: {p}");
+                eprintln!("loadtest {stem}: {p}");
             }
-            failures.extend(problems.into_iter().map(|p| format!("{name}: {p}")));
-            let path = results_dir.join(format!("{name}.json"));
+            failures.extend(problems.into_iter().map(|p| format!("{stem}: {p}")));
+            let path = results_dir.join(format!("{stem}.json"));
             std::fs::write(&path, serde_json::to_string_pretty(&figures)?)?;
-            eprintln!("loadtest {name}: figures in {}", path.display());
-            println!("{}", report::section(name, &figures));
+            eprintln!("loadtest {stem}: figures in {}", path.display());
+            println!("{}", report::section(&stem, &figures));
         }
     }
     if !args.quick {

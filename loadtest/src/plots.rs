@@ -41,13 +41,14 @@ fn points(f: &Value, side: &str) -> Vec<(f64, f64)> {
         .unwrap_or_default()
 }
 
-/// `worker-memory.png` (PSS of each side against steps in flight, log-log) and `worker-latency.png`
-/// (p50/p99 of publish → Job created and step exit → result stored, per side) in `dir`.
-pub fn worker(f: &Value, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+/// `<stem>-memory.png` (PSS of each side against steps in flight, log-log) and `<stem>-latency.png`
+/// (p50/p99 of publish → Job created and step exit → result stored, per side) in `dir`; the stem is
+/// the results file's (`worker`, `worker-redis`).
+pub fn worker(f: &Value, dir: &Path, stem: &str) -> Result<Vec<std::path::PathBuf>> {
     let text = font();
-    let memory = dir.join("worker-memory.png");
+    let memory = dir.join(format!("{stem}-memory.png"));
     memory_plot(f, &memory, text)?;
-    let latency = dir.join("worker-latency.png");
+    let latency = dir.join(format!("{stem}-latency.png"));
     latency_plot(f, &latency, text)?;
     Ok(vec![memory, latency])
 }

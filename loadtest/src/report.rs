@@ -6,15 +6,26 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::Value;
 
+use crate::worker::BrokerKind;
+
 fn num(v: &Value, path: &str) -> Option<f64> {
     v.pointer(path)
         .and_then(Value::as_f64)
         .filter(|f| f.is_finite())
 }
 
+/// The scenario a results file belongs to: the worker scenario's is named by its broker.
+fn scenario_of(stem: &str) -> &str {
+    if stem == BrokerKind::Redis.results_stem() {
+        "worker"
+    } else {
+        stem
+    }
+}
+
 /// The figures each scenario must produce (JSON pointers).
 fn required(scenario: &str) -> &'static [&'static str] {
-    match scenario {
+    match scenario_of(scenario) {
         "coordinator" => &[
             "/celeriac/peak_rss_bytes",
             "/celeriac/rss_per_run_bytes",
@@ -67,7 +78,7 @@ pub fn check(scenario: &str, f: &Value) -> Vec<String> {
             missing.join("\n")
         ));
     }
-    if scenario == "coordinator" {
+    if scenario_of(scenario) == "coordinator" {
         let runs = num(f, "/params/runs").unwrap_or(0.0);
         let ok = num(f, "/celeriac/runs_succeeded").unwrap_or(-1.0);
         if ok != runs {
@@ -79,7 +90,7 @@ pub fn check(scenario: &str, f: &Value) -> Vec<String> {
             out.push(format!("{py_ok} of {py_runs} Python runs succeeded"));
         }
     }
-    if scenario == "worker" {
+    if scenario_of(scenario) == "worker" {
         for p in f["problems"].as_array().into_iter().flatten() {
             out.push(p.as_str().unwrap_or_default().to_string());
         }
@@ -104,16 +115,31 @@ fn ms(s: f64) -> String {
     format!("{:.1} ms", s * 1000.0)
 }
 
+/// How the worker fleet shared the machine with the coordinator (`LOAD_FLEET_NICE`; results from before
+/// the knob ran at 0).
+fn fleet_placement(nice: f64) -> String {
+    if nice == 0.0 {
+        "The worker and its step processes shared the machine's cores with the coordinator, the broker and \
+         PostgreSQL at equal priority."
+            .into()
+    } else {
+        format!(
+            "The worker and its step processes ran at `nice {nice}` (`LOAD_FLEET_NICE`), standing for pods \
+             on other nodes: the coordinator, the broker and PostgreSQL got the machine's cores first."
+        )
+    }
+}
+
 /// The report section of a scenario.
 pub fn section(scenario: &str, f: &Value) -> String {
     let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
-    match scenario {
+    match scenario_of(scenario) {
         "coordinator" => format!(
             "## Run coordinator: {runs} concurrent runs of a 10-step job\n\n\
              One `celeriac coordinator` ({build} build) was handed {runs} runs at {rate}/s (steps of \
              {step} s on celeriac workers, `-c {wc}`, RabbitMQ + `rpc://`); {py} run(s) of the same job \
              went through Python's run worker (`dagster api execute_run`, one process per run) on the same \
-             fleet right after. Machine load (1-minute average) {load0:.1} at the start, {load1:.1} at the \
+             fleet right after. {placement} Machine load (1-minute average) {load0:.1} at the start, {load1:.1} at the \
              end.\n\n\
              | figure | celeriac coordinator | Python run worker |\n|---|---|---|\n\
              | runs succeeded | {ok} / {runs} | {pyok} / {py} |\n\
@@ -128,6 +154,7 @@ pub fn section(scenario: &str, f: &Value) -> String {
              event of the join step (the histogram is the coordinator's own, from result received to the next \
              tasks published).\n",
             runs = g("/params/runs"),
+            placement = fleet_placement(num(f, "/params/fleet_nice").unwrap_or(0.0)),
             build = f.pointer("/params/build").and_then(Value::as_str).unwrap_or("release"),
             load0 = g("/params/load_average_1m/start"),
             load1 = g("/params/load_average_1m/end"),
@@ -218,10 +245,10 @@ fn worker_section(f: &Value) -> String {
 fn worker_intro(f: &Value) -> String {
     let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
     format!(
-        "## Worker: `execute_step_k8s_job` through celeriac and Python's dagster-celery-k8s worker\n\n\
+        "## Worker: `execute_step_k8s_job` through celeriac and Python's dagster-celery-k8s worker{on}\n\n\
          One `celeriac worker` ({build} build, Kubernetes launcher, `-c {cc}`) and Python's `celery -A \
          dagster_celery_k8s.app worker` (prefork, `-c` per level, `--prefetch-multiplier=1` as \
-         `dagster-celery worker start` runs it) took the same tasks from RabbitMQ (built with \
+         `dagster-celery worker start` runs it) took the same tasks from {broker} (built with \
          `celeriac_dagster::submission::step_task` from `CeleriacRunLauncher`'s hand-off: Dagster's exact \
          queue, priority and kwargs), results to Redis, step Jobs on the Kubernetes 1.20 test cluster \
          (process kubelet, 1,000 pods; more Jobs wait unscheduled, tracked by the worker as running ones). \
@@ -234,6 +261,12 @@ fn worker_intro(f: &Value) -> String {
             .pointer("/params/build")
             .and_then(Value::as_str)
             .unwrap_or("release"),
+        on = if redis_broker(f) { ", Redis broker" } else { "" },
+        broker = if redis_broker(f) {
+            "Redis (kombu's layout)"
+        } else {
+            "RabbitMQ"
+        },
         cc = g("/params/celeriac_concurrency"),
         load0 = g("/params/load_average_1m/start"),
         load1 = g("/params/load_average_1m/end"),
@@ -356,13 +389,18 @@ fn worker_levels(f: &Value, s: &mut String) {
     }
 }
 
+fn redis_broker(f: &Value) -> bool {
+    BrokerKind::of_figures(f) == BrokerKind::Redis
+}
+
 /// How much more memory per step Python takes, and where the plots are.
 fn worker_closing(f: &Value, s: &mut String) {
     let g = |p: &str| num(f, p).unwrap_or(f64::NAN);
     let ratio = g("/python/pss_slope_bytes_per_step") / g("/celeriac/pss_slope_bytes_per_step");
+    let stem = BrokerKind::of_figures(f).results_stem();
     s.push_str(&format!(
-        "\nPython's memory per in-flight step is {ratio:.0}× celeriac's. Plots: [`results/worker-memory.png`](results/worker-memory.png), \
-         [`results/worker-latency.png`](results/worker-latency.png). Step exit → result stored starts when the step program exits (before the \
+        "\nPython's memory per in-flight step is {ratio:.0}× celeriac's. Plots: [`results/{stem}-memory.png`](results/{stem}-memory.png), \
+         [`results/{stem}-latency.png`](results/{stem}-latency.png). Step exit → result stored starts when the step program exits (before the \
          kubelet reports the pod and the Job controller marks the Job complete), so both sides' figures \
          include the cluster's own reaction time.\n"
     ));
@@ -421,5 +459,33 @@ mod tests {
             );
             assert!(check(scenario, &f).is_empty(), "{:?}", check(scenario, &f));
         }
+    }
+
+    /// A worker run on Redis is checked as a worker run and rendered as one, with its broker named and
+    /// its own plots linked (not the RabbitMQ run's).
+    #[test]
+    fn a_redis_worker_run_renders_as_the_worker_scenario_on_redis() {
+        let dir = crate::env::repo_root().join("loadtest");
+        let path = dir.join("results").join("worker.json");
+        let mut f: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("results")).expect("JSON");
+        f["params"]["broker"] = Value::from("redis");
+        let stem = BrokerKind::of_figures(&f).results_stem();
+        assert_eq!(stem, "worker-redis");
+        assert!(check(stem, &f).is_empty(), "{:?}", check(stem, &f));
+        let rendered = section(stem, &f);
+        assert!(rendered.contains("worker, Redis broker"), "{rendered}");
+        assert!(
+            rendered.contains("from Redis (kombu's layout)"),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("results/worker-redis-memory.png"),
+            "{rendered}"
+        );
+        assert!(
+            !rendered.contains("results/worker-memory.png"),
+            "{rendered}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::cluster::audit_since;
-use super::params::{Params, BACKEND, BROKER, CELERIAC_USER};
+use super::params::{Params, BACKEND, CELERIAC_USER};
 use super::setup::Setup;
 use super::side::{Lane, Side, Watched};
 use crate::env::Proc;
@@ -57,7 +57,7 @@ fn command(p: &Params, setup: &Setup, lane: &Lane, http_port: u16) -> Command {
     cmd.args([
         "worker",
         "-b",
-        BROKER,
+        p.broker.url(),
         "--result-backend",
         BACKEND,
         "-Q",

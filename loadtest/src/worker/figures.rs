@@ -28,7 +28,7 @@ pub fn assemble(
     let mut out = json!({
         "params": {"celeriac_levels": p.celeriac_levels, "python_levels": p.python_levels,
                    "step_seconds_max": p.step_seconds, "celeriac_concurrency": p.celeriac_concurrency,
-                   "broker": "amqp", "backend": "redis", "build": setup.build,
+                   "broker": p.broker.name(), "backend": "redis", "build": setup.build,
                    "load_average_1m": {"start": setup.load_start, "end": procs::load_average()}},
     });
     let mut problems = Vec::new();

@@ -33,7 +33,7 @@ mod steps;
 use anyhow::Result;
 use serde_json::Value;
 
-pub use params::Params;
+pub use params::{BrokerKind, Params};
 use setup::Setup;
 
 /// Runs the scenario; returns the figures as JSON.

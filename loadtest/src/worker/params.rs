@@ -2,8 +2,59 @@
 //! and the fixed places both sides share (broker, result backend, the test cluster's directory and
 //! the two Kubernetes identities), in one place so that every phase reads the same ones.
 
-/// The broker both sides consume from.
-pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672//";
+/// The broker both sides consume from: RabbitMQ (the default, the headline results) or Redis
+/// (`LOAD_BROKER=redis`, kombu's layout), results in `worker.json` / `worker-redis.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Amqp,
+    Redis,
+}
+
+impl BrokerKind {
+    /// `LOAD_BROKER` (`amqp` or `redis`; unset: `amqp`).
+    pub fn from_env() -> anyhow::Result<BrokerKind> {
+        match std::env::var("LOAD_BROKER").as_deref() {
+            Err(_) | Ok("amqp") => Ok(BrokerKind::Amqp),
+            Ok("redis") => Ok(BrokerKind::Redis),
+            Ok(other) => anyhow::bail!("LOAD_BROKER={other:?}: want amqp or redis"),
+        }
+    }
+
+    /// The broker URL both sides are given. Redis uses a database of its own (the results are in 11).
+    pub fn url(self) -> &'static str {
+        match self {
+            BrokerKind::Amqp => "amqp://guest:guest@127.0.0.1:5672//",
+            BrokerKind::Redis => "redis://127.0.0.1:6379/10",
+        }
+    }
+
+    /// The broker a run's figures name (`params.broker`; runs from before the choice were RabbitMQ's).
+    pub fn of_figures(f: &serde_json::Value) -> BrokerKind {
+        match f
+            .pointer("/params/broker")
+            .and_then(serde_json::Value::as_str)
+        {
+            Some("redis") => BrokerKind::Redis,
+            _ => BrokerKind::Amqp,
+        }
+    }
+
+    /// As the figures name it (`params.broker`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Amqp => "amqp",
+            BrokerKind::Redis => "redis",
+        }
+    }
+
+    /// The stem of the results' files (`<stem>.json`, `<stem>-memory.png`, …).
+    pub fn results_stem(self) -> &'static str {
+        match self {
+            BrokerKind::Amqp => "worker",
+            BrokerKind::Redis => "worker-redis",
+        }
+    }
+}
 /// Results go to Redis on both sides: `date_done` of every result can be read back afterwards.
 pub const BACKEND: &str = "redis://127.0.0.1:6379/11";
 /// The Kubernetes test cluster's directory (kubeconfigs, logs, the audit log).
@@ -24,26 +75,30 @@ pub struct Params {
     pub step_seconds: f64,
     /// celeriac's `-c`.
     pub celeriac_concurrency: usize,
+    /// Where the tasks are published and consumed.
+    pub broker: BrokerKind,
 }
 
 impl Params {
     /// The full run; `LOAD_CELERIAC_LEVELS` / `LOAD_PYTHON_LEVELS` (comma-separated) replace the levels,
     /// e.g. for a shorter memory-only run of one side.
-    pub fn full() -> Params {
-        Params {
+    pub fn full() -> anyhow::Result<Params> {
+        Ok(Params {
             celeriac_levels: levels("LOAD_CELERIAC_LEVELS").unwrap_or(vec![10, 100, 1000, 3000]),
             python_levels: levels("LOAD_PYTHON_LEVELS").unwrap_or(vec![2, 8, 32]),
             step_seconds: 1800.0,
             celeriac_concurrency: 12000,
-        }
+            broker: BrokerKind::from_env()?,
+        })
     }
-    pub fn quick() -> Params {
-        Params {
+    pub fn quick() -> anyhow::Result<Params> {
+        Ok(Params {
             celeriac_levels: vec![10, 100],
             python_levels: vec![1, 2],
             step_seconds: 300.0,
             celeriac_concurrency: 200,
-        }
+            broker: BrokerKind::from_env()?,
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::cluster::{audit_since, job_completion_times};
-use super::params::{Params, BACKEND, BROKER, PYTHON_USER};
+use super::params::{BrokerKind, Params, BACKEND, PYTHON_USER};
 use super::setup::Setup;
 use super::side::{Lane, Side, Watched};
 use crate::env::{self, Proc};
@@ -23,7 +23,10 @@ pub async fn measure(p: &Params, setup: &Setup) -> Result<(Lane, Side, HashMap<S
     let mut py = Side::default();
     for (i, &conc) in p.python_levels.iter().enumerate() {
         let spawned = Instant::now();
-        let mut w = Proc::spawn("load_python_worker", command(&setup.venv, &lane, conc))?;
+        let mut w = Proc::spawn(
+            "load_python_worker",
+            command(&setup.venv, p.broker, &lane, conc),
+        )?;
         w.wait_for_log(" ready.", Duration::from_secs(180))?;
         py.startup_s.push(spawned.elapsed().as_secs_f64());
         let pid = w.pid();
@@ -58,11 +61,11 @@ pub async fn measure(p: &Params, setup: &Setup) -> Result<(Lane, Side, HashMap<S
 }
 
 /// The worker at concurrency `conc`, consuming the lane's queue in the lane's namespace.
-fn command(venv: &Path, lane: &Lane, conc: usize) -> Command {
+fn command(venv: &Path, broker: BrokerKind, lane: &Lane, conc: usize) -> Command {
     let mut cmd = Command::new(venv.join("bin/celery"));
     // As `dagster-celery worker start` runs it (broker and backend are options of `celery`
     // itself, not of its `worker` command).
-    cmd.args(["-A", "dagster_celery_k8s.app", "-b", BROKER])
+    cmd.args(["-A", "dagster_celery_k8s.app", "-b", broker.url()])
         .args(["--result-backend", BACKEND, "worker", "-Q", &lane.queue])
         .args(["-c", &conc.to_string(), "--prefetch-multiplier=1"])
         .args(["-l", "info", "-n", &format!("{}@load", env::unique("py"))])

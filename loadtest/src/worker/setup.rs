@@ -4,14 +4,15 @@
 //! are published on and a scratch directory.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use celeriac_wire::broker::amqp::AmqpBroker;
+use celeriac_wire::broker::Broker;
 use serde_json::Value;
 
 use super::cluster::cluster_up;
-use super::params::{Params, BACKEND, BROKER};
+use super::params::{Params, BACKEND};
 use crate::env::{self, Home};
 use crate::procs;
 
@@ -19,7 +20,7 @@ use crate::procs;
 /// with it the database) last.
 pub struct Setup {
     pub db: tokio_postgres::Client,
-    pub broker: AmqpBroker,
+    pub broker: Arc<dyn Broker>,
     /// Machine load (1-minute average) before anything started.
     pub load_start: f64,
     /// The `celeriac` binary measured and its build profile (`release` or `debug`).
@@ -47,7 +48,11 @@ impl Setup {
         let venv = env::venv()?;
         cluster_up(celeriac.parent().context("binary directory")?, &venv)?;
         let step_dir = env::load_step_path()?;
-        let home = Home::create(BROKER, BACKEND, &["--image", "celeriac/load-step:test"])?;
+        let home = Home::create(
+            p.broker.url(),
+            BACKEND,
+            &["--image", "celeriac/load-step:test"],
+        )?;
         let db = home.connect().await?;
         let (runs, handoff) = home.make_runs("ten_steps", 2, &[], Duration::from_secs(600))?;
         anyhow::ensure!(runs.len() == 2, "make_runs.py made {} runs", runs.len());
@@ -57,7 +62,9 @@ impl Setup {
             &[&runs],
         )
         .await?;
-        let broker = AmqpBroker::connect(BROKER).await?;
+        let broker = celeriac_wire::connect::connect(p.broker.url(), Default::default())
+            .await
+            .context("connecting to the load test's broker")?;
         let work = env::work_dir().join(env::unique("worker"));
         std::fs::create_dir_all(&work)?;
         Ok(Setup {

@@ -113,7 +113,15 @@ impl Side {
         );
         let published = Instant::now();
         let prefix = format!("{}{i}", lane.prefix);
-        let sent = publish(&setup.broker, &lane.queue, &lane.handoff, &prefix, n, &env).await?;
+        let sent = publish(
+            setup.broker.as_ref(),
+            &lane.queue,
+            &lane.handoff,
+            &prefix,
+            n,
+            &env,
+        )
+        .await?;
         let publish_per_s = n as f64 / published.elapsed().as_secs_f64();
         let in_flight = || worker.in_flight();
         let finished = stored_counter(&sent);

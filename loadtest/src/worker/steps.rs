@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 use celeriac_dagster::plan::snapshot::{OutputSnap, StepHandle, StepKind, StepSnap as Step};
 use celeriac_dagster::plan::KnownState;
 use celeriac_dagster::submission::{self, Handoff};
-use celeriac_wire::broker::amqp::AmqpBroker;
 use celeriac_wire::broker::{Broker, QueueSpec};
 use celeriac_wire::task::TaskMessage;
 use serde_json::{json, Value};
@@ -71,7 +70,7 @@ fn load_step(step_key: &str, queue: &str, container_env: &Value) -> Step {
 /// what Dagster's executor publishes for the step (`submission::step_task`: queue, priority, the
 /// eight kwargs), wrapped as the coordinator wraps it.
 pub async fn publish(
-    broker: &AmqpBroker,
+    broker: &dyn Broker,
     queue: &str,
     handoff: &Handoff,
     prefix: &str,

@@ -49,20 +49,12 @@ impl Lifecycle<'_> {
     /// message with Celery's disposition. Never silently dropped, never a crash.
     pub async fn refused(&self, message: &RawMessage, e: DecodeError) {
         let (shared, queue) = (self.shared, self.queue);
-        let task = message
-            .headers
-            .get("task")
-            .and_then(|t| t.as_str())
-            .unwrap_or("<unknown>");
+        let named = message.headers.get("task").and_then(|t| t.as_str());
         shared
             .metrics
-            .rejected(self.metric_label(task), &queue.name);
+            .rejected(self.metric_label(named.unwrap_or("<unknown>")), &queue.name);
         let id = message.task_id_hint().unwrap_or("<unknown>").to_string();
-        let task = message
-            .headers
-            .get("task")
-            .and_then(|t| t.as_str())
-            .unwrap_or("<none>");
+        let task = named.unwrap_or("<none>");
         match &e {
             DecodeError::Undecodable(_) => {
                 error!(task_id = %id, queue = %queue.name, task, "{e} (message acknowledged so it cannot loop)")
