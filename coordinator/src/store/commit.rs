@@ -8,6 +8,19 @@ use super::error::{query, StoreError};
 use super::pool::Store;
 use super::schema::{Commit, StatusChange, TaskRow, RUNS_TABLE, TASKS_TABLE};
 
+/// The statement that checks, at the start of a decision, that this replica owns the run, and keeps
+/// the owner fixed until the decision's transaction ends.
+///
+/// `FOR KEY SHARE`, the weakest row lock, is enough for that: a takeover claims with `FOR UPDATE SKIP
+/// LOCKED`, which skips a row held even this way, so no other replica can take the run over
+/// mid-decision. A stronger lock (`FOR UPDATE`, as before) also conflicted with the lease renewal's
+/// `UPDATE … SET heartbeat` of all this replica's runs every few seconds: each renewal queued behind
+/// the decisions in progress while the decisions of the rows it had already updated queued behind it,
+/// a convoy that was the tail of result → next step in the load test.
+pub fn decision_lock_sql() -> String {
+    format!("SELECT owner FROM {RUNS_TABLE} WHERE run_id = $1 FOR KEY SHARE")
+}
+
 impl Store {
     /// Writes one decision of a run in one transaction, if this replica still owns the run.
     /// Returns `false` when the result was already applied (a redelivered result: nothing written).
@@ -21,7 +34,7 @@ impl Store {
         let tx = c.transaction().await.map_err(query("begin"))?;
         // Every statement is sent at once (pipelined, in order); the lease check decides afterwards
         // whether the transaction commits or rolls back.
-        let lock_sql = format!("SELECT owner FROM {RUNS_TABLE} WHERE run_id = $1 FOR UPDATE");
+        let lock_sql = decision_lock_sql();
         let lock = async {
             let row = tx
                 .query_opt(&lock_sql, &[&run_id])

@@ -18,6 +18,7 @@ mod schema;
 use serde_json::Value;
 use tokio_postgres::Client;
 
+pub use commit::decision_lock_sql;
 pub use error::StoreError;
 pub use pool::Store;
 pub use schema::{
