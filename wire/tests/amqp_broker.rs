@@ -652,23 +652,34 @@ async fn task_consumers_carry_a_long_ack_timeout() -> Result<()> {
     let _guard = QueueGuard::new(&q);
     let broker = AmqpBroker::connect(URI).await?;
     let _consumer = broker.consume(&QueueSpec::dagster(&q), 1).await?;
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_consumers",
-            "queue_name",
-            "arguments",
-            "--formatter",
-            "json",
-        ])
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let all: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
-    let ours = all
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["queue_name"] == q.as_str()))
-        .cloned()
-        .unwrap_or(Value::Null);
+    // `rabbitmqctl --formatter json` prints one consumer object per line between `[` and `]`; the
+    // closing `]` is sometimes missing (the listing streams while other tests' channels close), so
+    // the lines are read one by one, and the listing is asked again when ours is not in it yet.
+    let mut ours = Value::Null;
+    let mut text = String::new();
+    for _ in 0..5 {
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args([
+                "list_consumers",
+                "queue_name",
+                "arguments",
+                "--formatter",
+                "json",
+            ])
+            .output()
+            .await?;
+        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(found) = text
+            .lines()
+            .map(|l| l.trim().trim_matches(','))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|c| c["queue_name"] == q.as_str())
+        {
+            ours = found;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     assert!(
         ours.to_string().contains("x-consumer-timeout") && ours.to_string().contains("90000000"),
         "consumer arguments: {ours} (rabbitmqctl said: {text})"
