@@ -357,12 +357,18 @@ fn worker_rows(f: &Value, s: &mut String) {
 
 /// The table of figures per level (batch), celeriac's levels first.
 fn worker_levels(f: &Value, s: &mut String) {
-    s.push_str(
-        "\nPer level (one batch each; latencies of that batch; publish rate = as fast as RabbitMQ \
-         confirmed them; drain = release → every result stored):\n\n\
+    // Redis has no publisher confirms: a publish is done when Redis answered the push.
+    let published = if redis_broker(f) {
+        "Redis took them"
+    } else {
+        "RabbitMQ confirmed them"
+    };
+    s.push_str(&format!(
+        "\nPer level (one batch each; latencies of that batch; publish rate = as fast as {published}; \
+         drain = release → every result stored):\n\n\
          | side | steps | in flight | PSS | RSS | published/s | publish → Job created p50 / p99 | step exit → result p50 / p99 | drain | load avg |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
-    );
+    ));
     for side in ["celeriac", "python"] {
         for l in f
             .pointer(&format!("/{side}/levels"))
