@@ -83,7 +83,17 @@ fn main() -> Result<()> {
                     figures
                 }
                 "report" => {
-                    // Only re-render REPORT.md from the committed results (and their notes).
+                    // Only re-render REPORT.md and the worker plots from the committed results (and
+                    // their notes).
+                    for broker in [worker::BrokerKind::Amqp, worker::BrokerKind::Redis] {
+                        let stem = broker.results_stem();
+                        let path = results_dir.join(format!("{stem}.json"));
+                        if let Ok(text) = std::fs::read_to_string(&path) {
+                            let figures: serde_json::Value = serde_json::from_str(&text)
+                                .with_context(|| format!("reading {}", path.display()))?;
+                            plots::worker(&figures, &results_dir, stem)?;
+                        }
+                    }
                     report::write(&env::repo_root().join("loadtest"))?;
                     continue;
                 }

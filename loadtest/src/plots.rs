@@ -122,8 +122,11 @@ fn memory_plot(f: &Value, path: &Path, text: bool) -> Result<()> {
             .map_err(|e| anyhow!("{e}"))?;
     }
     if text {
+        // Lower right: no worker side is below 10 MB, while the default (middle right) covered the
+        // last level's point.
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
