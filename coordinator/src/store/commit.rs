@@ -2,7 +2,10 @@
 //! the run's status, all in one transaction that first checks this replica still holds the run's lease
 //! (a replica that lost it can never write for a run another one took over).
 
+use std::time::Instant;
+
 use celeriac_dagster::run_events::{status_of, EventRow, RUN_FAILURE_REASON_TAG};
+use tracing::debug;
 
 use super::error::{query, StoreError};
 use super::pool::Store;
@@ -30,7 +33,11 @@ impl Store {
         replica: &str,
         commit: &Commit,
     ) -> Result<bool, StoreError> {
+        // Where a slow decision's time went (debug log): waiting for a pooled connection, the
+        // statements (row locks included), or the commit itself (the WAL flush).
+        let asked = Instant::now();
         let mut c = self.conn().await?;
+        let connected = asked.elapsed();
         let tx = c.transaction().await.map_err(query("begin"))?;
         // Every statement is sent at once (pipelined, in order); the lease check decides afterwards
         // whether the transaction commits or rolls back.
@@ -87,6 +94,7 @@ impl Store {
             }
         };
         let (owner, applied, (), (), ()) = tokio::try_join!(lock, applied, tasks, events, status)?;
+        let stated = asked.elapsed();
         if owner.as_deref() != Some(replica) {
             return Err(StoreError::LostLease(run_id.to_string()));
         }
@@ -94,8 +102,19 @@ impl Store {
             return Ok(false); // a result was applied before (redelivered): roll back everything
         }
         tx.commit().await.map_err(query("commit"))?;
+        debug!(
+            run_id,
+            connection_wait_ms = ms(connected),
+            statements_ms = ms(stated - connected),
+            commit_ms = ms(asked.elapsed() - stated),
+            "decision written"
+        );
         Ok(true)
     }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// `$1, $2, …` groups of `width` placeholders for `rows` rows.
