@@ -11,10 +11,15 @@ struct Scratch {
     admin: tokio_postgres::Client,
 }
 
-async fn client(db: &str) -> tokio_postgres::Client {
-    let (client, connection) = format!("host=127.0.0.1 port=5432 user=postgres dbname={db}")
-        .parse::<tokio_postgres::Config>()
+/// The local PostgreSQL's database `db`.
+fn config(db: &str) -> tokio_postgres::Config {
+    format!("host=127.0.0.1 port=5432 user=postgres dbname={db}")
+        .parse()
         .expect("config")
+}
+
+async fn client(db: &str) -> tokio_postgres::Client {
+    let (client, connection) = config(db)
         .connect(tokio_postgres::NoTls)
         .await
         .expect("PostgreSQL on 127.0.0.1:5432");
@@ -30,11 +35,9 @@ impl Scratch {
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))
             .await
             .expect("create the scratch database");
-        let config: tokio_postgres::Config =
-            format!("host=127.0.0.1 port=5432 user=postgres dbname={name}")
-                .parse()
-                .expect("config");
-        let store = Store::open(config, name.clone(), 2).await.expect("store");
+        let store = Store::open(config(&name), name.clone(), 2)
+            .await
+            .expect("store");
         (Scratch { name, admin }, store)
     }
 
