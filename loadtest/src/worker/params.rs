@@ -30,12 +30,13 @@ impl BrokerKind {
 
     /// The broker a run's figures name (`params.broker`; runs from before the choice were RabbitMQ's).
     pub fn of_figures(f: &serde_json::Value) -> BrokerKind {
-        match f
+        let named = f
             .pointer("/params/broker")
-            .and_then(serde_json::Value::as_str)
-        {
-            Some("redis") => BrokerKind::Redis,
-            _ => BrokerKind::Amqp,
+            .and_then(serde_json::Value::as_str);
+        if named == Some(BrokerKind::Redis.name()) {
+            BrokerKind::Redis
+        } else {
+            BrokerKind::Amqp
         }
     }
 
